@@ -1,0 +1,1 @@
+"""The kubetune API."""

@@ -1,0 +1,68 @@
+"""kubetune.io/v1alpha1: the FineTuneJob and ModelServer API, the only definition of it."""
+
+from kubetune.api.v1alpha1.base import (
+    API_VERSION,
+    GROUP,
+    VERSION,
+    Condition,
+    ConditionStatus,
+    KubeModel,
+    LabelSelector,
+    ObjectMeta,
+    Rule,
+)
+from kubetune.api.v1alpha1.finetunejob import (
+    AdapterStatus,
+    CheckpointStatus,
+    DatasetFormat,
+    FineTuneJob,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+    JobState,
+    MemoryEstimate,
+    Method,
+    Plan,
+    Progress,
+)
+from kubetune.api.v1alpha1.modelserver import (
+    AdapterSource,
+    AdapterState,
+    ModelServer,
+    ModelServerSpec,
+    ModelServerStatus,
+    ServedAdapterStatus,
+    ServerState,
+)
+
+KINDS = (FineTuneJob, ModelServer)
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "KINDS",
+    "VERSION",
+    "AdapterSource",
+    "AdapterState",
+    "AdapterStatus",
+    "CheckpointStatus",
+    "Condition",
+    "ConditionStatus",
+    "DatasetFormat",
+    "FineTuneJob",
+    "FineTuneJobSpec",
+    "FineTuneJobStatus",
+    "JobState",
+    "KubeModel",
+    "LabelSelector",
+    "MemoryEstimate",
+    "Method",
+    "ModelServer",
+    "ModelServerSpec",
+    "ModelServerStatus",
+    "ObjectMeta",
+    "Plan",
+    "Progress",
+    "Rule",
+    "ServedAdapterStatus",
+    "ServerState",
+]

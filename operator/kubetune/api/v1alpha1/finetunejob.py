@@ -1,0 +1,438 @@
+"""FineTuneJob: LoRA post-training (SFT or DPO) of a base model on GPU nodes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, WithJsonSchema
+
+from kubetune.api.v1alpha1.base import (
+    Condition,
+    DnsLabel,
+    EnvVar,
+    KubeModel,
+    ObjectMeta,
+    PodMetadata,
+    Quantity,
+    Rule,
+    SecretKeyRef,
+    UriLength,
+    uri_rules,
+)
+
+ModelUri = Annotated[str, UriLength, uri_rules(("hf", "pvc", "s3"), "hf://Qwen/Qwen2.5-7B")]
+DatasetUri = Annotated[str, UriLength, uri_rules(("hf", "pvc", "s3", "configmap"), "pvc://datasets/sft/train.jsonl")]
+OutputUri = Annotated[str, UriLength, uri_rules(("pvc", "s3"), "pvc://adapters/my-job")]
+
+
+class Method(StrEnum):
+    SFT = "SFT"
+    DPO = "DPO"
+
+
+class DatasetFormat(StrEnum):
+    AUTO = "auto"
+    PROMPT_RESPONSE = "prompt-response"
+    MESSAGES = "messages"
+    PREFERENCE = "preference"
+
+
+class BaseModelSource(KubeModel):
+    """Where the base model's weights and tokenizer come from."""
+
+    uri: ModelUri
+    """hf://ORG/NAME[@REVISION], pvc://CLAIM/PATH or s3://BUCKET/PREFIX."""
+    secret_ref: SecretKeyRef | None = None
+    """Credentials: a Hugging Face token for hf://, an AWS credentials file for s3://."""
+
+
+class Dataset(KubeModel):
+    """The training data: JSONL records, one per line."""
+
+    uri: DatasetUri
+    """hf://, pvc://CLAIM/PATH, s3://BUCKET/KEY, or configmap://NAME/KEY for small data."""
+    format: DatasetFormat = DatasetFormat.AUTO
+    """prompt-response ({"system"?, "prompt", "response"}), messages (OpenAI-style chat),
+    preference ({"prompt", "chosen", "rejected"}); auto detects it from the first record."""
+    validation_split: float = Field(default=0.0, ge=0.0, lt=0.5)
+    """Fraction of records held out for evaluation loss (0 disables evaluation)."""
+    secret_ref: SecretKeyRef | None = None
+    """Credentials for hf:// or s3:// data."""
+
+
+class LoRA(KubeModel):
+    """The LoRA adapter that is trained; the base model stays frozen."""
+
+    r: int = Field(default=64, ge=1, le=1024)
+    """Rank of the low-rank update matrices."""
+    alpha: float = Field(default=128, gt=0)
+    """Scaling numerator: updates are scaled by alpha / r."""
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input, in [0, 1)."""
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, max_length=32
+    )
+    """Names of the linear layers that get adapters (e.g. q_proj, k_proj, v_proj, o_proj, gate_proj,
+    up_proj, down_proj), or ["all-linear"]."""
+
+
+class Hyperparameters(KubeModel):
+    """Optimisation settings. Set epochs or maxSteps; without either, one epoch is trained."""
+
+    learning_rate: float = Field(default=2e-5, gt=0, lt=1)
+    """Peak learning rate, in (0, 1)."""
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    warmup_ratio: float = Field(default=0.1, ge=0, le=0.5)
+    """Fraction of the steps spent warming the learning rate up."""
+    weight_decay: float = Field(default=0.01, ge=0, lt=1)
+    """AdamW weight decay."""
+    epochs: float | None = Field(default=None, gt=0, le=1000)
+    """Passes over the dataset (fractions allowed)."""
+    max_steps: int | None = Field(default=None, ge=1, le=10_000_000)
+    """Optimizer steps to train; overrides the dataset size."""
+    global_batch_size: int = Field(default=64, ge=1, le=65536)
+    """Sequences (SFT) or preference pairs (DPO) per optimizer step, over all GPUs:
+    microBatchSize x gradient accumulation x number of GPUs."""
+    max_seq_length: int = Field(default=8192, ge=16, le=1048576)
+    """Longest tokenized sequence; longer records are truncated (and counted in the dataset report)."""
+    beta: float = Field(default=0.1, gt=0, le=10)
+    """DPO temperature: how far the policy may move from the reference. Ignored by SFT."""
+    seed: int = Field(default=42, ge=0, le=2**31 - 1)
+    """Random seed for data order and adapter initialisation."""
+
+    rules = (
+        Rule(
+            cel="!(has(self.epochs) && has(self.maxSteps))",
+            message="set either hyperparameters.epochs or hyperparameters.maxSteps, not both",
+            check=lambda s: s.epochs is None or s.max_steps is None,
+        ),
+    )
+
+
+class Resources(KubeModel):
+    """The GPUs and host resources of the training pods."""
+
+    nodes: int = Field(default=1, ge=1, le=1024)
+    """Number of training pods (one per node)."""
+    gpus_per_node: int = Field(default=4, ge=1, le=16)
+    """GPUs per pod; one training process runs on each."""
+    gpu_type: str | None = Field(default=None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    """GPU model, e.g. rtx-4090d, a100-80gb, h200. The operator maps it to node selectors and
+    tolerations (operator configuration) and the planner to its memory and speed."""
+    gpu_memory: Quantity | None = None
+    """Memory per GPU (e.g. 24Gi), for GPU types the operator does not know."""
+    cpu: Quantity | None = None
+    """CPU request and limit per pod."""
+    memory: Quantity | None = None
+    """Memory request and limit per pod (host RAM; CPU offload needs plenty)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+AutoOrInt = Annotated[
+    int | str,
+    WithJsonSchema({"x-kubernetes-int-or-string": True}),
+]
+
+
+class Distributed(KubeModel):
+    """How training is spread over the GPUs. Each `auto` is decided by the planner (see status.plan)."""
+
+    zero_stage: AutoOrInt = "auto"
+    """DeepSpeed ZeRO stage: auto, 0 (no DeepSpeed sharding), 2 (shard gradients and optimizer) or 3
+    (also shard weights)."""
+    offload: Literal["auto", "none", "cpu"] = "auto"
+    """Offload optimizer state (and with ZeRO-3 parameters) to host memory."""
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """Recompute activations in the backward pass: less memory, about 25% more compute."""
+    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    """Attention kernel; auto uses flash_attention_2 when the image has it, else sdpa."""
+    micro_batch_size: AutoOrInt = "auto"
+    """Sequences per GPU per forward pass: auto or a number."""
+
+    rules = (
+        Rule(
+            cel="type(self.zeroStage) == string ? self.zeroStage == 'auto' : self.zeroStage in [0, 2, 3]",
+            message="zeroStage must be auto, 0, 2 or 3",
+            check=lambda s: s.zero_stage in ("auto", 0, 2, 3),
+        ),
+        Rule(
+            cel="type(self.microBatchSize) == string ? self.microBatchSize == 'auto'"
+            " : self.microBatchSize >= 1 && self.microBatchSize <= 1024",
+            message="microBatchSize must be auto or a number from 1 to 1024",
+            check=lambda s: (
+                s.micro_batch_size == "auto"
+                or (isinstance(s.micro_batch_size, int) and 1 <= s.micro_batch_size <= 1024)
+            ),
+        ),
+        Rule(
+            cel="!(self.offload == 'cpu' && type(self.zeroStage) == int && self.zeroStage == 0)",
+            message="offload cpu needs ZeRO stage 2 or 3 (or auto)",
+            check=lambda s: not (s.offload == "cpu" and s.zero_stage == 0),
+        ),
+    )
+
+
+class Checkpointing(KubeModel):
+    """Periodic checkpoints under the output location; a restarted pod resumes from the latest."""
+
+    every_steps: int = Field(default=100, ge=1)
+    """Optimizer steps between checkpoints."""
+    keep: int = Field(default=2, ge=1, le=100)
+    """Number of most recent checkpoints kept."""
+
+
+class Output(KubeModel):
+    """Where the adapter and the checkpoints are written."""
+
+    uri: OutputUri
+    """pvc://CLAIM/PATH or s3://BUCKET/PREFIX. The adapter goes to <uri>/adapter, checkpoints to
+    <uri>/checkpoints."""
+    secret_ref: SecretKeyRef | None = None
+    """Credentials for s3://."""
+
+
+class FineTuneJobSpec(KubeModel):
+    """The desired post-training run."""
+
+    method: Method = Field(
+        default=Method.SFT,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self == oldSelf", "message": "method is immutable; create a new FineTuneJob"}
+            ]
+        },
+    )
+    """SFT (supervised fine-tuning on prompt/response) or DPO (preference pairs)."""
+    base_model: BaseModelSource = Field(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self.uri == oldSelf.uri", "message": "baseModel.uri is immutable; create a new FineTuneJob"}
+            ]
+        }
+    )
+    """The model that is adapted."""
+    dataset: Dataset
+    """The training data."""
+    from_fine_tune_job: DnsLabel | None = None
+    """DPO only: a FineTuneJob in the same namespace whose SFT adapter DPO starts from. The job waits
+    until that FineTuneJob has succeeded."""
+    lora: LoRA = Field(default_factory=LoRA, json_schema_extra={"default": {}})
+    """The LoRA adapter."""
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, json_schema_extra={"default": {}})
+    """Optimisation settings."""
+    resources: Resources = Field(default_factory=Resources, json_schema_extra={"default": {}})
+    """GPUs and host resources."""
+    distributed: Distributed = Field(default_factory=Distributed, json_schema_extra={"default": {}})
+    """Distribution settings; auto values are planned by the operator."""
+    output: Output
+    """Where the adapter and checkpoints go."""
+    checkpointing: Checkpointing = Field(default_factory=Checkpointing, json_schema_extra={"default": {}})
+    """Checkpoint frequency and retention."""
+    suspend: bool = False
+    """Suspend the run: pods are removed and recreated (resuming from the last checkpoint) when false."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    """Delete the training Job (not this FineTuneJob, not the adapter) this long after it finished."""
+    backoff_limit: int = Field(default=3, ge=0, le=100)
+    """Pod failures tolerated before the run is Failed; each retry resumes from the last checkpoint."""
+    image: str | None = Field(default=None, min_length=1, max_length=512)
+    """Trainer image override; the operator's configured image otherwise."""
+    queue_name: DnsLabel | None = None
+    """Kueue LocalQueue to submit to (set as the kueue.x-k8s.io/queue-name label)."""
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    """Extra environment variables for the trainer (e.g. HF_ENDPOINT)."""
+    pod_metadata: PodMetadata | None = None
+    """Labels and annotations for the training pods."""
+
+    rules = (
+        Rule(
+            cel="!has(self.fromFineTuneJob) || self.method == 'DPO'",
+            message="fromFineTuneJob is only allowed with method DPO (an SFT job starts from the base model)",
+            check=lambda s: s.from_fine_tune_job is None or s.method == Method.DPO,
+        ),
+        Rule(
+            cel="!(self.method == 'SFT' && self.dataset.format == 'preference')",
+            message="dataset.format preference (prompt/chosen/rejected) needs method DPO",
+            check=lambda s: not (s.method == Method.SFT and s.dataset.format == DatasetFormat.PREFERENCE),
+        ),
+        Rule(
+            cel="!(self.method == 'DPO' && self.dataset.format in ['prompt-response', 'messages'])",
+            message="method DPO needs preference data: dataset.format preference or auto",
+            check=lambda s: (
+                not (
+                    s.method == Method.DPO
+                    and s.dataset.format in (DatasetFormat.PROMPT_RESPONSE, DatasetFormat.MESSAGES)
+                )
+            ),
+        ),
+        Rule(
+            cel="self.hyperparameters.globalBatchSize % (self.resources.nodes * self.resources.gpusPerNode) == 0",
+            message="hyperparameters.globalBatchSize must be a multiple of the number of GPUs "
+            "(resources.nodes x resources.gpusPerNode)",
+            check=lambda s: s.hyperparameters.global_batch_size % s.resources.world_size == 0,
+        ),
+    )
+
+
+class JobState(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class Progress(KubeModel):
+    """Live training progress, reported by the trainer's rank 0 every few seconds."""
+
+    step: int = Field(default=0, ge=0)
+    """Optimizer steps done."""
+    total_steps: int = Field(default=0, ge=0)
+    """Optimizer steps planned."""
+    percent: float = Field(default=0.0, ge=0, le=100)
+    """step / totalSteps, in percent."""
+    summary: str = ""
+    """The PROGRESS column, e.g. "45% (450/1000)"."""
+    epoch: float | None = None
+    """Epochs done (fractional)."""
+    loss: float | None = None
+    """Training loss, averaged since the previous report."""
+    eval_loss: float | None = None
+    """Latest evaluation loss on the validation split."""
+    learning_rate: float | None = None
+    """Current learning rate."""
+    tokens_per_second: float | None = None
+    """Training throughput over all GPUs."""
+    eta_seconds: int | None = Field(default=None, ge=0)
+    """Estimated seconds until the last step."""
+    eta: str = ""
+    """The ETA column, e.g. "1h12m"."""
+    updated_at: datetime | None = None
+    """When the trainer last reported."""
+
+
+class MemoryEstimate(KubeModel):
+    """Planner's estimate of peak memory per GPU, in GiB."""
+
+    weights_gib: float = 0.0
+    """Base model weights held on this GPU (after ZeRO-3 sharding)."""
+    lora_gib: float = 0.0
+    """LoRA parameters, their gradients and AdamW state (after sharding and offload)."""
+    activations_gib: float = 0.0
+    """Activations kept for the backward pass."""
+    logits_gib: float = 0.0
+    """Logits and loss buffers."""
+    overhead_gib: float = 0.0
+    """CUDA context, allocator fragmentation, communication buffers."""
+    total_gib: float = 0.0
+    """Sum of the above: the predicted peak."""
+    available_gib: float = 0.0
+    """Usable memory of one GPU."""
+
+
+class Plan(KubeModel):
+    """The resolved distributed settings: every `auto` of spec.distributed decided."""
+
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0 = plain data parallel)."""
+    offload: Literal["none", "cpu"] = "none"
+    """Optimizer (and ZeRO-3 parameter) offload."""
+    micro_batch_size: int = 1
+    """Sequences per GPU per forward pass."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    gradient_checkpointing: bool = False
+    """Activation recomputation."""
+    attention: str = "sdpa"
+    """Attention implementation."""
+    liger_kernels: bool = False
+    """Liger fused RMSNorm/SwiGLU/RoPE/cross-entropy kernels."""
+    compile: bool = False
+    """torch.compile of each decoder layer."""
+    world_size: int = 1
+    """Training processes (GPUs) in all."""
+    memory: MemoryEstimate = Field(default_factory=MemoryEstimate)
+    """Estimated peak memory per GPU."""
+    estimated_tokens_per_second: float | None = None
+    """Estimated training throughput over all GPUs."""
+    explanation: list[str] = Field(default_factory=list)
+    """One sentence per decision."""
+
+
+class AdapterStatus(KubeModel):
+    """The trained adapter."""
+
+    uri: str
+    """Where the adapter is (pvc:// or s3://)."""
+    base_model: str = ""
+    """The base model URI it was trained on."""
+    rank: int = 0
+    """LoRA rank."""
+    target_modules: list[str] = Field(default_factory=list)
+    """Adapted modules."""
+    sha256: str = ""
+    """SHA-256 of the adapter weights file."""
+
+
+class CheckpointStatus(KubeModel):
+    """The latest complete checkpoint."""
+
+    step: int = 0
+    """Optimizer step of the checkpoint."""
+    uri: str = ""
+    """Where it is."""
+
+
+class FineTuneJobStatus(KubeModel):
+    """Observed state of the run. Conditions carry the details; `state` is the summary."""
+
+    state: JobState | None = None
+    """Pending, Running, Succeeded, Failed or Suspended."""
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    """Succeeded, Failed, Running, Suspended and admission conditions with reasons."""
+    progress: Progress | None = None
+    """Live progress from the trainer."""
+    plan: Plan | None = None
+    """The resolved training plan."""
+    adapter: AdapterStatus | None = None
+    """The adapter, once the run succeeded."""
+    checkpoint: CheckpointStatus | None = None
+    """The latest checkpoint."""
+    start_time: datetime | None = None
+    """When the training pods first started running."""
+    completion_time: datetime | None = None
+    """When the run succeeded or failed."""
+    restarts: int = Field(default=0, ge=0)
+    """Training pod failures so far (each restart resumes from the last checkpoint)."""
+    observed_generation: int | None = None
+    """The metadata.generation the status was computed for."""
+
+
+class FineTuneJob(KubeModel):
+    """LoRA post-training (SFT or DPO) of a base model, distributed with DeepSpeed over GPU nodes."""
+
+    plural: ClassVar[str] = "finetunejobs"
+    short_names: ClassVar[tuple[str, ...]] = ("ftj",)
+    printer_columns: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"name": "Method", "type": "string", "jsonPath": ".spec.method"},
+        {"name": "Model", "type": "string", "jsonPath": ".spec.baseModel.uri"},
+        {"name": "State", "type": "string", "jsonPath": ".status.state"},
+        {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
+        {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+        {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    )
+
+    api_version: Literal["kubetune.io/v1alpha1"] = "kubetune.io/v1alpha1"
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus = Field(default_factory=FineTuneJobStatus)

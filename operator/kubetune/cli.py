@@ -1,0 +1,89 @@
+"""The `kubetune` command. Each subcommand imports its own layer lazily, so `kubetune operator` never
+imports the trainer's or the server's dependencies."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _crds(argv: list[str]) -> int:
+    from kubetune import crdgen
+
+    return crdgen.main(argv)
+
+
+def _validate(argv: list[str]) -> int:
+    import yaml
+    from pydantic import ValidationError
+
+    from kubetune.api.v1alpha1 import FineTuneJob, ModelServer
+
+    parser = argparse.ArgumentParser(prog="kubetune validate", description="Check manifests against the API.")
+    parser.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    kinds: dict[str, type[FineTuneJob] | type[ModelServer]] = {"FineTuneJob": FineTuneJob, "ModelServer": ModelServer}
+    failed = 0
+    for path in args.files:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") not in kinds:
+                continue
+            name = f"{path}: {doc['kind']}/{doc.get('metadata', {}).get('name', '?')}"
+            try:
+                kinds[doc["kind"]].model_validate(doc)
+                print(f"{name}: valid")
+            except ValidationError as err:
+                failed += 1
+                print(f"{name}: invalid\n{err}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _operator(argv: list[str]) -> int:
+    from kubetune.handlers.main import run
+
+    return run(argv)
+
+
+def _dev(argv: list[str]) -> int:
+    from kubetune.dev.__main__ import main
+
+    return main(argv)
+
+
+def _train(argv: list[str]) -> int:
+    from kubetune.trainer.main import main
+
+    return main(argv)
+
+
+def _plan(argv: list[str]) -> int:
+    from kubetune.planner.cli import main
+
+    return main(argv)
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "operator": (_operator, "run the operator (kopf) against the current kubeconfig"),
+    "crds": (_crds, "write the CustomResourceDefinitions generated from the API models"),
+    "validate": (_validate, "check FineTuneJob/ModelServer manifests against the API models"),
+    "plan": (_plan, "plan a training run: ZeRO stage, offload, micro-batch, memory per GPU"),
+    "train": (_train, "run the trainer (inside a training pod)"),
+    "dev": (_dev, "a local cluster for development and tests: up, down, status"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: kubetune COMMAND [ARGS...]\n\ncommands:")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:<10} {help_text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, _ = COMMANDS[argv[0]]
+    return command(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""Generate the CustomResourceDefinitions from the API models.
+
+    python -m kubetune.crdgen --output-dir crds/
+
+Pydantic's JSON schema is turned into a Kubernetes structural schema: references inlined, optional
+fields as `nullable`, int-or-string kept as `x-kubernetes-int-or-string`, draft-2020 exclusive bounds
+turned into OpenAPI v3.0 form, and keywords the API server refuses (`additionalProperties: false`,
+`title`, `$defs`) dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubetune.api.v1alpha1 import GROUP, KINDS, VERSION, KubeModel
+
+CATEGORY = "kubetune"
+_DROPPED_KEYS = {"title", "$defs", "examples", "const"}
+_KEY_ORDER = ("type", "description", "default", "enum", "required", "properties")
+
+
+def _clean_description(text: str) -> str:
+    paragraphs = re.split(r"\n\s*\n", inspect.cleandoc(text))
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
+def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Inline `$ref`, keeping keywords written beside the reference (they win over the target's)."""
+    if "$ref" not in node:
+        return node
+    target = copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]])
+    return {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+
+
+def structural(node: Any, defs: dict[str, Any]) -> Any:
+    """Rewrite one pydantic JSON-schema node (recursively) into a structural OpenAPI v3 schema."""
+    if isinstance(node, list):
+        return [structural(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = _resolve(node, defs)
+    if "allOf" in node and len(node["allOf"]) == 1:
+        inner = _resolve(node["allOf"][0], defs)
+        node = {**inner, **{k: v for k, v in node.items() if k != "allOf"}}
+
+    variants = node.get("anyOf")
+    if variants is not None:
+        non_null = [v for v in variants if v.get("type") != "null"]
+        rest = {k: v for k, v in node.items() if k != "anyOf"}
+        if len(non_null) < len(variants):
+            rest["nullable"] = True
+        if len(non_null) == 1:
+            node = {**_resolve(non_null[0], defs), **rest}
+        elif {v.get("type") for v in non_null} == {"integer", "string"}:
+            node = {**rest, "x-kubernetes-int-or-string": True}
+        else:
+            raise ValueError(f"cannot express anyOf {variants} in a structural schema")
+
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROPPED_KEYS:
+            continue
+        if key == "additionalProperties" and value is False:
+            continue
+        if key == "description":
+            out[key] = _clean_description(value)
+        elif key == "exclusiveMinimum":
+            out["minimum"], out["exclusiveMinimum"] = value, True
+        elif key == "exclusiveMaximum":
+            out["maximum"], out["exclusiveMaximum"] = value, True
+        elif key == "default" and value is None:
+            continue
+        elif key == "properties":
+            out[key] = {name: structural(prop, defs) for name, prop in value.items()}
+        elif key in ("items", "additionalProperties"):
+            out[key] = structural(value, defs)
+        else:
+            out[key] = copy.deepcopy(value)
+    if "const" in node:
+        out["enum"] = [node["const"]]
+    if out.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+    elif "type" not in out and "properties" in out:
+        out["type"] = "object"
+    first = [k for k in _KEY_ORDER if k in out]
+    return {k: out[k] for k in first + [k for k in out if k not in _KEY_ORDER]}
+
+
+def _object_schema(model: type[KubeModel]) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.get("$defs", {})
+    return structural(raw, defs)
+
+
+def crd_for(kind: type[KubeModel]) -> dict[str, Any]:
+    """The CustomResourceDefinition of one top-level API model (FineTuneJob, ModelServer)."""
+    name = kind.__name__
+    plural: str = kind.plural  # type: ignore[attr-defined]
+    spec_model = kind.model_fields["spec"].annotation
+    status_model = kind.model_fields["status"].annotation
+    assert isinstance(spec_model, type) and isinstance(status_model, type)
+    spec = _object_schema(spec_model)
+    status = _object_schema(status_model)
+    schema = {
+        "type": "object",
+        "description": _clean_description(kind.__doc__ or ""),
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "APIVersion of this object: kubetune.io/v1alpha1."},
+            "kind": {"type": "string", "description": f"Kind of this object: {name}."},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{plural}.{GROUP}",
+            "labels": {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/part-of": "kubetune"},
+        },
+        "spec": {
+            "group": GROUP,
+            "names": {
+                "kind": name,
+                "listKind": f"{name}List",
+                "plural": plural,
+                "singular": name.lower(),
+                "shortNames": list(kind.short_names),  # type: ignore[attr-defined]
+                "categories": [CATEGORY],
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": list(kind.printer_columns),  # type: ignore[attr-defined]
+                    "schema": {"openAPIV3Schema": schema},
+                }
+            ],
+        },
+    }
+
+
+def crd_files() -> dict[str, str]:
+    """File name -> YAML text of every CRD."""
+    files = {}
+    for kind in KINDS:
+        crd = crd_for(kind)
+        header = "# Generated by `python -m kubetune.crdgen` from operator/kubetune/api. Do not edit.\n"
+        files[f"{crd['metadata']['name'].split('.', 1)[1]}_{crd['spec']['names']['plural']}.yaml"] = (
+            header + yaml.safe_dump(crd, sort_keys=False, width=100)
+        )
+    return files
+
+
+def write(output_dir: Path) -> list[Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in crd_files().items():
+        path = output_dir / name
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubetune crds", description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", type=Path, default=Path("crds"), help="directory for the YAML files")
+    args = parser.parse_args(argv)
+    for path in write(args.output_dir):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
