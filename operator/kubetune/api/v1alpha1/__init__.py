@@ -33,6 +33,7 @@ from kubetune.api.v1alpha1.modelserver import (
     ServedAdapterStatus,
     ServerState,
 )
+from kubetune.api.v1alpha1.trainerconfig import JobIdentity, TrainerConfig
 
 KINDS = (FineTuneJob, ModelServer)
 
@@ -51,6 +52,7 @@ __all__ = [
     "FineTuneJob",
     "FineTuneJobSpec",
     "FineTuneJobStatus",
+    "JobIdentity",
     "JobState",
     "KubeModel",
     "LabelSelector",
@@ -65,4 +67,5 @@ __all__ = [
     "Rule",
     "ServedAdapterStatus",
     "ServerState",
+    "TrainerConfig",
 ]

@@ -1,0 +1,73 @@
+"""Where the locations named in the API (pvc://, s3://, hf://, configmap://) appear inside pods.
+
+The operator mounts each PersistentVolumeClaim at PVC_ROOT/<claim> and each ConfigMap dataset at
+CONFIGMAP_ROOT/<name>; s3:// and hf:// are downloaded into CACHE_ROOT. The trainer and the server
+resolve URIs with the same functions, so the two sides agree on paths.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+PVC_ROOT = "/mnt/pvc"
+CONFIGMAP_ROOT = "/mnt/configmap"
+CACHE_ROOT = "/var/cache/kubetune"
+CONFIG_DIR = "/etc/kubetune"
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI: scheme, the first part (claim, bucket, ConfigMap, org) and the rest."""
+
+    scheme: str
+    root: str
+    path: str
+    revision: str | None = None
+
+    @property
+    def uri(self) -> str:
+        rest = f"/{self.path}" if self.path else ""
+        rev = f"@{self.revision}" if self.revision else ""
+        return f"{self.scheme}://{self.root}{rest}{rev}"
+
+
+def parse(uri: str) -> Location:
+    """Split `scheme://root/path[@revision]` (a revision is only meaningful for hf://)."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or not rest:
+        raise ValueError(f"not a URI: {uri!r}")
+    revision = None
+    if scheme == "hf" and "@" in rest:
+        rest, revision = rest.rsplit("@", 1)
+    root, _, path = rest.partition("/")
+    return Location(scheme=scheme, root=root, path=path.strip("/"), revision=revision)
+
+
+def pvc_root() -> str:
+    """PVC_ROOT, or $KUBETUNE_PVC_ROOT when running outside a pod (tests, local runs)."""
+    return os.environ.get("KUBETUNE_PVC_ROOT", PVC_ROOT)
+
+
+def local_path(uri: str) -> str:
+    """The path at which a pvc:// or configmap:// location is visible inside a pod.
+
+    A plain path (no scheme) is returned unchanged, which lets tests point at local directories.
+    """
+    if "://" not in uri:
+        return uri
+    loc = parse(uri)
+    if loc.scheme == "pvc":
+        return str(PurePosixPath(pvc_root(), loc.root, loc.path))
+    if loc.scheme == "configmap":
+        root = os.environ.get("KUBETUNE_CONFIGMAP_ROOT", CONFIGMAP_ROOT)
+        return str(PurePosixPath(root, loc.root, loc.path))
+    cache = os.environ.get("KUBETUNE_CACHE_ROOT", CACHE_ROOT)
+    return str(PurePosixPath(cache, loc.scheme, loc.root, loc.path))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Append path parts to a URI (or plain path)."""
+    base = uri.rstrip("/")
+    return "/".join([base, *(p.strip("/") for p in parts)])
