@@ -1,0 +1,87 @@
+"""The operator's own configuration (a YAML file, rendered by the Helm chart into a ConfigMap).
+
+It holds what differs between clusters and is not part of a user's FineTuneJob: images, how a GPU
+type maps to node selectors and tolerations, and the memory of GPU types the planner does not know.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class GpuTypeConfig(_Config):
+    """Scheduling of one GPU type."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    memory_gib: float | None = None
+    """Memory per GPU, when the planner's table does not know this type."""
+
+
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def _default_gpu_types() -> dict[str, GpuTypeConfig]:
+    products = {
+        "rtx-4090d": "NVIDIA-GeForce-RTX-4090-D",
+        "rtx-4090": "NVIDIA-GeForce-RTX-4090",
+        "l40s": "NVIDIA-L40S",
+        "a100-40gb": "NVIDIA-A100-SXM4-40GB",
+        "a100-80gb": "NVIDIA-A100-SXM4-80GB",
+        "h100-80gb": "NVIDIA-H100-80GB-HBM3",
+        "h200": "NVIDIA-H200",
+    }
+    return {
+        name: GpuTypeConfig(node_selector={"nvidia.com/gpu.product": product}, tolerations=[GPU_TOLERATION])
+        for name, product in products.items()
+    }
+
+
+class Images(_Config):
+    """Container images the operator puts into the pods it creates."""
+
+    trainer: str = "ghcr.io/kubetune/trainer:0.1.0"
+    server: str = "ghcr.io/kubetune/server:0.1.0"
+    ui: str = "ghcr.io/kubetune/server:0.1.0"
+
+
+class OperatorConfig(_Config):
+    """Settings of one operator installation."""
+
+    images: Images = Field(default_factory=Images)
+    gpu_types: dict[str, GpuTypeConfig] = Field(default_factory=_default_gpu_types)
+    """GPU type name (spec.resources.gpuType) -> scheduling."""
+    default_gpu_type: str | None = None
+    """GPU type used when a FineTuneJob or ModelServer names none."""
+    field_manager: str = "kubetune-operator"
+    """Server-side apply field manager of everything the operator writes."""
+    rendezvous_port: int = 29500
+    server_port: int = 8000
+    ui_port: int = 7860
+    trainer_termination_grace_seconds: int = 120
+    """Time the trainer gets after SIGTERM to write its final checkpoint."""
+
+    def gpu_type(self, name: str | None) -> GpuTypeConfig:
+        """Scheduling for a GPU type; any GPU node (just the GPU toleration) when unknown or unset."""
+        name = name or self.default_gpu_type
+        if name and name in self.gpu_types:
+            return self.gpu_types[name]
+        return GpuTypeConfig(tolerations=[GPU_TOLERATION])
+
+
+def load(path: str | os.PathLike[str] | None = None) -> OperatorConfig:
+    """Read the configuration from `path` or $KUBETUNE_OPERATOR_CONFIG; defaults when neither is set."""
+    path = path or os.environ.get("KUBETUNE_OPERATOR_CONFIG")
+    if not path:
+        return OperatorConfig()
+    return OperatorConfig.model_validate(yaml.safe_load(Path(path).read_text()) or {})

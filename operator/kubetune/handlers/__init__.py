@@ -1,0 +1,1 @@
+"""kopf handlers: the only place that imports kopf. Each handler reads, calls pure layers, writes."""

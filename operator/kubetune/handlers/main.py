@@ -1,0 +1,59 @@
+"""`kubetune operator`: registers the handlers, configures kopf, runs until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+import kopf
+
+from kubetune import config as operator_config
+from kubetune.handlers import finetunejob, modelserver  # noqa: F401  (registers the handlers)
+from kubetune.handlers.context import Context
+from kubetune.render.common import MANAGED_BY
+
+log = logging.getLogger(__name__)
+PREFIX = "kubetune.io"
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """kopf keeps its bookkeeping in kubetune.io annotations; the operator posts its own Events."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    settings.posting.enabled = False
+    settings.execution.max_workers = 16
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    # Only the operator's own children are watched among pods, Jobs and Deployments.
+    managed = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+    for resource in ("pods", ("batch", "jobs"), ("apps", "deployments")):
+        settings.watching.label_selectors[resource] = managed
+    if memo.get("context") is None:
+        memo.context = Context.create(operator_config.load(memo.get("config_path")))
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kubetune operator", description="Run the kubetune operator.")
+    parser.add_argument("--config", help="operator configuration YAML (default: $KUBETUNE_OPERATOR_CONFIG)")
+    parser.add_argument("--namespace", "-n", action="append", default=[], help="watch only these namespaces")
+    parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness probe endpoint")
+    parser.add_argument("--verbose", "-v", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not args.verbose:
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    kopf.run(
+        standalone=True,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=args.liveness or None,
+        memo=kopf.Memo(config_path=args.config),
+    )
+    return 0

@@ -1,0 +1,156 @@
+"""A small JSON client over the Kubernetes API for the kinds the operator touches.
+
+It speaks plain dicts (the manifests `render` builds) rather than the generated models: server-side
+apply with one field manager, merge patches of the status subresource, reads and deletes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from kubernetes import client, config
+
+log = logging.getLogger(__name__)
+
+# kind -> (API path prefix, plural)
+RESOURCES: dict[str, tuple[str, str]] = {
+    "ConfigMap": ("/api/v1", "configmaps"),
+    "Event": ("/api/v1", "events"),
+    "Pod": ("/api/v1", "pods"),
+    "Secret": ("/api/v1", "secrets"),
+    "Service": ("/api/v1", "services"),
+    "ServiceAccount": ("/api/v1", "serviceaccounts"),
+    "Deployment": ("/apis/apps/v1", "deployments"),
+    "Job": ("/apis/batch/v1", "jobs"),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    "FineTuneJob": ("/apis/kubetune.io/v1alpha1", "finetunejobs"),
+    "ModelServer": ("/apis/kubetune.io/v1alpha1", "modelservers"),
+}
+
+
+class ApiError(Exception):
+    """An error response of the API server."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+
+def path(kind: str, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
+    prefix, plural = RESOURCES[kind]
+    parts = [prefix]
+    if namespace:
+        parts.append(f"namespaces/{quote(namespace)}")
+    parts.append(plural)
+    if name:
+        parts.append(quote(name))
+    if subresource:
+        parts.append(subresource)
+    return "/".join(parts)
+
+
+@dataclass
+class Kube:
+    """JSON requests against one API server, authenticated as the loaded kubeconfig/service account."""
+
+    api: client.ApiClient
+    field_manager: str = "kubetune-operator"
+
+    @classmethod
+    def connect(cls, field_manager: str = "kubetune-operator") -> Kube:
+        """In-cluster credentials when running in a pod, else the current kubeconfig."""
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        return cls(client.ApiClient(), field_manager)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        body: Any = None,
+        query: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        query_params = list((query or {}).items())
+        method_, full_url, header_params, body_, _ = self.api.param_serialize(
+            method, url, query_params=query_params, header_params=headers, body=body, auth_settings=["BearerToken"]
+        )
+        try:
+            response = self.api.call_api(
+                method_, full_url, header_params=header_params, body=body_, _request_timeout=30
+            )
+            response.read()
+        except client.ApiException as err:
+            raise _api_error(err.status or 0, err.reason or "", err.body) from None
+        data = response.data or b"{}"
+        if not 200 <= response.status < 300:
+            raise _api_error(response.status, response.reason or "", data)
+        return json.loads(data) if data else {}
+
+    # --- verbs -------------------------------------------------------------------------------------
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        try:
+            return self.request("GET", path(kind, namespace, name))
+        except ApiError as err:
+            if err.not_found:
+                return None
+            raise
+
+    def list(self, kind: str, namespace: str | None, selector: str | None = None) -> list[dict[str, Any]]:
+        query = {"labelSelector": selector} if selector else None
+        return list(self.request("GET", path(kind, namespace), query=query).get("items") or [])
+
+    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply under the operator's field manager (conflicts forced: the operator owns them)."""
+        meta = manifest["metadata"]
+        return self.request(
+            "PATCH",
+            path(manifest["kind"], meta.get("namespace"), meta["name"]),
+            body=manifest,
+            query={"fieldManager": self.field_manager, "force": "true"},
+            content_type="application/apply-patch+yaml",
+        )
+
+    def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        """JSON merge patch of the status subresource (other writers' fields are left alone)."""
+        return self.request(
+            "PATCH",
+            path(kind, namespace, name, "status"),
+            body={"status": status},
+            content_type="application/merge-patch+json",
+        )
+
+    def delete(self, kind: str, namespace: str, name: str, propagation: str = "Background") -> None:
+        try:
+            self.request("DELETE", path(kind, namespace, name), body={"propagationPolicy": propagation})
+        except ApiError as err:
+            if not err.not_found:
+                raise
+
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        meta = manifest["metadata"]
+        return self.request("POST", path(manifest["kind"], meta.get("namespace")), body=manifest)
+
+
+def _api_error(status: int, reason: str, body: Any) -> ApiError:
+    message = body.decode() if isinstance(body, bytes) else str(body or "")
+    with contextlib.suppress(ValueError, AttributeError):
+        message = json.loads(message).get("message", message)
+    return ApiError(status, reason, message)

@@ -1,0 +1,59 @@
+"""Status patches of the fields the operator owns, written once per change, one writer per object.
+
+The operator is the only writer of state, conditions, timestamps and plan, so what it wrote last is the
+truth even before the watch stream shows it back. Remembering it (per object UID) keeps concurrent
+handlers from recomputing transitions from a stale copy and from posting the same Event twice.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune.k8s.client import ApiError, Kube
+
+Status = dict[str, Any]
+
+
+@dataclass
+class StatusWriter:
+    kube: Kube
+    _written: dict[str, Status] = field(default_factory=dict)
+    _locks: defaultdict[str, threading.Lock] = field(default_factory=lambda: defaultdict(threading.Lock))
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def _lock(self, uid: str) -> threading.Lock:
+        with self._guard:
+            return self._locks[uid]
+
+    def update(
+        self, kind: str, meta: dict[str, Any], observed: Status, desired: Callable[[Status], Status]
+    ) -> tuple[Status, Status]:
+        """Compute the owned fields from the current status and write those that changed.
+
+        Returns (status before, the changed fields). Nothing is written when nothing changed.
+        """
+        uid = meta["uid"]
+        with self._lock(uid):
+            current = {**observed, **self._written.get(uid, {})}
+            wanted = desired(current)
+            diff = {k: v for k, v in wanted.items() if current.get(k) != v}
+            if diff:
+                try:
+                    self.kube.patch_status(kind, meta["namespace"], meta["name"], diff)
+                except ApiError as err:
+                    if err.not_found:
+                        self.forget(uid)
+                        return current, {}
+                    raise
+                self._written[uid] = {**self._written.get(uid, {}), **diff}
+            return current, diff
+
+    def forget(self, uid: str) -> None:
+        """Drop what is remembered of a deleted object."""
+        self._written.pop(uid, None)
+        with self._guard:
+            self._locks.pop(uid, None)

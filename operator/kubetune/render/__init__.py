@@ -1,0 +1,1 @@
+"""Pure functions: validated spec + plan + operator config -> child manifests (plain dicts). No I/O."""

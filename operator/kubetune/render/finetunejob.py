@@ -1,0 +1,278 @@
+"""A FineTuneJob's children: ServiceAccount, Role, RoleBinding, ConfigMap, headless Service, Indexed Job.
+
+The training pods' ServiceAccount may only get and patch the status of its own FineTuneJob; that is
+how the trainer reports progress (docs/progress.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from kubetune.api.v1alpha1 import FineTuneJob, JobIdentity, Plan, TrainerConfig
+from kubetune.config import OperatorConfig
+from kubetune.render.common import (
+    ANNOTATION_SPEC_HASH,
+    LABEL_FINETUNEJOB,
+    Manifest,
+    PodParts,
+    cache_and_shm_parts,
+    content_hash,
+    credential_parts,
+    labels,
+    merge_parts,
+    metadata,
+    resource_limits,
+    storage_parts,
+    user_env,
+)
+from kubetune.storage import CONFIG_DIR, parse
+
+TRAINER_CONTAINER = "trainer"
+CONFIG_FILE = "trainer.yaml"
+# Exit code with which the trainer reports a problem no retry can fix (bad dataset, missing model).
+EXIT_PERMANENT = 3
+
+
+@dataclass(frozen=True)
+class Names:
+    """Names of a FineTuneJob's children (all derived from the job's name)."""
+
+    job: str
+
+    @property
+    def service_account(self) -> str:
+        return f"{self.job}-trainer"
+
+    @property
+    def config_map(self) -> str:
+        return f"{self.job}-trainer"
+
+    @property
+    def service(self) -> str:
+        return self.job
+
+    @property
+    def training_job(self) -> str:
+        return self.job
+
+    def master_addr(self, namespace: str) -> str:
+        """DNS name of pod 0 of the Indexed Job under the headless Service."""
+        return f"{self.training_job}-0.{self.service}.{namespace}.svc"
+
+
+def trainer_config(ftj: FineTuneJob, plan: Plan, init_adapter_uri: str | None) -> TrainerConfig:
+    """The configuration the trainer reads: the admitted spec plus the resolved plan."""
+    base = parse(ftj.spec.base_model.uri)
+    return TrainerConfig(
+        job=JobIdentity(name=ftj.metadata.name, namespace=ftj.metadata.namespace, uid=ftj.metadata.uid),
+        spec=ftj.spec,
+        plan=plan,
+        init_adapter_uri=init_adapter_uri,
+        base_model_revision=base.revision,
+    )
+
+
+def children(
+    ftj: FineTuneJob, plan: Plan, config: OperatorConfig, init_adapter_uri: str | None = None
+) -> list[Manifest]:
+    """Every object the operator applies for a FineTuneJob, in creation order."""
+    trainer = trainer_config(ftj, plan, init_adapter_uri)
+    return [
+        service_account(ftj),
+        status_role(ftj),
+        status_role_binding(ftj),
+        config_map(ftj, trainer),
+        headless_service(ftj, config),
+        training_job(ftj, trainer, config),
+    ]
+
+
+def _meta(ftj: FineTuneJob, name: str) -> dict[str, Any]:
+    return metadata(name, ftj.metadata.namespace, ftj, labels(LABEL_FINETUNEJOB, ftj.metadata.name, "trainer"))
+
+
+def service_account(ftj: FineTuneJob) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(ftj, Names(ftj.metadata.name).service_account),
+    }
+
+
+def status_role(ftj: FineTuneJob) -> Manifest:
+    """May read and patch the status of this one FineTuneJob, nothing else."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(ftj, Names(ftj.metadata.name).service_account),
+        "rules": [
+            {
+                "apiGroups": ["kubetune.io"],
+                "resources": ["finetunejobs/status"],
+                "resourceNames": [ftj.metadata.name],
+                "verbs": ["get", "patch"],
+            }
+        ],
+    }
+
+
+def status_role_binding(ftj: FineTuneJob) -> Manifest:
+    names = Names(ftj.metadata.name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(ftj, names.service_account),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.service_account},
+        "subjects": [{"kind": "ServiceAccount", "name": names.service_account, "namespace": ftj.metadata.namespace}],
+    }
+
+
+def config_map(ftj: FineTuneJob, trainer: TrainerConfig) -> Manifest:
+    text = yaml.safe_dump(trainer.to_wire(), sort_keys=False)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(ftj, Names(ftj.metadata.name).config_map),
+        "data": {CONFIG_FILE: text},
+    }
+
+
+def headless_service(ftj: FineTuneJob, config: OperatorConfig) -> Manifest:
+    """Gives pod 0 a stable DNS name for the torch.distributed rendezvous."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(ftj, Names(ftj.metadata.name).service),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_FINETUNEJOB: ftj.metadata.name},
+            "ports": [{"name": "rendezvous", "port": config.rendezvous_port, "targetPort": config.rendezvous_port}],
+        },
+    }
+
+
+def _distributed_env(ftj: FineTuneJob, config: OperatorConfig) -> list[Manifest]:
+    names = Names(ftj.metadata.name)
+    resources = ftj.spec.resources
+    return [
+        {"name": "MASTER_ADDR", "value": names.master_addr(ftj.metadata.namespace)},
+        {"name": "MASTER_PORT", "value": str(config.rendezvous_port)},
+        {"name": "NNODES", "value": str(resources.nodes)},
+        {
+            "name": "NODE_RANK",
+            "valueFrom": {
+                "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+            },
+        },
+        {"name": "NPROC_PER_NODE", "value": str(resources.gpus_per_node)},
+        {"name": "KUBETUNE_FINETUNEJOB", "value": ftj.metadata.name},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    ]
+
+
+def _pod_parts(ftj: FineTuneJob, trainer: TrainerConfig) -> PodParts:
+    spec = ftj.spec
+    uris = [(spec.base_model.uri, False), (spec.dataset.uri, False), (spec.output.uri, True)]
+    if trainer.init_adapter_uri:
+        uris.append((trainer.init_adapter_uri, False))
+    config_parts = PodParts(
+        volumes=[{"name": "config", "configMap": {"name": Names(ftj.metadata.name).config_map}}],
+        mounts=[{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
+    )
+    return merge_parts(
+        [
+            config_parts,
+            cache_and_shm_parts(),
+            storage_parts([(u, w) for u, w in uris if "://" in u]),
+            credential_parts(spec.base_model.uri, spec.base_model.secret_ref),
+            credential_parts(spec.dataset.uri, spec.dataset.secret_ref),
+            credential_parts(spec.output.uri, spec.output.secret_ref),
+        ]
+    )
+
+
+def pod_template(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfig) -> Manifest:
+    spec = ftj.spec
+    names = Names(ftj.metadata.name)
+    parts = _pod_parts(ftj, trainer)
+    env = merge_parts([PodParts(env=_distributed_env(ftj, config)), parts, PodParts(env=user_env(spec.env))]).env
+    gpu = config.gpu_type(spec.resources.gpu_type)
+    pod_labels = labels(LABEL_FINETUNEJOB, ftj.metadata.name, "trainer")
+    pod_annotations: dict[str, str] = {}
+    if spec.pod_metadata:
+        pod_labels = {**spec.pod_metadata.labels, **pod_labels}
+        pod_annotations = dict(spec.pod_metadata.annotations)
+    container = {
+        "name": TRAINER_CONTAINER,
+        "image": spec.image or config.images.trainer,
+        "command": ["kubetune", "train", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        "env": env,
+        "ports": [{"name": "rendezvous", "containerPort": config.rendezvous_port}],
+        "resources": resource_limits(spec.resources.gpus_per_node, spec.resources.cpu, spec.resources.memory),
+        "volumeMounts": parts.mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": names.service_account,
+        "subdomain": names.service,
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": config.trainer_termination_grace_seconds,
+        "containers": [container],
+        "volumes": parts.volumes,
+    }
+    if gpu.node_selector:
+        pod_spec["nodeSelector"] = dict(gpu.node_selector)
+    if gpu.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in gpu.tolerations]
+    template: dict[str, Any] = {"metadata": {"labels": pod_labels}, "spec": pod_spec}
+    if pod_annotations:
+        template["metadata"]["annotations"] = pod_annotations
+    return template
+
+
+def training_hash(trainer: TrainerConfig, template: Manifest) -> str:
+    """Hash of what a running Job cannot change. suspend and the TTL are left out: they apply in place."""
+    in_place = {"suspend": False, "ttl_seconds_after_finished": None}
+    fixed = trainer.model_copy(update={"spec": trainer.spec.model_copy(update=in_place)})
+    return content_hash([template, fixed.to_wire()])
+
+
+def training_hash(trainer: TrainerConfig, template: Manifest) -> str:
+    """Hash of what a running Job cannot change. suspend and the TTL are left out: they apply in place."""
+    in_place = {"suspend": False, "ttl_seconds_after_finished": None}
+    fixed = trainer.model_copy(update={"spec": trainer.spec.model_copy(update=in_place)})
+    return content_hash([template, fixed.to_wire()])
+
+
+def training_job(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfig) -> Manifest:
+    """An Indexed Job with one pod per node; pod i is NODE_RANK i."""
+    spec = ftj.spec
+    template = pod_template(ftj, trainer, config)
+    job_meta = _meta(ftj, Names(ftj.metadata.name).training_job)
+    job_meta["annotations"] = {ANNOTATION_SPEC_HASH: training_hash(trainer, template)}
+    if spec.queue_name:
+        job_meta["labels"]["kueue.x-k8s.io/queue-name"] = spec.queue_name
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": spec.resources.nodes,
+        "parallelism": spec.resources.nodes,
+        "backoffLimit": spec.backoff_limit,
+        "suspend": spec.suspend,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_PERMANENT]},
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": template,
+    }
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_meta, "spec": job_spec}

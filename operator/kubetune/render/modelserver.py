@@ -1,0 +1,226 @@
+"""A ModelServer's children: the vLLM Deployment and its Service (and the chat page when ui.enabled)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune.api.v1alpha1 import ModelServer
+from kubetune.config import OperatorConfig
+from kubetune.render.common import (
+    LABEL_MODELSERVER,
+    Manifest,
+    PodParts,
+    cache_and_shm_parts,
+    credential_parts,
+    labels,
+    merge_parts,
+    metadata,
+    resource_limits,
+    storage_parts,
+    user_env,
+)
+from kubetune.storage import local_path, parse
+
+SERVER_CONTAINER = "vllm"
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """An adapter ready to serve: its model name and location."""
+
+    name: str
+    uri: str
+
+
+def served_name(server: ModelServer) -> str:
+    return server.spec.base_model.served_name or server.metadata.name
+
+
+def endpoint(server: ModelServer, config: OperatorConfig) -> str:
+    """The OpenAI-compatible base URL inside the cluster."""
+    return f"http://{server.metadata.name}.{server.metadata.namespace}.svc:{config.server_port}/v1"
+
+
+def ui_endpoint(server: ModelServer, config: OperatorConfig) -> str:
+    return f"http://{server.metadata.name}-ui.{server.metadata.namespace}.svc:{config.ui_port}/"
+
+
+def model_arguments(uri: str) -> list[str]:
+    """vLLM's --model (and --revision) for a base model URI."""
+    loc = parse(uri)
+    if loc.scheme == "hf":
+        args = ["--model", f"{loc.root}/{loc.path}"]
+        return args + (["--revision", loc.revision] if loc.revision else [])
+    return ["--model", local_path(uri)]
+
+
+def server_arguments(server: ModelServer, adapters: list[ResolvedAdapter], config: OperatorConfig) -> list[str]:
+    """The vLLM OpenAI server's command-line arguments."""
+    spec = server.spec
+    g = spec.generation_defaults
+    overrides: dict[str, Any] = {
+        "temperature": g.temperature,
+        "top_p": g.top_p,
+        "repetition_penalty": g.repetition_penalty,
+    }
+    if g.max_tokens is not None:
+        overrides["max_new_tokens"] = g.max_tokens
+    args = [
+        *model_arguments(spec.base_model.uri),
+        "--served-model-name",
+        served_name(server),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(config.server_port),
+        "--tensor-parallel-size",
+        str(spec.tensor_parallel_size),
+        "--enable-prefix-caching" if spec.enable_prefix_caching else "--no-enable-prefix-caching",
+        "--enable-lora",
+        "--max-loras",
+        str(spec.max_loras),
+        "--max-lora-rank",
+        str(spec.max_lora_rank),
+        "--generation-config",
+        "vllm",
+        "--override-generation-config",
+        json.dumps(overrides, sort_keys=True),
+    ]
+    if spec.max_model_len:
+        args += ["--max-model-len", str(spec.max_model_len)]
+    if adapters:
+        args += ["--lora-modules", *(f"{a.name}={local_path(a.uri)}" for a in adapters)]
+    return args + list(spec.engine_args)
+
+
+def _meta(server: ModelServer, name: str, component: str) -> dict[str, Any]:
+    return metadata(name, server.metadata.namespace, server, labels(LABEL_MODELSERVER, server.metadata.name, component))
+
+
+def children(server: ModelServer, adapters: list[ResolvedAdapter], config: OperatorConfig) -> list[Manifest]:
+    """Every object the operator applies for a ModelServer."""
+    objects = [deployment(server, adapters, config), service(server, config)]
+    if server.spec.ui.enabled:
+        objects += [ui_deployment(server, config), ui_service(server, config)]
+    return objects
+
+
+def _probe(path: str, port: int, period: int, failures: int) -> Manifest:
+    return {
+        "httpGet": {"path": path, "port": port},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": 5,
+    }
+
+
+def deployment(server: ModelServer, adapters: list[ResolvedAdapter], config: OperatorConfig) -> Manifest:
+    spec = server.spec
+    name = server.metadata.name
+    parts = merge_parts(
+        [
+            cache_and_shm_parts(),
+            storage_parts([(spec.base_model.uri, False), *((a.uri, False) for a in adapters)]),
+            credential_parts(spec.base_model.uri, spec.base_model.secret_ref),
+            PodParts(env=[{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}]),
+            PodParts(env=user_env(spec.env)),
+        ]
+    )
+    gpu = config.gpu_type(spec.gpu_type)
+    pod_labels = labels(LABEL_MODELSERVER, name, "server")
+    annotations = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(config.server_port),
+        "prometheus.io/path": "/metrics",
+    }
+    if spec.pod_metadata:
+        pod_labels = {**spec.pod_metadata.labels, **pod_labels}
+        annotations |= spec.pod_metadata.annotations
+    container = {
+        "name": SERVER_CONTAINER,
+        "image": spec.image or config.images.server,
+        "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
+        "args": server_arguments(server, adapters, config),
+        "env": parts.env,
+        "ports": [{"name": "http", "containerPort": config.server_port}],
+        "resources": resource_limits(spec.tensor_parallel_size, spec.resources.cpu, spec.resources.memory),
+        "volumeMounts": parts.mounts,
+        # Model loads can take many minutes: the startup probe allows 30 before liveness starts.
+        "startupProbe": _probe("/health", config.server_port, 10, 180),
+        "readinessProbe": _probe("/health", config.server_port, 5, 3),
+        "livenessProbe": _probe("/health", config.server_port, 10, 6),
+        # Let the load balancer stop sending requests before vLLM begins to drain.
+        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
+    }
+    pod_spec: dict[str, Any] = {
+        "terminationGracePeriodSeconds": 60,
+        "containers": [container],
+        "volumes": parts.volumes,
+    }
+    if gpu.node_selector:
+        pod_spec["nodeSelector"] = dict(gpu.node_selector)
+    if gpu.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in gpu.tolerations]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(server, name, "server"),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": {LABEL_MODELSERVER: name, "app.kubernetes.io/component": "server"}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {"metadata": {"labels": pod_labels, "annotations": annotations}, "spec": pod_spec},
+        },
+    }
+
+
+def service(server: ModelServer, config: OperatorConfig) -> Manifest:
+    name = server.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(server, name, "server"),
+        "spec": {
+            "selector": {LABEL_MODELSERVER: name, "app.kubernetes.io/component": "server"},
+            "ports": [{"name": "http", "port": config.server_port, "targetPort": "http"}],
+        },
+    }
+
+
+def ui_deployment(server: ModelServer, config: OperatorConfig) -> Manifest:
+    """The Gradio chat page, talking to the server's OpenAI endpoint."""
+    name = f"{server.metadata.name}-ui"
+    pod_labels = labels(LABEL_MODELSERVER, server.metadata.name, "ui")
+    container = {
+        "name": "ui",
+        "image": config.images.ui,
+        "command": ["kubetune", "ui", "--endpoint", endpoint(server, config), "--port", str(config.ui_port)],
+        "ports": [{"name": "http", "containerPort": config.ui_port}],
+        "readinessProbe": _probe("/", config.ui_port, 10, 3),
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(server, name, "ui"),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {LABEL_MODELSERVER: server.metadata.name, "app.kubernetes.io/component": "ui"}},
+            "template": {"metadata": {"labels": pod_labels}, "spec": {"containers": [container]}},
+        },
+    }
+
+
+def ui_service(server: ModelServer, config: OperatorConfig) -> Manifest:
+    name = f"{server.metadata.name}-ui"
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(server, name, "ui"),
+        "spec": {
+            "selector": {LABEL_MODELSERVER: server.metadata.name, "app.kubernetes.io/component": "ui"},
+            "ports": [{"name": "http", "port": config.ui_port, "targetPort": "http"}],
+        },
+    }

@@ -1,0 +1,1 @@
+"""Status: conditions, and the summary state derived from the children (pure functions)."""

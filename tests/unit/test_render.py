@@ -1,0 +1,148 @@
+"""Child manifests rendered from the examples, checked against golden files and for the contract."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetune.api.v1alpha1 import FineTuneJob, ModelServer, Plan
+from kubetune.config import OperatorConfig
+from kubetune.render import finetunejob, modelserver
+from kubetune.render.common import ANNOTATION_SPEC_HASH
+from tests.rejections import EXAMPLES
+
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
+CONFIG = OperatorConfig()
+PLAN = Plan(zero_stage=3, micro_batch_size=1, gradient_accumulation_steps=16, gradient_checkpointing=True, world_size=4)
+
+
+def load_ftj(name: str) -> FineTuneJob:
+    body = yaml.safe_load((EXAMPLES / name).read_text())
+    body["metadata"] |= {"namespace": "team-a", "uid": "11111111-2222-3333-4444-555555555555", "generation": 1}
+    return FineTuneJob.model_validate(body)
+
+
+def load_server() -> ModelServer:
+    body = yaml.safe_load((EXAMPLES / "modelserver.yaml").read_text())
+    body["metadata"] |= {"namespace": "team-a", "uid": "66666666-2222-3333-4444-555555555555", "generation": 1}
+    return ModelServer.model_validate(body)
+
+
+def check_golden(name: str, manifests: list[dict]) -> None:
+    text = yaml.safe_dump_all(manifests, sort_keys=False)
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN") or not path.exists():
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} changed; rerun with UPDATE_GOLDEN=1 and review the diff"
+
+
+def test_finetunejob_children_match_golden() -> None:
+    check_golden("finetunejob-sft.yaml", finetunejob.children(load_ftj("finetunejob-sft.yaml"), PLAN, CONFIG))
+
+
+def test_dpo_children_mount_the_init_adapter() -> None:
+    children = finetunejob.children(load_ftj("finetunejob-dpo.yaml"), PLAN, CONFIG, "pvc://adapters/qwen-sft/adapter")
+    check_golden("finetunejob-dpo.yaml", children)
+    config = yaml.safe_load(children[3]["data"]["trainer.yaml"])
+    assert config["initAdapterUri"] == "pvc://adapters/qwen-sft/adapter"
+
+
+def test_training_job_contract() -> None:
+    ftj = load_ftj("finetunejob-sft.yaml")
+    kinds = [c["kind"] for c in finetunejob.children(ftj, PLAN, CONFIG)]
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job"]
+    job = finetunejob.children(ftj, PLAN, CONFIG)[-1]
+    for child in finetunejob.children(ftj, PLAN, CONFIG):
+        owner = child["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["controller"]) == ("FineTuneJob", "qwen-sft", True)
+        assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetune-operator"
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 1, 1)
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["kubetune", "train", "--config", "/etc/kubetune/trainer.yaml"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-GeForce-RTX-4090-D"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MASTER_ADDR"]["value"] == "qwen-sft-0.qwen-sft.team-a.svc"
+    assert env["NNODES"]["value"] == "1" and env["NPROC_PER_NODE"]["value"] == "4"
+    assert "job-completion-index" in env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/mnt/pvc/adapters"]["readOnly"] is False
+    assert mounts["/mnt/pvc/datasets"]["readOnly"] is True
+    assert "/dev/shm" in mounts
+    assert pod["subdomain"] == "qwen-sft" and pod["restartPolicy"] == "Never"
+
+
+def test_status_role_allows_only_this_jobs_status() -> None:
+    role = finetunejob.status_role(load_ftj("finetunejob-sft.yaml"))
+    assert role["rules"] == [
+        {
+            "apiGroups": ["kubetune.io"],
+            "resources": ["finetunejobs/status"],
+            "resourceNames": ["qwen-sft"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+
+
+def test_suspend_does_not_change_the_job_hash_but_hyperparameters_do() -> None:
+    ftj = load_ftj("finetunejob-sft.yaml")
+
+    def job_hash(f: FineTuneJob) -> str:
+        return finetunejob.children(f, PLAN, CONFIG)[-1]["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
+
+    suspended = ftj.model_copy(update={"spec": ftj.spec.model_copy(update={"suspend": True})})
+    assert job_hash(suspended) == job_hash(ftj)
+    assert finetunejob.children(suspended, PLAN, CONFIG)[-1]["spec"]["suspend"] is True
+    hp = ftj.spec.hyperparameters.model_copy(update={"learning_rate": 1e-4})
+    changed = ftj.model_copy(update={"spec": ftj.spec.model_copy(update={"hyperparameters": hp})})
+    assert job_hash(changed) != job_hash(ftj)
+
+
+def test_unknown_gpu_type_still_tolerates_gpu_nodes() -> None:
+    ftj = load_ftj("finetunejob-sft.yaml")
+    res = ftj.spec.resources.model_copy(update={"gpu_type": "mystery-gpu"})
+    odd = ftj.model_copy(update={"spec": ftj.spec.model_copy(update={"resources": res})})
+    pod = finetunejob.children(odd, PLAN, CONFIG)[-1]["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_modelserver_children_match_golden() -> None:
+    adapters = [modelserver.ResolvedAdapter("support-sft", "pvc://adapters/qwen-sft/adapter")]
+    check_golden("modelserver.yaml", modelserver.children(load_server(), adapters, CONFIG))
+
+
+def test_vllm_arguments() -> None:
+    server = load_server()
+    args = modelserver.server_arguments(server, [modelserver.ResolvedAdapter("a", "pvc://adapters/x/adapter")], CONFIG)
+    joined = " ".join(args)
+    assert "--model Qwen/Qwen2.5-7B" in joined
+    assert "--tensor-parallel-size 4" in joined and "--max-model-len 131072" in joined
+    assert "--enable-prefix-caching" in args and "--enable-lora" in args
+    assert "--served-model-name qwen-7b" in joined
+    assert "--lora-modules a=/mnt/pvc/adapters/x/adapter" in joined
+    override = args[args.index("--override-generation-config") + 1]
+    assert yaml.safe_load(override) == {
+        "max_new_tokens": 1024,
+        "repetition_penalty": 1.1,
+        "temperature": 0.7,
+        "top_p": 0.9,
+    }
+    assert args[-1] == "--gpu-memory-utilization=0.92"
+
+
+@pytest.mark.parametrize(
+    "uri, expected",
+    [
+        ("hf://Qwen/Qwen2.5-7B@abc123", ["--model", "Qwen/Qwen2.5-7B", "--revision", "abc123"]),
+        ("pvc://models/qwen/7b", ["--model", "/mnt/pvc/models/qwen/7b"]),
+    ],
+)
+def test_model_arguments(uri: str, expected: list[str]) -> None:
+    assert modelserver.model_arguments(uri) == expected
