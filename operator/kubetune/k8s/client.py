@@ -77,6 +77,10 @@ class Kube:
             config.load_kube_config()
         return cls(client.ApiClient(), field_manager)
 
+    @classmethod
+    def from_kubeconfig(cls, path: str, field_manager: str = "kubetune-operator") -> Kube:
+        return cls(config.new_client_from_config(config_file=path), field_manager)
+
     def request(
         self,
         method: str,

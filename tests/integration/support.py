@@ -1,0 +1,201 @@
+"""Helpers of the operator's integration tests: the operator as a process, waiting, manifests."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from kubetune.dev.controlplane import Cluster
+from kubetune.k8s.client import Kube
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+T = TypeVar("T")
+
+
+def wait_for(
+    check: Callable[[], T | None], timeout: float = 60, message: str = "condition", interval: float = 0.3
+) -> T:
+    """Poll `check` until it returns something truthy; fail with `message` and the last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}; last value: {last!r}")
+
+
+class OperatorProcess:
+    """`kubetune operator` running against the test cluster, restartable (kill -9 included)."""
+
+    def __init__(self, kubeconfig: Path, log_dir: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.log_dir = log_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = open(self.log_dir / f"operator-{self.starts}.log", "wb")  # noqa: SIM115 (owned by the process)
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetune", "operator", "--liveness", ""],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def kill(self) -> None:
+        """SIGKILL: the operator gets no chance to clean up, as in a node crash."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("operator-*.log")))
+
+
+def example(name: str, metadata_name: str, namespace: str, **spec_changes: Any) -> dict[str, Any]:
+    """An example manifest renamed into `namespace`, with top-level spec fields replaced."""
+    body = copy.deepcopy(yaml.safe_load((EXAMPLES / name).read_text()))
+    body["metadata"] = {"name": metadata_name, "namespace": namespace, "labels": body["metadata"].get("labels", {})}
+    body["spec"].update(spec_changes)
+    return body
+
+
+def simulated_ftj(name: str, namespace: str, *, run_seconds: float = 2, **spec_changes: Any) -> dict[str, Any]:
+    """An SFT FineTuneJob whose kwok pods run for `run_seconds` and complete. No PVCs are needed."""
+    annotations = {"pod-complete.stage.kwok.x-k8s.io/delay": f"{run_seconds}s"}
+    spec = {
+        "baseModel": {"uri": "hf://Qwen/Qwen2.5-7B"},
+        "dataset": {"uri": "s3://datasets/sft.jsonl", "format": "prompt-response"},
+        "output": {"uri": f"s3://adapters/{name}"},
+        "podMetadata": {"annotations": annotations},
+        **spec_changes,
+    }
+    return example("finetunejob-sft.yaml", name, namespace, **spec)
+
+
+class Api:
+    """Test-side access to the cluster: kubectl for what users type, the JSON client for the rest."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.kube = Kube.from_kubeconfig(str(cluster.kubeconfig), field_manager="kubetune-tests")
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.cluster.kubectl(*args, input=input, check=check)
+
+    def apply(
+        self, body: dict[str, Any], check: bool = True, dry_run: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        args = ["apply", "-f", "-"] + (["--dry-run=server"] if dry_run else [])
+        return self.kubectl(*args, input=yaml.safe_dump(body), check=check)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.kube.get(kind, namespace, name)
+
+    def status(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        obj = self.get(kind, namespace, name)
+        return dict((obj or {}).get("status") or {})
+
+    def wait_state(self, kind: str, namespace: str, name: str, state: str, timeout: float = 60) -> dict[str, Any]:
+        return wait_for(
+            lambda: (s := self.status(kind, namespace, name)).get("state") == state and s,
+            timeout,
+            f"{kind} {namespace}/{name} to be {state}",
+        )
+
+    def condition(self, kind: str, namespace: str, name: str, type_: str) -> dict[str, Any] | None:
+        return next((c for c in self.status(kind, namespace, name).get("conditions", []) if c["type"] == type_), None)
+
+    def events(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        items = self.kube.list("Event", namespace)
+        return [e for e in items if e["involvedObject"].get("name") == name]
+
+    def children(self, kind: str, namespace: str, label: str, name: str) -> list[dict[str, Any]]:
+        return self.kube.list(kind, namespace, f"{label}={name}")
+
+    def create_namespace(self) -> str:
+        name = f"t-{uuid.uuid4().hex[:8]}"
+        self.kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        return name
+
+    def create_bound_pvc(self, namespace: str, claim: str) -> None:
+        """A PersistentVolume and a claim bound to it, so pods that mount the claim can schedule."""
+        pv_name = f"{namespace}-{claim}"
+        self.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=yaml.safe_dump_all(
+                [
+                    {
+                        "apiVersion": "v1",
+                        "kind": "PersistentVolume",
+                        "metadata": {"name": pv_name},
+                        "spec": {
+                            "capacity": {"storage": "10Gi"},
+                            "accessModes": ["ReadWriteMany"],
+                            "storageClassName": "manual",
+                            "hostPath": {"path": f"/tmp/kubetune-pv/{pv_name}"},
+                            "claimRef": {"namespace": namespace, "name": claim},
+                        },
+                    },
+                    {
+                        "apiVersion": "v1",
+                        "kind": "PersistentVolumeClaim",
+                        "metadata": {"name": claim, "namespace": namespace},
+                        "spec": {
+                            "accessModes": ["ReadWriteMany"],
+                            "storageClassName": "manual",
+                            "volumeName": pv_name,
+                            "resources": {"requests": {"storage": "10Gi"}},
+                        },
+                    },
+                ]
+            ),
+        )
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=1, default=str)[:4000]
+
+
+def operator_fixture(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """CRDs installed and Established, and the operator running."""
+    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    cluster.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/finetunejobs.kubetune.io",
+        "crd/modelservers.kubetune.io",
+    )
+    proc = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator"))
+    proc.start()
+    yield proc
+    proc.stop()
