@@ -148,7 +148,11 @@ CASES = [
     ),
     Rejection("bad-from-job-name", DPO, {"spec.fromFineTuneJob": "Not_A_Name"}, "must be a DNS label"),
     Rejection(
-        "validation-split", SFT, {"spec.dataset.validationSplit": 0.7}, "less than 0.5", "should be less than 0.5"
+        "validation-split",
+        SFT,
+        {"spec.dataset.validationSplit": 0.7},
+        "less than or equal to 0.5",
+        "should be less than or equal to 0.5",
     ),
     Rejection(
         "duplicate-adapters",

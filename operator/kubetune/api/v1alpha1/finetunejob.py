@@ -19,6 +19,7 @@ from kubetune.api.v1alpha1.base import (
     Rule,
     SecretKeyRef,
     UriLength,
+    field_rules,
     uri_rules,
 )
 
@@ -56,7 +57,7 @@ class Dataset(KubeModel):
     format: DatasetFormat = DatasetFormat.AUTO
     """prompt-response ({"system"?, "prompt", "response"}), messages (OpenAI-style chat),
     preference ({"prompt", "chosen", "rejected"}); auto detects it from the first record."""
-    validation_split: float = Field(default=0.0, ge=0.0, lt=0.5)
+    validation_split: float = Field(default=0.0, ge=0.0, le=0.5)
     """Fraction of records held out for evaluation loss (0 disables evaluation)."""
     secret_ref: SecretKeyRef | None = None
     """Credentials for hf:// or s3:// data."""
@@ -140,10 +141,22 @@ AutoOrInt = Annotated[
 ]
 
 
+_zero_stage_rule = Rule(
+    cel="type(self) == string ? self == 'auto' : self in [0, 2, 3]",
+    message="zeroStage must be auto, 0, 2 or 3",
+    check=lambda v: v in ("auto", 0, 2, 3),
+)
+_micro_batch_rule = Rule(
+    cel="type(self) == string ? self == 'auto' : self >= 1 && self <= 1024",
+    message="microBatchSize must be auto or a number from 1 to 1024",
+    check=lambda v: v == "auto" or (isinstance(v, int) and 1 <= v <= 1024),
+)
+
+
 class Distributed(KubeModel):
     """How training is spread over the GPUs. Each `auto` is decided by the planner (see status.plan)."""
 
-    zero_stage: AutoOrInt = "auto"
+    zero_stage: Annotated[AutoOrInt, field_rules(_zero_stage_rule)] = "auto"
     """DeepSpeed ZeRO stage: auto, 0 (no DeepSpeed sharding), 2 (shard gradients and optimizer) or 3
     (also shard weights)."""
     offload: Literal["auto", "none", "cpu"] = "auto"
@@ -152,26 +165,13 @@ class Distributed(KubeModel):
     """Recompute activations in the backward pass: less memory, about 25% more compute."""
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     """Attention kernel; auto uses flash_attention_2 when the image has it, else sdpa."""
-    micro_batch_size: AutoOrInt = "auto"
+    micro_batch_size: Annotated[AutoOrInt, field_rules(_micro_batch_rule)] = "auto"
     """Sequences per GPU per forward pass: auto or a number."""
 
     rules = (
         Rule(
-            cel="type(self.zeroStage) == string ? self.zeroStage == 'auto' : self.zeroStage in [0, 2, 3]",
-            message="zeroStage must be auto, 0, 2 or 3",
-            check=lambda s: s.zero_stage in ("auto", 0, 2, 3),
-        ),
-        Rule(
-            cel="type(self.microBatchSize) == string ? self.microBatchSize == 'auto'"
-            " : self.microBatchSize >= 1 && self.microBatchSize <= 1024",
-            message="microBatchSize must be auto or a number from 1 to 1024",
-            check=lambda s: (
-                s.micro_batch_size == "auto"
-                or (isinstance(s.micro_batch_size, int) and 1 <= s.micro_batch_size <= 1024)
-            ),
-        ),
-        Rule(
-            cel="!(self.offload == 'cpu' && type(self.zeroStage) == int && self.zeroStage == 0)",
+            cel="!has(self.offload) || !has(self.zeroStage) || !(self.offload == 'cpu' && type(self.zeroStage) == int"
+            " && self.zeroStage == 0)",
             message="offload cpu needs ZeRO stage 2 or 3 (or auto)",
             check=lambda s: not (s.offload == "cpu" and s.zero_stage == 0),
         ),
