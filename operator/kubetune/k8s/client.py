@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # kind -> (API path prefix, plural)
 RESOURCES: dict[str, tuple[str, str]] = {
     "ConfigMap": ("/api/v1", "configmaps"),
+    "Namespace": ("/api/v1", "namespaces"),
     "Event": ("/api/v1", "events"),
     "Pod": ("/api/v1", "pods"),
     "Secret": ("/api/v1", "secrets"),

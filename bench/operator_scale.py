@@ -1,0 +1,283 @@
+"""The operator at scale on the local control plane: N FineTuneJobs -> N training Jobs -> N Succeeded.
+
+    .venv/bin/python bench/operator_scale.py [--sizes 10,100,1000] [--gpu-nodes 250]
+
+Starts its own control plane with kwok GPU nodes (4 GPUs each), the CRDs and the operator (as its own
+user, so the API server can count its requests), then for each N creates N single-GPU FineTuneJobs in a
+fresh namespace and prints:
+
+- create-to-Job latency p50/p99: from the create call returning to the training Job's first watch event;
+- convergence: from the first create to every FineTuneJob Succeeded (kwok completes the pods);
+- operator peak RSS and CPU seconds;
+- API requests per job: the operator's requests counted by the API server (a FlowSchema matching its user,
+  `apiserver_flowcontrol_dispatched_requests_total`), watches included, divided by N.
+
+Targets (issue 3): p50 < 0.3 s, 1000 jobs converge in < 60 s, RSS < 250 MB. Timings are reported, never
+asserted. Results go to stdout and bench/results/operator_scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "operator"))
+
+from kubetune.dev.binaries import ensure_binaries  # noqa: E402
+from kubetune.dev.controlplane import ControlPlane, kubeconfig_dict  # noqa: E402
+from kubetune.dev.nodes import create_simulated_nodes, parse_pools, wait_nodes_ready  # noqa: E402
+from kubetune.dev.pki import CLIENT_EXTENSIONS, ClientIdentity, signed_cert  # noqa: E402
+from kubetune.k8s.client import Kube  # noqa: E402
+
+# Not in system:masters: that group is matched by the built-in "exempt" FlowSchema first.
+OPERATOR = ClientIdentity("bench-operator", "kubetune-operator-bench", ("kubetune-bench",))
+FLOW_SCHEMA = "kubetune-operator-bench"
+
+
+def finetunejob(name: str, namespace: str) -> dict[str, Any]:
+    """A small single-GPU job (Qwen2.5-0.5B, seq 2048): the planner finds it feasible on a 24 GB GPU."""
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "baseModel": {"uri": "hf://Qwen/Qwen2.5-0.5B"},
+            "dataset": {"uri": "s3://bench/data.jsonl"},
+            "output": {"uri": f"s3://bench/{namespace}/{name}"},
+            "hyperparameters": {"globalBatchSize": 8, "maxSeqLength": 2048, "maxSteps": 10},
+            "resources": {"nodes": 1, "gpusPerNode": 1, "gpuType": "rtx-4090d"},
+            "podMetadata": {"annotations": {"pod-complete.stage.kwok.x-k8s.io/delay": "1s"}},
+        },
+    }
+
+
+def flow_schema() -> dict[str, Any]:
+    """Classifies the operator's requests so the API server counts them apart from everyone else's."""
+    return {
+        "apiVersion": "flowcontrol.apiserver.k8s.io/v1",
+        "kind": "FlowSchema",
+        "metadata": {"name": FLOW_SCHEMA},
+        "spec": {
+            "matchingPrecedence": 500,
+            "priorityLevelConfiguration": {"name": "workload-high"},
+            "rules": [
+                {
+                    "subjects": [{"kind": "User", "user": {"name": OPERATOR.user}}],
+                    "resourceRules": [
+                        {
+                            "verbs": ["*"],
+                            "apiGroups": ["*"],
+                            "resources": ["*"],
+                            "namespaces": ["*"],
+                            "clusterScope": True,
+                        }
+                    ],
+                    "nonResourceRules": [{"verbs": ["*"], "nonResourceURLs": ["*"]}],
+                }
+            ],
+        },
+    }
+
+
+def operator_requests(kube: Kube) -> float:
+    """Requests the API server dispatched for the operator's user so far."""
+    response = kube.api.call_api(
+        "GET", kube.api.configuration.host + "/metrics", header_params={"Accept": "text/plain"}
+    )
+    response.read()
+    pattern = re.compile(
+        r'^apiserver_flowcontrol_dispatched_requests_total\{[^}]*flow_schema="' + FLOW_SCHEMA + r'"[^}]*\} (\S+)$'
+    )
+    return sum(float(m.group(1)) for line in response.data.decode().splitlines() if (m := pattern.match(line)))
+
+
+def cluster_admin_binding() -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": "kubetune-operator-bench"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": OPERATOR.user}],
+    }
+
+
+class Watcher:
+    """`kubectl get --watch` in the background: when each object was first seen and its latest state."""
+
+    def __init__(self, kubectl: list[str], resource: str, namespace: str, template: str) -> None:
+        self.first_seen: dict[str, float] = {}
+        self.state: dict[str, str] = {}
+        cmd = [
+            *kubectl,
+            "get",
+            resource,
+            "-n",
+            namespace,
+            "--watch",
+            "--output-watch-events=false",
+            "-o",
+            f"jsonpath={template}",
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            now = time.monotonic()
+            parts = line.split()
+            if not parts:
+                continue
+            self.first_seen.setdefault(parts[0], now)
+            self.state[parts[0]] = parts[1] if len(parts) > 1 else ""
+
+    def stop(self) -> None:
+        self.proc.terminate()
+
+
+def process_stats(pid: int) -> tuple[float, float]:
+    """(peak RSS in MiB, CPU seconds) of a process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    hwm_kib = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    return hwm_kib / 1024, cpu
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run_size(n: int, admin: Kube, kubectl: list[str], operator_pid: int, timeout: float) -> dict[str, Any]:
+    namespace = f"bench-{n}-{int(time.time()) % 100000}"
+    admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    jobs = Watcher(kubectl, "jobs", namespace, "{.metadata.name}{'\\n'}")
+    ftjs = Watcher(kubectl, "finetunejobs", namespace, "{.metadata.name} {.status.state}{'\\n'}")
+    time.sleep(1.0)  # let the watches start
+    requests_before = operator_requests(admin)
+    _, cpu_before = process_stats(operator_pid)
+    created: dict[str, float] = {}
+
+    def create(i: int) -> None:
+        name = f"job-{i:04d}"
+        admin.create(finetunejob(name, namespace))
+        created[name] = time.monotonic()
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(create, range(n)))
+    create_seconds = time.monotonic() - start
+    deadline = start + timeout
+    while time.monotonic() < deadline:
+        done = sum(1 for s in ftjs.state.values() if s == "Succeeded")
+        if done >= n:
+            break
+        time.sleep(0.2)
+    converged = time.monotonic() - start
+    succeeded = sum(1 for s in ftjs.state.values() if s == "Succeeded")
+    jobs.stop()
+    ftjs.stop()
+    latencies = [jobs.first_seen[name] - t for name, t in created.items() if name in jobs.first_seen]
+    time.sleep(2.0)  # let trailing requests land before counting
+    requests = operator_requests(admin) - requests_before
+    rss, cpu_after = process_stats(operator_pid)
+    return {
+        "jobs": n,
+        "create_seconds": round(create_seconds, 2),
+        "create_to_job_p50_s": round(statistics.median(latencies), 3) if latencies else None,
+        "create_to_job_p99_s": round(percentile(latencies, 0.99), 3) if latencies else None,
+        "jobs_created": len(latencies),
+        "succeeded": succeeded,
+        "all_succeeded_s": round(converged, 1) if succeeded >= n else None,
+        "operator_peak_rss_mib": round(rss, 1),
+        "operator_cpu_s": round(cpu_after - cpu_before, 1),
+        "api_requests_per_job": round(requests / n, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10,100,1000")
+    parser.add_argument("--gpu-nodes", type=int, default=250)
+    parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for one size to converge")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "operator_scale.json")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+
+    state = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
+    plane = ControlPlane(state, ensure_binaries())
+    operator: subprocess.Popen[bytes] | None = None
+    results: list[dict[str, Any]] = []
+    try:
+        plane.start()
+        plane.wait_ready()
+        wait_nodes_ready(
+            plane.kubeconfig,
+            create_simulated_nodes(plane.kubeconfig, parse_pools(f"gpu={args.gpu_nodes}")),
+            timeout=300,
+        )
+        cluster = plane.cluster()
+        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+        cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([flow_schema(), cluster_admin_binding()]))
+        signed_cert(plane.pki_dir, OPERATOR.file_stem, OPERATOR.subject(), CLIENT_EXTENSIONS)
+        server = yaml.safe_load(plane.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+        operator_kubeconfig = state / "operator.kubeconfig"
+        operator_kubeconfig.write_text(yaml.safe_dump(kubeconfig_dict(server, plane.pki_dir, OPERATOR.file_stem)))
+        log = open(state / "operator.log", "wb")  # noqa: SIM115
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "kubetune", "operator", "--liveness", ""],
+            env={**os.environ, "KUBECONFIG": str(operator_kubeconfig)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        admin = Kube.from_kubeconfig(str(plane.kubeconfig), field_manager="bench")
+        kubectl = [str(cluster.kubectl_path), "--kubeconfig", str(plane.kubeconfig)]
+        time.sleep(3)
+        for n in sizes:
+            result = run_size(n, admin, kubectl, operator.pid, args.timeout)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    finally:
+        if operator is not None:
+            operator.send_signal(signal.SIGTERM)
+            operator.wait(timeout=30)
+        plane.stop()
+
+    machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
+    print(f"\nmachine: {machine}, {args.gpu_nodes} kwok GPU nodes (4 GPUs each)")
+    print("| jobs | create->Job p50 | p99 | all Succeeded | operator peak RSS | operator CPU | API requests/job |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['jobs']} | {r['create_to_job_p50_s']} s | {r['create_to_job_p99_s']} s | {r['all_succeeded_s']} s "
+            f"| {r['operator_peak_rss_mib']} MiB | {r['operator_cpu_s']} s | {r['api_requests_per_job']} |"
+        )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(
+        json.dumps({"machine": machine, "gpu_nodes": args.gpu_nodes, "results": results}, indent=2) + "\n"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
