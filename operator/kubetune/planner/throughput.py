@@ -1,0 +1,113 @@
+"""Training throughput (tokens/s over all GPUs) from FLOPs, memory traffic and communication.
+
+Per token, LoRA on a frozen base costs 2 N FLOPs forward and 2 N backward (input gradients only; N =
+parameters of the layers and the LM head), 2 N more when checkpointing recomputes the forward, and 6 (8)
+x the adapter parameters; causal attention adds 2 x seq x q_dim per layer per pass (forward, two for
+backward, one more with recompute); DPO adds the reference forward (adapter disabled). Matmul FLOPs
+run at a fraction of the card's matmul speed that depends on the kernels (eager < Liger < compiled
+layers), attention FLOPs at a lower fraction, and each adapted linear adds memory-bound work (casts,
+dropout, small matmuls) of about 48 bytes per input feature per token. Fixed costs: ~8 ms per
+micro-batch, ~30 ms per optimizer step.
+
+ZeRO-3 hooks cost 10% even on one GPU; over several GPUs it gathers the bf16 weights every pass,
+overlapped with compute by prefetching. DDP all-reduces the (small) LoRA gradients once per step. CPU
+offload adds the host optimizer step and PCIe copies, and with weight offload a host-to-device copy of
+every weight shard per pass. DPO under ZeRO-3 pays a measured 0.9 s per micro-batch.
+
+Calibrated on the seven H200 figures of ../shared/GPU.md (all within 3%); other GPUs scale by their
+peak matmul speed and memory bandwidth, which is an assumption, not a measurement.
+"""
+
+from __future__ import annotations
+
+from kubetune.planner.gpus import INTER_NODE_GBS, GpuType
+from kubetune.planner.workload import Kernels, Setup, Workload
+
+LINEAR_EFFICIENCY: dict[Kernels, float] = {"eager": 0.69, "liger": 0.74, "compile": 0.82}
+"""Fraction of the matmul speed the layer matmuls reach, with the overheads of each kernel choice."""
+ATTENTION_EFFICIENCY = 0.39
+"""Fraction of the matmul speed SDPA's flash kernels reach on causal attention (forward + backward)."""
+EAGER_ATTENTION_EFFICIENCY = 0.15
+LORA_BYTES_PER_FEATURE = 48.0
+"""Memory traffic per token per input feature of an adapted linear (fp32 cast, dropout, bf16 cast...)."""
+MICRO_BATCH_SECONDS = 0.008
+STEP_SECONDS = 0.03
+ZERO3_HOOK_FACTOR = 1.10
+"""ZeRO-3 with CPU offload ran 11% slower than plain PyTorch on one H200 (GPU.md), ~1% of it the CPU step."""
+ZERO2_FACTOR = 1.03
+CPU_ADAM_PARAMS_PER_SECOND = 2e8
+DPO_ZERO3_MICRO_BATCH_SECONDS = 0.9
+"""DPO under ZeRO-3 with offload ran at 0.674 pairs/s on one H200 (GPU.md), 2.7x slower than its FLOPs
+predict; the cost is charged per micro-batch (per-module hooks of four passes), measured, not derived."""
+COMM_OVERLAP = 0.9
+"""Share of the shorter of compute and ZeRO-3 weight gathering that prefetching hides."""
+
+
+def flops_per_token(w: Workload, s: Setup) -> tuple[float, float]:
+    """(matmul FLOPs, attention FLOPs) per processed token."""
+    a = w.arch
+    n, n_lora = float(a.matmul_params), float(w.lora_params)
+    recompute = 1 if s.checkpointing else 0
+    linear = (4 + 2 * recompute) * n + (6 + 2 * recompute) * n_lora
+    attention_pass = 2.0 * w.seq * a.q_dim * a.num_layers
+    attention = (3 + recompute) * attention_pass
+    if w.method == "DPO":
+        linear += 2 * n
+        attention += attention_pass
+    return linear, attention
+
+
+def compute_seconds_per_token(w: Workload, s: Setup, gpu: GpuType) -> float:
+    """GPU time per token of forward and backward on one GPU, without communication."""
+    peak = gpu.bf16_tflops * 1e12 * gpu.matmul_efficiency
+    linear, attention = flops_per_token(w, s)
+    attention_eff = EAGER_ATTENTION_EFFICIENCY if s.attention == "eager" else ATTENTION_EFFICIENCY
+    lora_features = w.arch.lora_input_features(w.lora_targets) * w.arch.num_layers
+    lora_bytes = LORA_BYTES_PER_FEATURE * lora_features * (1.5 if s.checkpointing else 1.0)
+    return (
+        linear / (peak * LINEAR_EFFICIENCY[s.kernels])
+        + attention / (peak * attention_eff)
+        + lora_bytes / (gpu.memory_bandwidth_gbs * 1e9)
+    )
+
+
+def collective_gbs(w: Workload, gpu: GpuType) -> float:
+    """Bus bandwidth of a collective over all GPUs of the job."""
+    return gpu.collective_gbs if w.nodes == 1 else min(gpu.collective_gbs, INTER_NODE_GBS)
+
+
+def tokens_per_second(w: Workload, s: Setup, gpu: GpuType) -> float:
+    """Estimated training throughput over all GPUs, in tokens per second."""
+    world = w.world_size
+    accumulation = max(1, w.samples_per_gpu // s.micro_batch)
+    tokens_micro = s.micro_batch * w.tokens_per_sample
+    compute = tokens_micro * compute_seconds_per_token(w, s, gpu) + MICRO_BATCH_SECONDS
+    weight_bytes = 2.0 * w.arch.total_params
+    passes = 3 if s.checkpointing else 2
+    lora = float(w.lora_params)
+
+    micro = compute
+    step_extra = STEP_SECONDS
+    if s.zero_stage == 3:
+        micro = compute * ZERO3_HOOK_FACTOR
+        if w.method == "DPO":
+            micro += DPO_ZERO3_MICRO_BATCH_SECONDS
+        comm = 0.0
+        if world > 1:
+            comm += weight_bytes * (world - 1) / world * passes / (collective_gbs(w, gpu) * 1e9)
+        if s.offload == "all":
+            comm += weight_bytes / world * passes / (gpu.host_link_gbs * 1e9)
+        micro = max(micro, comm) + (1 - COMM_OVERLAP) * min(micro, comm)
+    elif s.zero_stage == 2:
+        micro = compute * ZERO2_FACTOR
+        if world > 1:
+            micro += 2.0 * lora * (world - 1) / world / (collective_gbs(w, gpu) * 1e9)
+    if world > 1 and s.zero_stage == 0:
+        # DDP all-reduce of fp32 LoRA gradients at the end of the step, half hidden behind backward.
+        step_extra += 0.5 * 4.0 * lora * 2 * (world - 1) / world / (collective_gbs(w, gpu) * 1e9)
+    if s.offload != "none":
+        shard = lora / world
+        step_extra += shard / CPU_ADAM_PARAMS_PER_SECOND + shard * 6.0 / (gpu.host_link_gbs * 1e9)
+
+    step = accumulation * micro + step_extra
+    return world * accumulation * tokens_micro / step

@@ -1,0 +1,90 @@
+"""What is trained on what (`Workload`) and how (`Setup`): the inputs of the memory and speed models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from kubetune.planner.gpus import GpuType
+from kubetune.planner.models import ModelArchitecture
+
+Kernels = Literal["eager", "liger", "compile"]
+Offload = Literal["none", "optimizer", "all"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A training job as far as memory and speed are concerned."""
+
+    arch: ModelArchitecture
+    seq: int
+    """maxSeqLength: tokens of one sequence (for DPO: prompt + completion of one of the two answers)."""
+    global_batch: int
+    """Sequences (SFT) or preference pairs (DPO) per optimizer step."""
+    method: Literal["SFT", "DPO"] = "SFT"
+    lora_rank: int = 64
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_dropout: float = 0.05
+    nodes: int = 1
+    gpus_per_node: int = 1
+    gpu: GpuType | None = None
+    gpu_memory_gib: float | None = None
+    """Capacity of one GPU; the GPU type's when None."""
+    host_memory_gib: float | None = None
+    """Host memory of one pod, when the spec states it."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def samples_per_gpu(self) -> int:
+        """Sequences or pairs each GPU processes per optimizer step (0 when the batch does not divide)."""
+        return self.global_batch // self.world_size if self.global_batch % self.world_size == 0 else 0
+
+    @property
+    def sequences_per_sample(self) -> int:
+        """DPO runs chosen and rejected as two sequences of one batch."""
+        return 2 if self.method == "DPO" else 1
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.seq * self.sequences_per_sample
+
+    @property
+    def capacity_gib(self) -> float | None:
+        if self.gpu_memory_gib:
+            return self.gpu_memory_gib
+        return self.gpu.memory_gib if self.gpu else None
+
+    @property
+    def lora_params(self) -> int:
+        return self.arch.lora_params(self.lora_rank, self.lora_targets)
+
+    def with_gpus(self, nodes: int, gpus_per_node: int) -> Workload:
+        return replace(self, nodes=nodes, gpus_per_node=gpus_per_node)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One way to run a workload: the decisions a plan makes."""
+
+    zero_stage: int = 0
+    offload: Offload = "none"
+    """optimizer: AdamW state and its step on the host; all: the frozen weights too (ZeRO-3 only)."""
+    checkpointing: bool = True
+    kernels: Kernels = "eager"
+    """liger: Liger RMSNorm/SwiGLU/RoPE (+ fused linear cross-entropy); compile: torch.compile of each
+    decoder layer."""
+    attention: str = "sdpa"
+    micro_batch: int = 1
+
+    def describe(self) -> str:
+        parts = [f"ZeRO-{self.zero_stage}" if self.zero_stage else "no DeepSpeed"]
+        if self.offload != "none":
+            parts.append("CPU offload" + (" of optimizer" if self.offload == "optimizer" else " of weights+optimizer"))
+        parts.append("checkpointing" if self.checkpointing else "no checkpointing")
+        if self.kernels != "eager":
+            parts.append({"liger": "Liger", "compile": "compiled layers"}[self.kernels])
+        parts.append(f"micro-batch {self.micro_batch}")
+        return ", ".join(parts)
