@@ -416,7 +416,7 @@ def run_one(config: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - GPU
             versions[mod] = "missing"
 
     torch.manual_seed(0)
-    model_config = Qwen2Config(**config["model"])
+    model_config = Qwen2Config(**config["model"], attn_implementation="sdpa")
     model_config.use_cache = False
     torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)
     with torch.device("cuda" if cuda else "cpu"):
