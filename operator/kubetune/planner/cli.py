@@ -9,11 +9,11 @@ from pathlib import Path
 
 from kubetune.api.v1alpha1.finetunejob import Plan
 from kubetune.planner.gpus import GPU_TYPES, gpu_type
-from kubetune.planner.models import ModelArchitecture, architecture_for_uri, architecture_from_path
+from kubetune.planner.models import LINEAR_NAMES, ModelArchitecture, architecture_for_uri, architecture_from_path
 from kubetune.planner.plan import Overrides, PlanInfeasible, plan_training, quantity_gib
 
-_SHORT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj"}
-_SHORT_TARGETS["down"] = "down_proj"
+# --lora-targets q,k,v,o is short for q_proj,k_proj,v_proj,o_proj.
+_SHORT_TARGETS = {n.removesuffix("_proj"): n for n in LINEAR_NAMES}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -5,9 +5,9 @@ How it decides
 1. Candidates. ZeRO stage 0 (plain PyTorch, DDP over several GPUs), 2 or 3; CPU offload of the optimizer
    (ZeRO-2/3) and of the weights too (ZeRO-3); gradient checkpointing off or on; torch.compile of each
    decoder layer (checkpointing off, SFT only: with DPO the compiled policy and reference passes
-   differ in bf16 rounding, GPU.md) or Liger kernels (fused RMSNorm/SwiGLU/RoPE and linear
-   cross-entropy, which cut activation memory); SDPA attention. A setting fixed in spec.distributed
-   leaves only that value.
+   differ in bf16 rounding, GPU.md) or Liger's fused RMSNorm/SwiGLU/RoPE kernels (smaller activations than
+   eager code; the loss is TRL's fused LM head either way); SDPA attention. A setting fixed in
+   spec.distributed leaves only that value.
 2. Memory. For each candidate the micro-batch is the largest divisor of the per-GPU batch whose predicted
    peak (memory.py) fits in the GPU's memory less a 10% safety margin. CPU offload is considered only
    when nothing fits without it, weight offload only when optimizer offload does not fit either, and
@@ -23,7 +23,7 @@ How it decides
 4. Nothing fits: PlanInfeasible, saying how many GPUs of that type would do with ZeRO-3 (and offload).
 
 Without a known architecture (a model that is neither in models.KNOWN_ARCHITECTURES nor readable), or
-without a GPU memory figure, no memory is estimated and a conservative plan is returned: ZeRO-3 over
+without a GPU memory figure, memory is not checked and a conservative plan is returned: ZeRO-3 over
 several GPUs, checkpointing on, micro-batch 1, no offload.
 """
 
@@ -515,8 +515,7 @@ def _to_plan(
             if s.checkpointing
             else "they keep the activations small enough to fit"
         )
-        fused = "RMSNorm, SwiGLU, RoPE" + ("" if w.method == "DPO" else ", linear cross-entropy")
-        lines.append(f"Liger kernels (fused {fused}): {reason}.")
+        lines.append(f"Liger kernels (fused RMSNorm, SwiGLU, RoPE): {reason}.")
 
     # Attention.
     if over.attention is not None:

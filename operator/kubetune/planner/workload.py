@@ -74,17 +74,6 @@ class Setup:
     """optimizer: AdamW state and its step on the host; all: the frozen weights too (ZeRO-3 only)."""
     checkpointing: bool = True
     kernels: Kernels = "eager"
-    """liger: Liger RMSNorm/SwiGLU/RoPE (+ fused linear cross-entropy); compile: torch.compile of each
-    decoder layer."""
+    """liger: Liger's RMSNorm/SwiGLU/RoPE kernels; compile: torch.compile of each decoder layer."""
     attention: str = "sdpa"
     micro_batch: int = 1
-
-    def describe(self) -> str:
-        parts = [f"ZeRO-{self.zero_stage}" if self.zero_stage else "no DeepSpeed"]
-        if self.offload != "none":
-            parts.append("CPU offload" + (" of optimizer" if self.offload == "optimizer" else " of weights+optimizer"))
-        parts.append("checkpointing" if self.checkpointing else "no checkpointing")
-        if self.kernels != "eager":
-            parts.append({"liger": "Liger", "compile": "compiled layers"}[self.kernels])
-        parts.append(f"micro-batch {self.micro_batch}")
-        return ", ".join(parts)
