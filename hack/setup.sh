@@ -2,7 +2,8 @@
 # Creates .venv with kubetune and its test tools. Downloads are cached outside the repository
 # (uv's cache in $KUBETUNE_CACHE/uv), so a fresh clone on a machine that ran this before is fast.
 #   hack/setup.sh            operator + dev tools
-#   hack/setup.sh trainer    ... plus the trainer extra (torch, transformers, peft, trl, datasets)
+#   hack/setup.sh trainer    ... plus the trainer extra (torch, transformers, peft, trl, datasets) and
+#                            DeepSpeed (built without its C++ ops; they JIT-compile on GPU machines)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export KUBETUNE_CACHE="${KUBETUNE_CACHE:-$HOME/.cache/kubetune}"
@@ -21,4 +22,14 @@ python_bin="$(command -v python3.11 || command -v python3)"
 extras="dev"
 for extra in "$@"; do extras="$extras,$extra"; done
 "$uv_bin" pip install -q --python .venv/bin/python -e ".[$extras]"
+
+if [[ " $* " == *" trainer "* ]]; then
+  # DeepSpeed is only an sdist whose setup.py imports torch: build it against the installed torch.
+  "$uv_bin" pip install -q --python .venv/bin/python setuptools==78.1.1 wheel==0.48.0
+  DS_BUILD_OPS=0 "$uv_bin" pip install -q --python .venv/bin/python --no-build-isolation deepspeed==0.19.8
+  # torchvision/torchaudio/torchcodec fail to import against this torch and break `import peft`.
+  for pkg in torchvision torchaudio torchcodec; do
+    "$uv_bin" pip uninstall -q --python .venv/bin/python "$pkg" 2>/dev/null || true
+  done
+fi
 echo "setup: .venv ready with extras [$extras]"

@@ -1,0 +1,347 @@
+"""The training data: JSONL records read, checked and tokenized with the model's chat template.
+
+Everything here runs before any GPU work. Bad records are collected with their line numbers and fail the run
+with DatasetInvalid; the report (record count, token lengths against maxSeqLength, truncations) is logged.
+
+Formats: prompt-response ({"system"?, "prompt", "response"}), messages ({"messages": [{"role", "content"}]}),
+preference ({"system"?, "prompt", "chosen", "rejected"}; each a string or a list of messages).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.v1alpha1 import DatasetFormat, Method
+from kubetune.trainer.errors import DATASET_INVALID, TrainerFailure
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
+MAX_REPORTED_ERRORS = 20
+IGNORE = -100
+
+
+class RecordInvalid(ValueError):
+    """One record is unusable; the message says why."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """A checked record: the conversation, or for preference data the prompt and both answers."""
+
+    line: int
+    messages: list[Message]
+    chosen: list[Message] | None = None
+    rejected: list[Message] | None = None
+
+
+@dataclass
+class TokenStats:
+    min: int = 0
+    mean: float = 0.0
+    p50: int = 0
+    p95: int = 0
+    max: int = 0
+
+
+@dataclass
+class DatasetReport:
+    """What the dataset check found; logged as the "dataset" event and stored in the adapter's metadata."""
+
+    format: str
+    records: int
+    train_records: int = 0
+    validation_records: int = 0
+    max_seq_length: int = 0
+    tokens: TokenStats = field(default_factory=TokenStats)
+    truncated: int = 0
+    """Records longer than maxSeqLength (cut at the end)."""
+    dropped: int = 0
+    """Records with no response token left after truncation (their prompt fills maxSeqLength)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PreparedData:
+    """Train and validation examples ready for the TRL trainers, and the report."""
+
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    report: DatasetReport
+
+
+# --- Reading and checking records -----------------------------------------------------------------
+
+
+def detect_format(record: dict[str, Any]) -> DatasetFormat | None:
+    """The format a record's keys suggest, or None."""
+    if "messages" in record:
+        return DatasetFormat.MESSAGES
+    if "chosen" in record or "rejected" in record:
+        return DatasetFormat.PREFERENCE
+    if "prompt" in record or "response" in record:
+        return DatasetFormat.PROMPT_RESPONSE
+    return None
+
+
+def _text(record: dict[str, Any], key: str, required: bool = True) -> str | None:
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise RecordInvalid(f"missing {key!r}")
+        return None
+    if not isinstance(value, str):
+        raise RecordInvalid(f"{key!r} must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise RecordInvalid(f"{key!r} is empty")
+    return value
+
+
+def _messages(value: Any, key: str) -> list[Message]:
+    if not isinstance(value, list) or not value:
+        raise RecordInvalid(f"{key!r} must be a non-empty list of messages")
+    out = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict):
+            raise RecordInvalid(f"{key}[{i}] must be an object with role and content")
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ROLES:
+            raise RecordInvalid(f"{key}[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise RecordInvalid(f"{key}[{i}].content must be a string")
+        if role == "system" and i > 0:
+            raise RecordInvalid(f"{key}[{i}]: a system message may only come first")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _prompt_messages(record: dict[str, Any]) -> list[Message]:
+    system = _text(record, "system", required=False)
+    prompt = record.get("prompt")
+    messages = (
+        _messages(prompt, "prompt")
+        if isinstance(prompt, list)
+        else [{"role": "user", "content": _text(record, "prompt") or ""}]
+    )
+    return ([{"role": "system", "content": system}] if system else []) + messages
+
+
+def _answer(record: dict[str, Any], key: str) -> list[Message]:
+    value = record.get(key)
+    if isinstance(value, list):
+        answer = _messages(value, key)
+        if answer[-1]["role"] != "assistant":
+            raise RecordInvalid(f"{key!r} must end with an assistant message")
+        return answer
+    return [{"role": "assistant", "content": _text(record, key) or ""}]
+
+
+def parse_record(record: Any, fmt: DatasetFormat, line: int) -> Record:
+    """Check one decoded JSON line against `fmt`."""
+    if not isinstance(record, dict):
+        raise RecordInvalid(f"expected a JSON object, got {type(record).__name__}")
+    found = detect_format(record)
+    if found != fmt:
+        raise RecordInvalid(f"expected a {fmt.value} record, found keys {sorted(record)}")
+    if fmt == DatasetFormat.PROMPT_RESPONSE:
+        return Record(
+            line, [*_prompt_messages(record), {"role": "assistant", "content": _text(record, "response") or ""}]
+        )
+    if fmt == DatasetFormat.MESSAGES:
+        messages = _messages(record["messages"], "messages")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise RecordInvalid("'messages' has no assistant message to learn from")
+        return Record(line, messages)
+    return Record(
+        line, _prompt_messages(record), chosen=_answer(record, "chosen"), rejected=_answer(record, "rejected")
+    )
+
+
+def read_records(path: Path, fmt: DatasetFormat, method: Method) -> tuple[DatasetFormat, list[Record]]:
+    """All records of the JSONL file at `path`; DatasetInvalid listing bad lines when any is unusable."""
+    records: list[Record] = []
+    errors: list[str] = []
+    with path.open(encoding="utf-8") as lines:
+        for number, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue
+            try:
+                decoded = json.loads(text)
+            except json.JSONDecodeError as err:
+                errors.append(f"line {number}: invalid JSON ({err.msg})")
+                continue
+            if fmt == DatasetFormat.AUTO:
+                fmt = (detect_format(decoded) if isinstance(decoded, dict) else None) or DatasetFormat.AUTO
+                if fmt == DatasetFormat.AUTO:
+                    errors.append(
+                        f"line {number}: cannot tell the format "
+                        "(expected prompt/response, messages or prompt/chosen/rejected)"
+                    )
+                    continue
+            try:
+                records.append(parse_record(decoded, fmt, number))
+            except RecordInvalid as err:
+                errors.append(f"line {number}: {err}")
+    if errors:
+        shown = "; ".join(errors[:MAX_REPORTED_ERRORS])
+        more = f" (and {len(errors) - MAX_REPORTED_ERRORS} more)" if len(errors) > MAX_REPORTED_ERRORS else ""
+        raise TrainerFailure(DATASET_INVALID, f"{len(errors)} bad record(s) in {path.name}: {shown}{more}")
+    if not records:
+        raise TrainerFailure(DATASET_INVALID, f"{path.name} has no records")
+    wanted = DatasetFormat.PREFERENCE if method == Method.DPO else None
+    if (fmt == DatasetFormat.PREFERENCE) != (wanted is not None):
+        need = "preference records (prompt/chosen/rejected)" if wanted else "prompt/response or messages records"
+        raise TrainerFailure(
+            DATASET_INVALID, f"method {method.value} needs {need}, {path.name} has {fmt.value} records"
+        )
+    return fmt, records
+
+
+# --- Tokenizing -----------------------------------------------------------------------------------
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The base model's tokenizer, with a pad token and a chat template (ChatML when the model has none)."""
+    from transformers import AutoTokenizer
+
+    from kubetune.trainer.tiny import CHATML_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        log.warning("%s has no chat template; using ChatML", model_dir)
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def render(tokenizer: Any, messages: list[Message], add_generation_prompt: bool = False) -> str:
+    """The conversation as text, through the tokenizer's chat template."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return str(text)
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    # The template already wrote any BOS it wants; add_special_tokens would add a second one.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def assistant_spans(tokenizer: Any, messages: list[Message], full: str) -> list[tuple[int, int]] | None:
+    """Character spans of every assistant turn in `full`, or None when the template is not prefix-stable."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = render(tokenizer, messages[:i], add_generation_prompt=True)
+        end = render(tokenizer, messages[: i + 1])
+        if not (end.startswith(start) and full.startswith(end)):
+            return None
+        spans.append((len(start), len(end)))
+    return spans
+
+
+def tokenize_conversation(tokenizer: Any, messages: list[Message]) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a conversation: labels are -100 everywhere except the assistant turns."""
+    full = render(tokenizer, messages)
+    spans = assistant_spans(tokenizer, messages, full)
+    if spans is None:
+        # Template renders earlier turns differently once later ones follow: learn the last answer only.
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt_ids = encode(tokenizer, render(tokenizer, messages[:last], add_generation_prompt=True))
+        ids = encode(tokenizer, render(tokenizer, messages[: last + 1]))
+        shared = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids, strict=False)) if a != b), len(prompt_ids))
+        return ids, [IGNORE] * shared + ids[shared:]
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    labels = [
+        token if any(start <= offset[0] < end for start, end in spans) else IGNORE
+        for token, offset in zip(ids, encoded["offset_mapping"], strict=True)
+    ]
+    return ids, labels
+
+
+def token_stats(lengths: list[int]) -> TokenStats:
+    ordered = sorted(lengths)
+
+    def at(q: float) -> int:
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+    return TokenStats(
+        min=ordered[0], mean=round(sum(ordered) / len(ordered), 1), p50=at(0.5), p95=at(0.95), max=ordered[-1]
+    )
+
+
+def sft_example(tokenizer: Any, record: Record, max_len: int) -> tuple[dict[str, Any], int]:
+    """{"input_ids", "labels"} truncated to max_len, and the untruncated length."""
+    ids, labels = tokenize_conversation(tokenizer, record.messages)
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}, len(ids)
+
+
+def preference_example(tokenizer: Any, record: Record, max_len: int) -> tuple[dict[str, Any], int, int]:
+    """The conversational {"prompt", "chosen", "rejected"} for DPO, its longest length, and the prompt's length."""
+    assert record.chosen is not None and record.rejected is not None
+    prompt_len = len(encode(tokenizer, render(tokenizer, record.messages, add_generation_prompt=True)))
+    longest = max(
+        len(encode(tokenizer, render(tokenizer, record.messages + answer)))
+        for answer in (record.chosen, record.rejected)
+    )
+    return {"prompt": record.messages, "chosen": record.chosen, "rejected": record.rejected}, longest, prompt_len
+
+
+def split(
+    examples: list[dict[str, Any]], fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Hold out `fraction` of the examples (at least one when fraction > 0), chosen by `seed`."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    held = set(order[:n_val])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def prepare(
+    tokenizer: Any,
+    path: Path,
+    method: Method,
+    fmt: DatasetFormat,
+    max_len: int,
+    validation_split: float = 0.0,
+    seed: int = 42,
+) -> PreparedData:
+    """Read, check and tokenize the dataset; DatasetInvalid when nothing is left to train on."""
+    fmt, records = read_records(path, fmt, method)
+    report = DatasetReport(format=fmt.value, records=len(records), max_seq_length=max_len)
+    examples, lengths = [], []
+    for record in records:
+        if method == Method.DPO:
+            example, length, prompt_len = preference_example(tokenizer, record, max_len)
+            usable = prompt_len < max_len
+        else:
+            example, length = sft_example(tokenizer, record, max_len)
+            usable = any(label != IGNORE for label in example["labels"])
+        lengths.append(length)
+        report.truncated += length > max_len
+        if usable:
+            examples.append(example)
+        else:
+            report.dropped += 1
+    report.tokens = token_stats(lengths)
+    if not examples:
+        raise TrainerFailure(
+            DATASET_INVALID,
+            f"all {len(records)} records of {path.name} lose their response to truncation at maxSeqLength {max_len}",
+        )
+    train, validation = split(examples, validation_split, seed)
+    report.train_records, report.validation_records = len(train), len(validation)
+    return PreparedData(train, validation, report)

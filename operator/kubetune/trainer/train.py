@@ -1,0 +1,271 @@
+"""Training itself: the model, the TRL trainer (SFT or DPO) with a LoRA adapter, resume, and the final adapter.
+
+Runs in every worker (or in-process for one GPU). The plan decides DeepSpeed, checkpointing, attention, Liger
+and torch.compile; the spec decides LoRA and the hyperparameters.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from datasets import Dataset
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, Trainer, set_seed
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import ProgressCallback as TqdmCallback
+
+from kubetune.api.v1alpha1 import Method, Plan, TrainerConfig
+from kubetune.trainer import adapter, checkpoints
+from kubetune.trainer.callbacks import CheckpointCallback, ProgressCallback, StopOnSignal
+from kubetune.trainer.data import load_tokenizer
+from kubetune.trainer.deepspeed_config import deepspeed_config
+from kubetune.trainer.errors import EXIT_OK, EXIT_TERMINATED
+from kubetune.trainer.inputs import Inputs
+from kubetune.trainer.progress import StatusReporter, in_cluster, kubernetes_sender, log_event, status_patch
+
+log = logging.getLogger(__name__)
+
+LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False}
+
+
+def attention_implementation(requested: str) -> str:
+    """flash_attention_2 when asked for (or auto) and importable, else sdpa; eager only when asked for."""
+    if requested == "eager":
+        return "eager"
+    wants_flash = requested in ("flash_attention_2", "auto") and torch.cuda.is_available()
+    if wants_flash and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def trainer_arguments(config: TrainerConfig, output: Path, hidden_size: int, has_eval: bool) -> Any:
+    """SFTConfig or DPOConfig from the spec's hyperparameters and the plan."""
+    spec, plan, hp = config.spec, config.plan, config.spec.hyperparameters
+    cuda = torch.cuda.is_available()
+    if plan.zero_stage and not cuda:
+        log.warning("the plan asks for ZeRO-%d, but DeepSpeed needs GPUs: plain data parallel on CPU", plan.zero_stage)
+    common: dict[str, Any] = {
+        "output_dir": str(output / "checkpoints"),
+        "per_device_train_batch_size": plan.micro_batch_size,
+        "per_device_eval_batch_size": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "learning_rate": hp.learning_rate,
+        "lr_scheduler_type": hp.lr_scheduler,
+        "warmup_steps": hp.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        "weight_decay": hp.weight_decay,
+        "max_steps": hp.max_steps or -1,
+        "num_train_epochs": hp.epochs or 1.0,
+        "seed": hp.seed,
+        "data_seed": hp.seed,
+        "max_length": hp.max_seq_length,
+        "bf16": cuda,
+        "use_cpu": not cuda,
+        "ddp_backend": "gloo" if not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        "ddp_find_unused_parameters": False,
+        "deepspeed": deepspeed_config(plan, hidden_size) if cuda else None,
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "use_liger_kernel": plan.liger_kernels and cuda,
+        "liger_kernel_config": LIGER_KERNELS if plan.liger_kernels and cuda else None,
+        "logging_strategy": "steps",
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": spec.checkpointing.every_steps,
+        "save_total_limit": None,  # CheckpointCallback rotates complete checkpoints only
+        "eval_strategy": "steps" if has_eval else "no",
+        "eval_steps": spec.checkpointing.every_steps,
+        "include_num_input_tokens_seen": "non_padding",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+    if spec.method == Method.DPO:
+        from trl import DPOConfig
+
+        return DPOConfig(**common, beta=hp.beta)
+    from trl import SFTConfig
+
+    return SFTConfig(**common, packing=False)
+
+
+def load_model(model_dir: Path, plan: Plan) -> PreTrainedModel:
+    """The base model in bf16 on GPUs (fp32 on CPU) with the planned attention kernel."""
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir),
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        attn_implementation=attention_implementation(plan.attention),
+    )
+    model.config.use_cache = False
+    return model
+
+
+def lora_config(config: TrainerConfig) -> Any:
+    from peft import LoraConfig
+
+    lora = config.spec.lora
+    targets = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+    # alpha may be fractional in the API; PEFT only divides by it.
+    shape: dict[str, Any] = {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout}
+    return LoraConfig(**shape, target_modules=targets, bias="none", task_type="CAUSAL_LM")
+
+
+def build_trainer(config: TrainerConfig, inputs: Inputs, callbacks: list[Any]) -> Trainer:
+    """The TRL trainer for the spec's method, with its LoRA adapter attached."""
+    model_config = AutoConfig.from_pretrained(str(inputs.model_dir))
+    args = trainer_arguments(config, inputs.output_dir, model_config.hidden_size, bool(inputs.data.validation))
+    set_seed(config.spec.hyperparameters.seed)
+    model: Any = load_model(inputs.model_dir, config.plan)  # after the arguments: ZeRO-3 shards it while loading
+    tokenizer = load_tokenizer(inputs.model_dir)
+    train = Dataset.from_list(inputs.data.train)
+    evaluation = Dataset.from_list(inputs.data.validation) if inputs.data.validation else None
+    peft_config = lora_config(config)
+    if config.spec.method == Method.DPO:
+        from trl import DPOTrainer
+
+        if inputs.init_adapter:
+            from peft import PeftModel
+
+            # DPO from the SFT adapter: it is trained further, and a frozen copy of it is the reference.
+            model = PeftModel.from_pretrained(model, str(inputs.init_adapter), is_trainable=True)
+            peft_config = None
+        trainer: Trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+    else:
+        from trl import SFTTrainer
+
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+    for noisy in (PrinterCallback, TqdmCallback):
+        trainer.remove_callback(noisy)  # progress goes out as JSON lines
+    if config.plan.compile and trainer.model is not None:
+        compile_decoder_layers(trainer.model)
+    return trainer
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> int:
+    """torch.compile each decoder layer in place (the layers repeat, so one compiled graph serves all)."""
+    layers = next((m for name, m in model.named_modules() if name.endswith(".layers")), None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        log.warning("no decoder layers found to compile")
+        return 0
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def lora_shape(model: Any) -> dict[str, Any]:
+    """The trained adapter's actual r, alpha, dropout and target modules."""
+    peft_config = model.peft_config["default"]
+    targets = peft_config.target_modules
+    # "all-linear" is resolved by PEFT into module paths; the layer names are what a reader wants.
+    names = [targets] if isinstance(targets, str) else sorted({t.rsplit(".", 1)[-1] for t in targets})
+    return {
+        "r": peft_config.r,
+        "alpha": peft_config.lora_alpha,
+        "dropout": peft_config.lora_dropout,
+        "targetModules": names,
+    }
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import transformers
+    import trl
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "trl": trl.__version__,
+    }
+
+
+def save_adapter(trainer: Trainer, config: TrainerConfig, inputs: Inputs, metrics: dict[str, Any]) -> dict | None:
+    """Save the final adapter (all ranks take part: ZeRO-3 gathers the weights); rank 0 finalizes it."""
+    staging = inputs.output_dir / "adapter.staging"
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    if not trainer.is_world_process_zero():
+        return None
+    metadata = adapter.adapter_metadata(
+        config, lora_shape(trainer.model), metrics, inputs.data.report.to_dict(), versions()
+    )
+    return adapter.finalize(staging, inputs.output_dir / "adapter", metadata)
+
+
+def single_process_env(cuda: bool) -> None:
+    """DeepSpeed wants a process group even on one GPU: describe a world of one."""
+    if cuda:
+        for key, value in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+        ):
+            os.environ.setdefault(key, value)
+
+
+def run(config: TrainerConfig, inputs: Inputs) -> int:
+    """Train (resuming from the latest complete checkpoint), save the adapter, report it. Returns the exit code."""
+    datasets.disable_progress_bars()
+    rank = int(os.environ.get("RANK", "0"))
+    if "RANK" not in os.environ:
+        single_process_env(torch.cuda.is_available())
+    sender = kubernetes_sender(config.job) if rank == 0 and in_cluster() else None
+    reporter = StatusReporter(sender, config.progress_interval_seconds)
+    stop = StopOnSignal()
+    previous_handler = stop.install()
+    root = inputs.output_dir / "checkpoints"
+    callbacks = [
+        ProgressCallback(reporter, config.progress_interval_seconds, config.job.uid),
+        CheckpointCallback(root, config.spec.checkpointing.keep, config.spec.output.uri, reporter, config.job.uid),
+        stop,
+    ]
+    try:
+        resume = checkpoints.latest_complete(root)
+        trainer = build_trainer(config, inputs, callbacks)
+        if rank == 0:
+            for c in checkpoints.remove_incomplete(root):
+                log_event("checkpoint-discarded", step=c.step, reason="incomplete")
+            if resume:
+                log_event("resume", step=resume.step, checkpoint=resume.path.name)
+        result = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+        if stop.stopped_early:
+            log_event("stopped", step=trainer.state.global_step, reason="SIGTERM")
+            return EXIT_TERMINATED
+        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+        if inputs.data.validation:
+            metrics.update(trainer.evaluate())
+        metrics["global_step"] = trainer.state.global_step
+        metadata = save_adapter(trainer, config, inputs, metrics)
+        if metadata is not None:
+            status = adapter.adapter_status(config, metadata)
+            log_event("adapter", **status.to_wire(), metrics=metrics)
+            reporter.submit(status_patch({"adapter": status.to_wire()}, config.job.uid))
+        return EXIT_OK
+    finally:
+        reporter.close()
+        signal.signal(signal.SIGTERM, previous_handler)
