@@ -87,10 +87,12 @@ def example(name: str, metadata_name: str, namespace: str, **spec_changes: Any) 
 
 
 def simulated_ftj(name: str, namespace: str, *, run_seconds: float = 2, **spec_changes: Any) -> dict[str, Any]:
-    """An SFT FineTuneJob whose kwok pods run for `run_seconds` and complete. No PVCs are needed."""
+    """A one-GPU SFT FineTuneJob whose kwok pods run for `run_seconds` and complete. No PVCs are needed."""
     annotations = {"pod-complete.stage.kwok.x-k8s.io/delay": f"{run_seconds}s"}
     spec = {
         "baseModel": {"uri": "hf://Qwen/Qwen2.5-7B"},
+        "resources": {"nodes": 1, "gpusPerNode": 1, "gpuType": "rtx-4090d"},
+        "hyperparameters": {"globalBatchSize": 16, "maxSeqLength": 2048, "maxSteps": 100},
         "dataset": {"uri": "s3://datasets/sft.jsonl", "format": "prompt-response"},
         "output": {"uri": f"s3://adapters/{name}"},
         "podMetadata": {"annotations": annotations},

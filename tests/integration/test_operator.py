@@ -35,8 +35,10 @@ def api(cluster: Cluster) -> Api:
 
 
 @pytest.fixture
-def ns(api: Api, operator: OperatorProcess) -> str:
-    return api.create_namespace()
+def ns(api: Api, operator: OperatorProcess) -> Iterator[str]:
+    name = api.create_namespace()
+    yield name
+    api.kube.delete("Namespace", "", name)
 
 
 # --- the API as users meet it --------------------------------------------------------------------
@@ -69,7 +71,7 @@ def test_api_server_rejects_with_the_message(api: Api, ns: str, case: Rejection)
 
 @pytest.mark.parametrize("field, changes, message", IMMUTABLE, ids=[i[0] for i in IMMUTABLE])
 def test_immutable_fields(api: Api, ns: str, field: str, changes: dict, message: str) -> None:
-    body = simulated_ftj(f"immutable-{field}", ns)
+    body = simulated_ftj(f"immutable-{field}", ns, suspend=True)
     api.apply(body)
     result = api.apply(with_changes(body, changes), check=False)
     assert result.returncode != 0 and message in result.stderr, result.stderr
@@ -79,7 +81,8 @@ def test_immutable_fields(api: Api, ns: str, field: str, changes: dict, message:
 
 
 def test_job_runs_to_success_with_owned_children(api: Api, ns: str) -> None:
-    api.apply(simulated_ftj("sft", ns, run_seconds=3))
+    four_gpus = {"nodes": 1, "gpusPerNode": 4, "gpuType": "rtx-4090d"}
+    api.apply(simulated_ftj("sft", ns, run_seconds=3, resources=four_gpus))
     job = wait_for(lambda: api.get("Job", ns, "sft"), 30, "the training Job")
     kinds = {
         "ServiceAccount": "sft-trainer",

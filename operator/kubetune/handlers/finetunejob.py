@@ -28,22 +28,22 @@ KIND = "FineTuneJob"
 
 
 @kopf.index(FTJ)
-def finetunejobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(namespace, name): dict(body)}
+def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(namespace or "", name): dict(body)}
 
 
 @kopf.index("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
 def training_jobs(
-    namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(namespace, labels[LABEL_FINETUNEJOB]): dict(body)}
+    return {(namespace or "", labels[LABEL_FINETUNEJOB]): dict(body)}
 
 
 @kopf.index("pods", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
 def training_pods(
-    namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(namespace, labels[LABEL_FINETUNEJOB]): dict(body)}
+    return {(namespace or "", labels[LABEL_FINETUNEJOB]): dict(body)}
 
 
 # --- admission -----------------------------------------------------------------------------------
@@ -177,5 +177,5 @@ def finetunejob_changed(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) ->
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
 @kopf.on.event("pods", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
-def child_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
-    sync_status(memo.context, (namespace, labels[LABEL_FINETUNEJOB]), _indexes(kwargs))
+def child_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
+    sync_status(memo.context, (namespace or "", labels[LABEL_FINETUNEJOB]), _indexes(kwargs))

@@ -19,26 +19,26 @@ KIND = "ModelServer"
 
 
 @kopf.index(MS)
-def modelservers(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(namespace, name): dict(body)}
+def modelservers(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(namespace or "", name): dict(body)}
 
 
 @kopf.index("apps", "v1", "deployments", labels={LABEL_MODELSERVER: kopf.PRESENT})
 def server_deployments(
-    namespace: str, name: str, labels: kopf.Labels, body: kopf.Body, **_: Any
+    namespace: str | None, name: str, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[tuple[str, str], dict[str, Any]]:
     if labels.get("app.kubernetes.io/component") != "server":
         return {}
-    return {(namespace, labels[LABEL_MODELSERVER]): dict(body)}
+    return {(namespace or "", labels[LABEL_MODELSERVER]): dict(body)}
 
 
 @kopf.index("pods", labels={LABEL_MODELSERVER: kopf.PRESENT})
 def server_pods(
-    namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[tuple[str, str], dict[str, Any]]:
     if labels.get("app.kubernetes.io/component") != "server":
         return {}
-    return {(namespace, labels[LABEL_MODELSERVER]): dict(body)}
+    return {(namespace or "", labels[LABEL_MODELSERVER]): dict(body)}
 
 
 def _jobs_in(namespace: str, finetunejobs: kopf.Index) -> dict[str, dict[str, Any]]:
@@ -129,5 +129,5 @@ def server_changed(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None
 
 @kopf.on.event("apps", "v1", "deployments", labels={LABEL_MODELSERVER: kopf.PRESENT})
 @kopf.on.event("pods", labels={LABEL_MODELSERVER: kopf.PRESENT})
-def server_child_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
-    sync_status(memo.context, (namespace, labels[LABEL_MODELSERVER]), _indexes(kwargs))
+def server_child_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
+    sync_status(memo.context, (namespace or "", labels[LABEL_MODELSERVER]), _indexes(kwargs))

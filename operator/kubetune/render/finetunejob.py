@@ -241,13 +241,6 @@ def training_hash(trainer: TrainerConfig, template: Manifest) -> str:
     return content_hash([template, fixed.to_wire()])
 
 
-def training_hash(trainer: TrainerConfig, template: Manifest) -> str:
-    """Hash of what a running Job cannot change. suspend and the TTL are left out: they apply in place."""
-    in_place = {"suspend": False, "ttl_seconds_after_finished": None}
-    fixed = trainer.model_copy(update={"spec": trainer.spec.model_copy(update=in_place)})
-    return content_hash([template, fixed.to_wire()])
-
-
 def training_job(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfig) -> Manifest:
     """An Indexed Job with one pod per node; pod i is NODE_RANK i."""
     spec = ftj.spec

@@ -132,8 +132,7 @@ def _start_time(obs: Observed, state: str) -> str | None:
         return str(obs.status["startTime"])
     if state not in ("Running", "Succeeded", "Failed"):
         return None
-    starts = [(p.get("status") or {}).get("startTime") for p in obs.pods]
-    starts = [s for s in starts if s]
+    starts = [str(t) for p in obs.pods if (t := (p.get("status") or {}).get("startTime"))]
     return min(starts) if starts else now_iso()
 
 

@@ -1,0 +1,34 @@
+# kubetune: the two entry points are `make demo` (a local cluster where a FineTuneJob trains and a
+# ModelServer answers) and `make test` (everything CI runs). Both install what they need.
+SHELL := /bin/bash
+PY := .venv/bin/python
+
+.PHONY: setup test lint unit integration crds dev-up dev-down bench-operator
+
+setup:
+	hack/setup.sh trainer
+
+lint: setup
+	.venv/bin/ruff check operator tests bench
+	.venv/bin/mypy
+
+test: setup lint
+	$(PY) -m pytest -m "not gpu" -q
+
+unit: setup
+	$(PY) -m pytest tests/unit -q
+
+integration: setup
+	$(PY) -m pytest tests/integration -q
+
+crds: setup
+	$(PY) -m kubetune.crdgen --output-dir crds
+
+dev-up: setup
+	$(PY) -m kubetune dev up
+
+dev-down:
+	$(PY) -m kubetune dev down
+
+bench-operator: setup
+	$(PY) bench/operator_scale.py
