@@ -243,7 +243,7 @@ def test_pvc_locations_are_mounted_and_schedule(api: Api, ns: str) -> None:
     api.wait_state(FTJ, ns, "pvc", "Succeeded", 60)
     volumes = api.get("Job", ns, "pvc")["spec"]["template"]["spec"]["volumes"]
     claims = {
-        v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
+        v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"].get("readOnly", False)
         for v in volumes
         if "persistentVolumeClaim" in v
     }
