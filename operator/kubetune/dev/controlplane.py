@@ -8,6 +8,7 @@ processes. Everything lives in one state folder: certificates, etcd data, logs, 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -115,8 +117,9 @@ class Cluster:
     kubectl_path: Path
     control_plane: ControlPlane | None = None
 
-    def kubectl(self, *args: str, check: bool = True, input: str | None = None,
-                timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``kubectl --kubeconfig <kubeconfig> *args`` and capture its text output."""
         cmd = [str(self.kubectl_path), "--kubeconfig", str(self.kubeconfig), *args]
         result = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
@@ -182,12 +185,22 @@ class ControlPlane:
         """Start every component (a no-op when all already run); returns once the apiserver is ready.
 
         Certificates and etcd data of an earlier run in the same folder are reused; ports are new.
+        If a component fails to come up, the ones already started are stopped again.
         """
-        if all(s.running for s in self.status()):
-            return
-        self.stop()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with state_lock(self.state_dir):
+            if all(s.running for s in self.status()):
+                return
+            self.stop_components()
+            try:
+                self.start_components()
+            except BaseException:
+                self.stop_components()
+                raise
+
+    def start_components(self) -> None:
         binaries = self.binaries
-        for folder in (self.state_dir, self.log_dir, self.state_dir / "kwok-home"):
+        for folder in (self.log_dir, self.state_dir / "kwok-home"):
             folder.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "etcd").mkdir(mode=0o700, exist_ok=True)
         pki.ensure_pki(self.pki_dir)
@@ -211,12 +224,25 @@ class ControlPlane:
         if name == "kwok":
             env["HOME"] = str(self.state_dir / "kwok-home")  # kwok would read ~/.kwok/kwok.yaml
         with (self.log_dir / f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, cwd=self.state_dir, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.state_dir,
+                start_new_session=True,
+            )
         return proc.pid
 
     def stop(self) -> None:
         """Stop every recorded component, newest first: SIGTERM, then SIGKILL after 10 s."""
+        if not self.state_dir.is_dir():
+            return
+        with state_lock(self.state_dir):
+            self.stop_components()
+
+    def stop_components(self) -> None:
         state = self.read_state()
         processes: dict[str, Any] = state.get("processes", {})
         for name in reversed(COMPONENTS):
@@ -335,22 +361,35 @@ class ControlPlane:
         scheduler_kubeconfig = s / "kube-scheduler.kubeconfig"
         return {
             "etcd": [
-                str(binaries.etcd), "--name=kubetune", f"--data-dir={s / 'etcd'}",
-                f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-                f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-                f"--initial-cluster=kubetune={peer_url}", "--unsafe-no-fsync", "--log-level=warn",
+                str(binaries.etcd),
+                "--name=kubetune",
+                f"--data-dir={s / 'etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=kubetune={peer_url}",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
             ],
             "kube-apiserver": [
-                str(binaries.kube_apiserver), f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-                f"--secure-port={ports['kube-apiserver']}", "--endpoint-reconciler-type=none",
-                "--authorization-mode=Node,RBAC", f"--client-ca-file={p / 'ca.crt'}",
-                f"--tls-cert-file={p / 'apiserver.crt'}", f"--tls-private-key-file={p / 'apiserver.key'}",
+                str(binaries.kube_apiserver),
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={ports['kube-apiserver']}",
+                "--endpoint-reconciler-type=none",
+                "--authorization-mode=Node,RBAC",
+                f"--client-ca-file={p / 'ca.crt'}",
+                f"--tls-cert-file={p / 'apiserver.crt'}",
+                f"--tls-private-key-file={p / 'apiserver.key'}",
                 f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
                 f"--service-account-key-file={p / 'sa.pub'}",
                 f"--service-account-signing-key-file={p / 'sa.key'}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=true",
-                f"--cert-dir={s / 'apiserver-certs'}", "--profiling=false",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--allow-privileged=true",
+                f"--cert-dir={s / 'apiserver-certs'}",
+                "--profiling=false",
                 # etcd < 3.5.13 cannot back the watch-list streams that client-go 1.35+ opens first;
                 # the apiserver would answer with a retriable error and informers (kwok's among them)
                 # would back off for many seconds. Disabled, clients fall back to LIST at once.
@@ -366,30 +405,55 @@ class ControlPlane:
                 f"--proxy-client-key-file={p / 'front-proxy-client.key'}",
             ],
             "kube-controller-manager": [
-                str(binaries.kube_controller_manager), f"--kubeconfig={kcm_kubeconfig}",
-                f"--authentication-kubeconfig={kcm_kubeconfig}", f"--authorization-kubeconfig={kcm_kubeconfig}",
-                "--bind-address=127.0.0.1", f"--secure-port={ports['kube-controller-manager']}",
-                f"--cert-dir={s / 'kube-controller-manager-certs'}", "--leader-elect=false",
+                str(binaries.kube_controller_manager),
+                f"--kubeconfig={kcm_kubeconfig}",
+                f"--authentication-kubeconfig={kcm_kubeconfig}",
+                f"--authorization-kubeconfig={kcm_kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={ports['kube-controller-manager']}",
+                f"--cert-dir={s / 'kube-controller-manager-certs'}",
+                "--leader-elect=false",
                 "--use-service-account-credentials=true",
-                f"--service-account-private-key-file={p / 'sa.key'}", f"--root-ca-file={p / 'ca.crt'}",
-                f"--cluster-signing-cert-file={p / 'ca.crt'}", f"--cluster-signing-key-file={p / 'ca.key'}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}", "--profiling=false",
+                f"--service-account-private-key-file={p / 'sa.key'}",
+                f"--root-ca-file={p / 'ca.crt'}",
+                f"--cluster-signing-cert-file={p / 'ca.crt'}",
+                f"--cluster-signing-key-file={p / 'ca.key'}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--profiling=false",
             ],
             "kube-scheduler": [
-                str(binaries.kube_scheduler), f"--kubeconfig={scheduler_kubeconfig}",
+                str(binaries.kube_scheduler),
+                f"--kubeconfig={scheduler_kubeconfig}",
                 f"--authentication-kubeconfig={scheduler_kubeconfig}",
                 f"--authorization-kubeconfig={scheduler_kubeconfig}",
-                "--bind-address=127.0.0.1", f"--secure-port={ports['kube-scheduler']}",
-                f"--cert-dir={s / 'kube-scheduler-certs'}", "--leader-elect=false", "--profiling=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={ports['kube-scheduler']}",
+                f"--cert-dir={s / 'kube-scheduler-certs'}",
+                "--leader-elect=false",
+                "--profiling=false",
             ],
             "kwok": [
-                str(binaries.kwok), f"--kubeconfig={s / 'kwok.kubeconfig'}", f"--config={stages_file()}",
+                str(binaries.kwok),
+                f"--kubeconfig={s / 'kwok.kubeconfig'}",
+                f"--config={stages_file()}",
                 "--manage-all-nodes=false",
                 f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}={KWOK_ANNOTATION_VALUE}",
-                "--node-lease-duration-seconds=40", "--cidr=10.0.0.1/16",
+                "--node-lease-duration-seconds=40",
+                "--cidr=10.0.0.1/16",
                 f"--server-address=127.0.0.1:{ports['kwok']}",
             ],
         }
+
+
+@contextlib.contextmanager
+def state_lock(state_dir: Path) -> Iterator[None]:
+    """An exclusive lock over a state folder, so two processes never start or stop it at once."""
+    with (state_dir / ".lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def stages_file() -> Path:
@@ -402,10 +466,18 @@ def kubeconfig_dict(server: str, pki_dir: Path, stem: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "kubetune", "cluster": {
-            "server": server, "certificate-authority": str(pki_dir / "ca.crt")}}],
-        "users": [{"name": stem, "user": {
-            "client-certificate": str(pki_dir / f"{stem}.crt"), "client-key": str(pki_dir / f"{stem}.key")}}],
+        "clusters": [
+            {"name": "kubetune", "cluster": {"server": server, "certificate-authority": str(pki_dir / "ca.crt")}}
+        ],
+        "users": [
+            {
+                "name": stem,
+                "user": {
+                    "client-certificate": str(pki_dir / f"{stem}.crt"),
+                    "client-key": str(pki_dir / f"{stem}.key"),
+                },
+            }
+        ],
         "contexts": [{"name": "kubetune", "context": {"cluster": "kubetune", "user": stem}}],
         "current-context": "kubetune",
     }

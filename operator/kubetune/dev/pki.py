@@ -60,8 +60,7 @@ def new_key(path: Path) -> None:
 def new_ca(key: Path, cert: Path) -> None:
     """A self-signed CA."""
     new_key(key)
-    openssl("req", "-x509", "-new", "-key", str(key), "-out", str(cert), "-days", DAYS,
-            "-subj", "/CN=kubetune-dev-ca")
+    openssl("req", "-x509", "-new", "-key", str(key), "-out", str(cert), "-days", DAYS, "-subj", "/CN=kubetune-dev-ca")
 
 
 def signed_cert(pki: Path, stem: str, subject: str, extensions: str) -> None:
@@ -72,8 +71,23 @@ def signed_cert(pki: Path, stem: str, subject: str, extensions: str) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".ext", dir=pki, delete=False) as ext:
         ext.write(extensions)
     try:
-        openssl("x509", "-req", "-in", str(csr), "-CA", str(pki / "ca.crt"), "-CAkey", str(pki / "ca.key"),
-                "-CAcreateserial", "-out", str(cert), "-days", DAYS, "-extfile", ext.name)
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(pki / "ca.crt"),
+            "-CAkey",
+            str(pki / "ca.key"),
+            "-CAcreateserial",
+            "-out",
+            str(cert),
+            "-days",
+            DAYS,
+            "-extfile",
+            ext.name,
+        )
     finally:
         Path(ext.name).unlink()
         csr.unlink()
@@ -90,9 +104,7 @@ def server_extensions(names: tuple[str, ...]) -> str:
 
 
 CLIENT_EXTENSIONS = (
-    "basicConstraints=CA:FALSE\n"
-    "keyUsage=critical,digitalSignature,keyEncipherment\n"
-    "extendedKeyUsage=clientAuth\n"
+    "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n"
 )
 
 
