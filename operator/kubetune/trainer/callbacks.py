@@ -93,6 +93,9 @@ class ProgressCallback(TrainerCallback):
             tokens_per_second=(tokens - self.last_tokens) / (now - self.last_report) if tokens else None,
         )
         extra = {k: round(sum(v) / len(v), 6) for k, v in self.extra.items() if v}
+        if torch.cuda.is_available():
+            extra["gpu_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            extra["gpu_max_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         log_event("progress", **progress.to_wire(), metrics=extra)
         self.reporter.submit(progress_patch(progress, self.uid))
         self.losses, self.extra = [], {}

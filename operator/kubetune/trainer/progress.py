@@ -182,12 +182,11 @@ class StatusReporter:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        while True:
+        while not self._stopped.is_set():
             self._wake.wait(self._interval)
             self._wake.clear()
             self._send_pending()
-            if self._stopped.is_set():
-                return
+        self._send_pending()  # the last attempt, for what was queued or re-queued meanwhile
 
     def _send_pending(self) -> None:
         with self._lock:

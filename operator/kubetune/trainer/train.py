@@ -97,10 +97,13 @@ def trainer_arguments(config: TrainerConfig, output: Path, hidden_size: int, has
 def load_model(model_dir: Path, plan: Plan) -> PreTrainedModel:
     """The base model in bf16 on GPUs (fp32 on CPU) with the planned attention kernel."""
     cuda = torch.cuda.is_available()
+    # Straight onto this rank's GPU, except under ZeRO-3, which shards the weights while they load.
+    device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if cuda and plan.zero_stage != 3 else None
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir),
         dtype=torch.bfloat16 if cuda else torch.float32,
         attn_implementation=attention_implementation(plan.attention),
+        device_map=device_map,
     )
     model.config.use_cache = False
     return model
