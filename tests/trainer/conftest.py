@@ -86,7 +86,7 @@ def parse_events(text: str) -> list[dict[str, Any]]:
     return events
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def pvc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A stand-in for the mounted PVCs: pvc://CLAIM/PATH resolves under it."""
     root = tmp_path_factory.mktemp("pvc")
@@ -101,7 +101,7 @@ def pvc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_model(pvc: Path) -> str:
     """pvc://models/tiny: a tiny Qwen2 and a BPE tokenizer trained on the test data."""
     from kubetune.trainer.tiny import build_tiny_model
@@ -188,7 +188,7 @@ def run_subprocess(pvc: Path, config: dict[str, Any], timeout: float = 600, **en
     return run
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def sft_run(pvc: Path, tiny_model: str) -> Run:
     """SFT for 20 steps on the memorisable capitals (shared by several tests and by DPO)."""
     return run_in_process(pvc, trainer_config("sft", tiny_model))

@@ -1,4 +1,4 @@
-"""Checkpoint bookkeeping, process layout, exit codes and URI resolution of the trainer (no torch needed)."""
+"""Checkpoint bookkeeping, process layout and exit codes of the trainer (no torch needed)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pytest
 from kubetune.trainer import checkpoints
 from kubetune.trainer.distributed import Layout, combined_exit_code, layout_from_env
 from kubetune.trainer.errors import TrainerFailure, report_failure
-from kubetune.trainer.inputs import dataset_path, model_path, output_dir
 
 
 def make(root: Path, step: int, complete: bool) -> Path:
@@ -69,25 +68,6 @@ def test_failure_goes_to_the_termination_log(tmp_path: Path, monkeypatch: pytest
     assert json.loads(log.read_text()) == {"reason": "DatasetInvalid", "message": "line 3: missing 'response'"}
     monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "absent" / "log"))
     assert report_failure(TrainerFailure("ModelNotFound", "x")) == 3  # unwritable: printed only
-
-
-def test_uris_resolve_to_mounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KUBETUNE_PVC_ROOT", str(tmp_path))
-    (tmp_path / "models" / "m").mkdir(parents=True)
-    (tmp_path / "models" / "m" / "config.json").write_text("{}")
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "t.jsonl").write_text("{}\n")
-    assert model_path("pvc://models/m") == tmp_path / "models" / "m"
-    assert dataset_path("pvc://data/t.jsonl") == tmp_path / "data" / "t.jsonl"
-    assert output_dir("pvc://out/job") == tmp_path / "out" / "job"
-    with pytest.raises(TrainerFailure) as missing:
-        model_path("pvc://models/absent")
-    assert missing.value.reason == "ModelNotFound"
-    with pytest.raises(TrainerFailure) as no_data:
-        dataset_path("pvc://data/absent.jsonl")
-    assert no_data.value.reason == "DatasetInvalid"
-    with pytest.raises(TrainerFailure, match="OutputUnsupported"):
-        output_dir("s3://bucket/out")
 
 
 def test_pure_trainer_modules_do_not_import_torch() -> None:

@@ -133,6 +133,17 @@ def kubernetes_sender(job: JobIdentity, timeout: float = 10.0) -> PatchSender:
     return send
 
 
+def status_sender(job: JobIdentity) -> PatchSender | None:
+    """The sender for this pod: the API server when in a cluster and its client starts, else None (log only)."""
+    if not in_cluster():
+        return None
+    try:
+        return kubernetes_sender(job)
+    except Exception as err:  # no token, no client: train anyway, progress still goes to the log
+        log.warning("cannot report progress to the FineTuneJob's status: %s", err)
+        return None
+
+
 def merge(base: Patch, update: Patch) -> Patch:
     """JSON merge of two patches (update wins), so queued reports coalesce into one request."""
     out = dict(base)

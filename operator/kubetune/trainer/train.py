@@ -28,7 +28,7 @@ from kubetune.trainer.data import load_tokenizer
 from kubetune.trainer.deepspeed_config import deepspeed_config
 from kubetune.trainer.errors import EXIT_OK, EXIT_TERMINATED
 from kubetune.trainer.inputs import Inputs
-from kubetune.trainer.progress import StatusReporter, in_cluster, kubernetes_sender, log_event, status_patch
+from kubetune.trainer.progress import StatusReporter, log_event, status_patch, status_sender
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +237,7 @@ def run(config: TrainerConfig, inputs: Inputs) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if "RANK" not in os.environ:
         single_process_env(torch.cuda.is_available())
-    sender = kubernetes_sender(config.job) if rank == 0 and in_cluster() else None
-    reporter = StatusReporter(sender, config.progress_interval_seconds)
+    reporter = StatusReporter(status_sender(config.job) if rank == 0 else None, config.progress_interval_seconds)
     stop = StopOnSignal()
     previous_handler = stop.install()
     root = inputs.output_dir / "checkpoints"
