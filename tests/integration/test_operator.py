@@ -48,7 +48,10 @@ def test_crds_are_established_with_names_and_categories(api: Api, operator: Oper
     out = api.kubectl("api-resources", "--api-group=kubetune.io", "-o", "wide").stdout
     assert "finetunejobs" in out and "ftj" in out and "modelservers" in out and "msrv" in out
     assert "kubetune" in out  # category
-    explain = api.kubectl("explain", "finetunejob.spec.lora").stdout
+    # The API server publishes a new CRD's OpenAPI a moment after it is Established.
+    explain = wait_for(
+        lambda: api.kubectl("explain", "finetunejob.spec.lora", check=False).stdout, 30, "kubectl explain"
+    )
     assert "Rank of the low-rank update matrices" in explain
 
 
