@@ -114,7 +114,7 @@ def tiny_model(pvc: Path) -> str:
 def trainer_config(name: str, tiny_model: str, **spec: Any) -> dict[str, Any]:
     """A TrainerConfig (wire form) for the tiny model; `spec` and `plan`/`progressIntervalSeconds` override."""
     plan = spec.pop("plan", {})
-    interval = spec.pop("progressIntervalSeconds", 0.05)
+    interval = spec.pop("progressIntervalSeconds", 0.001)  # a report after every step, however fast
     init = spec.pop("initAdapterUri", None)
     base: dict[str, Any] = {
         "method": "SFT",

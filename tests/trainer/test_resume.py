@@ -32,7 +32,7 @@ def test_sigterm_checkpoint_then_resume(pvc: Path, tiny_model: str) -> None:
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if '"event": "progress"' in line and '"step": 4,' in line:
+        if '"event": "progress"' in line and '"step": 4,' in line:  # checkpoint-3 is complete by now
             proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 143, "".join(lines)
     events = parse_events("".join(lines))
@@ -55,7 +55,7 @@ def test_sigterm_checkpoint_then_resume(pvc: Path, tiny_model: str) -> None:
     assert run.of("resume")[0]["step"] == expected.step
     assert run.of("train")[0]["step"] == expected.step
     progress = run.of("progress")
-    assert progress[0]["step"] == expected.step + 1
+    assert progress[0]["step"] == expected.step + 1  # continued from the checkpoint, not from 0
     assert progress[-1]["step"] == MAX_STEPS
     assert run.of("adapter")[0]["metrics"]["global_step"] == MAX_STEPS
     assert all(c.complete for c in checkpoints(root))
