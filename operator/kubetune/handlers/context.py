@@ -1,14 +1,23 @@
-"""What every handler shares: the API client, the operator configuration, the status writer."""
+"""What every handler shares: the API client, the configuration, the status writer, the indexes, and a
+way to look at an object again later."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
+
+import kopf
 
 from kubetune.config import OperatorConfig
 from kubetune.k8s import events
 from kubetune.k8s.client import Kube
 from kubetune.k8s.status_writer import StatusWriter
+
+log = logging.getLogger(__name__)
+INDEXES = ("finetunejobs", "training_jobs", "training_pods", "modelservers", "server_deployments", "server_pods")
 
 
 @dataclass
@@ -16,11 +25,48 @@ class Context:
     kube: Kube
     config: OperatorConfig
     status: StatusWriter
+    indexes: dict[str, kopf.Index] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)
+    """UIDs of the objects this process has reconciled at least once."""
+    applied: dict[str, str] = field(default_factory=dict)
+    """UID -> hash of the children last applied for it (skips identical server-side applies)."""
+    _locks: dict[str, threading.Lock] = field(default_factory=dict)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def create(cls, config: OperatorConfig) -> Context:
         kube = Kube.connect(config.field_manager)
         return cls(kube=kube, config=config, status=StatusWriter(kube))
+
+    def capture_indexes(self, kwargs: dict[str, Any]) -> None:
+        """Keep the kopf indexes (live views) so that work scheduled for later can read them."""
+        if not self.indexes:
+            self.indexes = {name: kwargs[name] for name in INDEXES}
+
+    def lock(self, uid: str) -> threading.Lock:
+        """One reconciliation of an object at a time, whichever thread asks."""
+        with self._guard:
+            return self._locks.setdefault(uid, threading.Lock())
+
+    def forget(self, uid: str) -> None:
+        self.status.forget(uid)
+        self.seen.discard(uid)
+        self.applied.pop(uid, None)
+        with self._guard:
+            self._locks.pop(uid, None)
+
+    def later(self, delay: float, work: Callable[..., None], *args: Any) -> None:
+        """Run `work(*args)` on a background thread after `delay` seconds (errors are logged)."""
+
+        def run() -> None:
+            try:
+                work(*args)
+            except Exception:
+                log.exception("deferred reconciliation failed")
+
+        timer = threading.Timer(delay, run)
+        timer.daemon = True
+        timer.start()
 
     def event(self, kind: str, meta: dict[str, Any], warning: bool, reason: str, message: str) -> None:
         events.post(self.kube, kind, meta, "Warning" if warning else "Normal", reason, message)

@@ -1,4 +1,9 @@
-"""FineTuneJob: admission (reference, plan, children) and status from the training Job and pods."""
+"""FineTuneJob: admission (reference, plan, children) and status from the training Job and pods.
+
+Level-based: every watch event of a FineTuneJob, its Job or its pods leads to `reconcile`, which admits
+the job when its current generation has not been admitted yet and then recomputes the status from the
+indexes. Nothing is stored on the object but its status, so an operator restart simply reconciles again.
+"""
 
 from __future__ import annotations
 
@@ -12,55 +17,75 @@ from pydantic import ValidationError
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.handlers import modelserver
 from kubetune.handlers.context import Context
+from kubetune.k8s.client import ApiError
 from kubetune.planner import PlanInfeasible, plan_job
 from kubetune.render import finetunejob as render
 from kubetune.render.common import ANNOTATION_SPEC_HASH, LABEL_FINETUNEJOB
 from kubetune.status import finetunejob as job_status
 from kubetune.status.admission import Blocked, check_reference
-from kubetune.status.conditions import set_condition
+from kubetune.status.conditions import get, set_condition
 
 log = logging.getLogger(__name__)
 FTJ = "finetunejobs.kubetune.io"
 KIND = "FineTuneJob"
+RETRY_WAITING_S = 10.0
+RETRY_ERROR_S = 5.0
+Key = tuple[str, str]
+
+
+class Retry(Exception):
+    """Admission cannot finish now; look again after `delay` seconds."""
+
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.delay = delay
 
 
 # --- indexes: the operator's in-memory view of the cluster, fed by the watch streams --------------
 
 
 @kopf.index(FTJ)
-def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
     return {(namespace or "", name): dict(body)}
 
 
 @kopf.index("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
-def training_jobs(
-    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
-) -> dict[tuple[str, str], dict[str, Any]]:
+def training_jobs(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
     return {(namespace or "", labels[LABEL_FINETUNEJOB]): dict(body)}
 
 
 @kopf.index("pods", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
-def training_pods(
-    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
-) -> dict[tuple[str, str], dict[str, Any]]:
+def training_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
     return {(namespace or "", labels[LABEL_FINETUNEJOB]): dict(body)}
+
+
+def latest(ctx: Context, key: Key) -> dict[str, Any] | None:
+    bodies = list(ctx.indexes["finetunejobs"].get(key, []))
+    return bodies[0] if bodies else None
 
 
 # --- admission -----------------------------------------------------------------------------------
 
 
-def _parse(body: kopf.Body) -> FineTuneJob:
-    try:
-        return FineTuneJob.model_validate(dict(body))
-    except ValidationError as err:
-        raise kopf.PermanentError(f"invalid FineTuneJob: {err}") from err
+def needs_admission(status: dict[str, Any], generation: int, first_look: bool) -> bool:
+    """This generation was not admitted yet, or it waits for something and this process just started."""
+    cond = get(status.get("conditions") or [], "Admitted")
+    if cond is None or cond.get("observedGeneration") != generation:
+        return True
+    return first_look and cond.get("status") == "False" and cond.get("reason") == "WaitingForFineTuneJob"
 
 
 def _write_admission(
-    ctx: Context, body: kopf.Body, admitted: bool, reason: str, message: str, state: str | None = None, **fields: Any
+    ctx: Context,
+    body: dict[str, Any],
+    admitted: bool,
+    reason: str,
+    message: str,
+    state: str | None = None,
+    **fields: Any,
 ) -> None:
     """Set the Admitted condition (and state when given); post an Event when anything changed."""
-    meta = dict(body["metadata"])
+    meta = body["metadata"]
 
     def desired(current: dict[str, Any]) -> dict[str, Any]:
         conditions = set_condition(
@@ -73,29 +98,29 @@ def _write_admission(
         ctx.event(KIND, meta, not admitted, reason, message)
 
 
-@kopf.on.resume(FTJ)
-@kopf.on.create(FTJ)
-@kopf.on.update(FTJ, field="spec")
-def admit(body: kopf.Body, reason: str, memo: kopf.Memo, **_: Any) -> None:
-    """Check the reference, plan, apply the children; retry while the reference is not ready."""
-    ctx: Context = memo.context
-    ftj = _parse(body)
-    state = (body.get("status") or {}).get("state")
-    if state == "Succeeded" or (state == "Failed" and reason == "resume"):
-        return  # a finished run is history: an operator restart or a late edit never retrains it
+def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
+    """Check the reference, plan, apply the children. Raises Retry while the reference is not ready."""
+    try:
+        ftj = FineTuneJob.model_validate(body)
+    except ValidationError as err:
+        _write_admission(ctx, body, False, "InvalidSpec", str(err), "Failed")
+        return
+    if state == "Succeeded":
+        _write_admission(ctx, body, True, "Finished", "the run has finished; later spec changes are not applied")
+        return
     ref = ftj.spec.from_fine_tune_job
     check = check_reference(ftj, ctx.kube.get(KIND, ftj.metadata.namespace, ref) if ref else None)
     if isinstance(check, Blocked):
         _write_admission(ctx, body, False, check.reason, check.message, "Pending" if check.retry else "Failed")
         if check.retry:
-            raise kopf.TemporaryError(check.message, delay=5)
-        raise kopf.PermanentError(check.message)
+            raise Retry(check.message, RETRY_WAITING_S)
+        return
     gpu = ctx.config.gpu_type(ftj.spec.resources.gpu_type)
     try:
         plan = plan_job(ftj.spec, gpu_memory_gib=gpu.memory_gib, gpu_type=ftj.spec.resources.gpu_type)
     except PlanInfeasible as err:
         _write_admission(ctx, body, False, "PlanInfeasible", str(err), "Failed")
-        raise kopf.PermanentError(str(err)) from err
+        return
     *support, job = render.children(ftj, plan, ctx.config, check.init_adapter_uri)
     for manifest in support:
         ctx.kube.apply(manifest)
@@ -105,19 +130,12 @@ def admit(body: kopf.Body, reason: str, memo: kopf.Memo, **_: Any) -> None:
         f"ZeRO-{plan.zero_stage}, micro-batch {plan.micro_batch_size} x {plan.gradient_accumulation_steps} "
         f"accumulation on {plan.world_size} GPU(s)"
     )
-    _write_admission(
-        ctx,
-        body,
-        True,
-        "Planned",
-        summary,
-        None if state in ("Running", "Suspended") else "Pending",
-        plan=plan.to_wire(),
-    )
+    new_state = None if state in ("Running", "Suspended") else "Pending"
+    _write_admission(ctx, body, True, "Planned", summary, new_state, plan=plan.to_wire())
 
 
 def _replace_changed_job(ctx: Context, job: dict[str, Any]) -> None:
-    """A running Job cannot take a new pod template: delete it and retry; the new one resumes from the
+    """A running Job cannot take a new pod template: delete it and come back; the new one resumes from the
     last checkpoint."""
     meta = job["metadata"]
     existing = ctx.kube.get("Job", meta["namespace"], meta["name"])
@@ -128,19 +146,40 @@ def _replace_changed_job(ctx: Context, job: dict[str, Any]) -> None:
         return
     if not existing["metadata"].get("deletionTimestamp"):
         ctx.kube.delete("Job", meta["namespace"], meta["name"], propagation="Foreground")
-    raise kopf.TemporaryError("spec changed: replacing the training Job", delay=2)
+    raise Retry("spec changed: replacing the training Job", 2.0)
 
 
-# --- status ---------------------------------------------------------------------------------------
+# --- reconciliation --------------------------------------------------------------------------------
 
 
-def sync_status(ctx: Context, key: tuple[str, str], indexes: dict[str, kopf.Index]) -> None:
+def reconcile(ctx: Context, key: Key, retry: bool = False) -> None:
+    """Admit the current generation if needed (or when `retry`: it waited for something), then bring the
+    status up to date."""
+    body = latest(ctx, key)
+    if body is None:
+        return
+    meta = body["metadata"]
+    uid = meta["uid"]
+    with ctx.lock(uid):
+        first_look = uid not in ctx.seen
+        ctx.seen.add(uid)
+        current = ctx.status.current(uid, dict(body.get("status") or {}))
+        if retry or needs_admission(current, int(meta.get("generation") or 0), first_look):
+            try:
+                admit(ctx, body, current.get("state"))
+            except Retry as again:
+                ctx.later(again.delay, reconcile, ctx, key, True)
+            except ApiError as err:
+                log.warning("admission of %s/%s failed, retrying: %s", *key, err)
+                ctx.later(RETRY_ERROR_S, reconcile, ctx, key, True)
+        sync_status(ctx, key, body)
+
+
+def sync_status(ctx: Context, key: Key, body: dict[str, Any]) -> None:
     """Recompute the operator's part of a FineTuneJob's status from the indexes and write changes."""
-    bodies = list(indexes["finetunejobs"].get(key, []))
-    jobs = list(indexes["training_jobs"].get(key, []))
-    if not bodies or not jobs:
+    jobs = list(ctx.indexes["training_jobs"].get(key, []))
+    if not jobs:
         return  # no Job yet: admission owns the status until it exists
-    body = bodies[0]
     spec = body.get("spec") or {}
     observed = job_status.Observed(
         status=dict(body.get("status") or {}),
@@ -148,7 +187,7 @@ def sync_status(ctx: Context, key: tuple[str, str], indexes: dict[str, kopf.Inde
         suspend=bool(spec.get("suspend")),
         output_uri=str((spec.get("output") or {}).get("uri", "")),
         job=jobs[0],
-        pods=list(indexes["training_pods"].get(key, [])),
+        pods=list(ctx.indexes["training_pods"].get(key, [])),
     )
     result = job_status.outcome(observed)
     before, diff = ctx.status.update(
@@ -157,25 +196,41 @@ def sync_status(ctx: Context, key: tuple[str, str], indexes: dict[str, kopf.Inde
     if result and "state" in diff and diff["state"] != before.get("state"):
         ctx.event(KIND, body["metadata"], result.state == "Failed", result.reason, result.message)
         if result.state == "Succeeded":
-            # Its adapter can now be served by every ModelServer that names or selects it.
-            for server in modelserver.servers_using(key[0], body, indexes):
-                modelserver.reconcile(ctx, server, indexes)
+            _after_success(ctx, key, body)
 
 
-def _indexes(kwargs: dict[str, Any]) -> dict[str, kopf.Index]:
-    return {name: kwargs[name] for name in ("training_jobs", "training_pods", *modelserver.INDEXES)}
+def _after_success(ctx: Context, key: Key, body: dict[str, Any]) -> None:
+    """Start the DPO jobs that wait for this one, and serve its adapter where it is named or selected."""
+    namespace, name = key
+    for (ns, other), store in ctx.indexes["finetunejobs"].items():
+        waiting = [b for b in store if (b.get("spec") or {}).get("fromFineTuneJob") == name]
+        if ns == namespace and waiting:
+            ctx.later(0, reconcile, ctx, (ns, other), True)
+    for server in modelserver.servers_using(ctx, namespace, body):
+        ctx.later(0, modelserver.reconcile, ctx, (namespace, server["metadata"]["name"]))
+
+
+# --- watch events ------------------------------------------------------------------------------------
 
 
 @kopf.on.event(FTJ)
 def finetunejob_changed(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+    ctx: Context = memo.context
+    ctx.capture_indexes(kwargs)
     meta = event["object"]["metadata"]
     if event["type"] == "DELETED":
-        memo.context.status.forget(meta["uid"])
+        ctx.forget(meta["uid"])
         return
-    sync_status(memo.context, (meta["namespace"], meta["name"]), _indexes(kwargs))
+    reconcile(ctx, (meta["namespace"], meta["name"]))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
 @kopf.on.event("pods", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
 def child_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
-    sync_status(memo.context, (namespace or "", labels[LABEL_FINETUNEJOB]), _indexes(kwargs))
+    ctx: Context = memo.context
+    ctx.capture_indexes(kwargs)
+    key = (namespace or "", labels[LABEL_FINETUNEJOB])
+    body = latest(ctx, key)
+    if body is not None:
+        with ctx.lock(body["metadata"]["uid"]):
+            sync_status(ctx, key, body)

@@ -14,17 +14,12 @@ from kubetune.handlers.context import Context
 from kubetune.render.common import MANAGED_BY
 
 log = logging.getLogger(__name__)
-PREFIX = "kubetune.io"
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """kopf keeps its bookkeeping in kubetune.io annotations; the operator posts its own Events."""
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PREFIX, key="last-handled-configuration"
-    )
-    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    """Only watch-event handlers are registered, so kopf writes nothing onto the objects (no annotations,
+    no finalizers); the operator posts its own Events."""
     settings.posting.enabled = False
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300

@@ -29,6 +29,10 @@ class StatusWriter:
         with self._guard:
             return self._locks[uid]
 
+    def current(self, uid: str, observed: Status) -> Status:
+        """The status as the API server will have it once it has seen everything written."""
+        return {**observed, **self._written.get(uid, {})}
+
     def update(
         self, kind: str, meta: dict[str, Any], observed: Status, desired: Callable[[Status], Status]
     ) -> tuple[Status, Status]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune.api.v1alpha1 import ModelServer
+from kubetune.api.v1alpha1 import LabelSelector, ModelServer
 from kubetune.render.modelserver import ResolvedAdapter
 from kubetune.status.modelserver import AdapterView
 from kubetune.storage import join
@@ -73,6 +73,11 @@ def resolve(
             resolved.append(ResolvedAdapter(name, uri))
             views.append(AdapterView(name, f"adapterSelector/{name}", uri))
     return resolved, views
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector in wire form selects an object with `labels`."""
+    return LabelSelector.model_validate(selector).matches(labels)
 
 
 def with_replica_state(views: list[AdapterView], ready_replicas: int) -> list[AdapterView]:
