@@ -55,6 +55,19 @@ class Images(_Config):
     ui: str = "ghcr.io/kubetune/server:0.1.0"
 
 
+class ServerConfig(_Config):
+    """How ModelServers are run in this installation."""
+
+    extra_args: list[str] = Field(default_factory=list)
+    """vLLM flags added to every server before spec.engineArgs (e.g. --kv-cache-memory-bytes on CPU clusters)."""
+    model_cache_claim: str | None = None
+    """A ReadWriteMany claim for the download cache (hf:// weights), shared by replicas; an emptyDir otherwise."""
+    termination_grace_seconds: int = 60
+    """Time a server pod gets after SIGTERM to finish the requests it has."""
+    adapter_resync_seconds: float = 10.0
+    """How often the operator looks at the replicas again while an adapter is not loaded everywhere."""
+
+
 class OperatorConfig(_Config):
     """Settings of one operator installation."""
 
@@ -70,6 +83,8 @@ class OperatorConfig(_Config):
     ui_port: int = 7860
     trainer_termination_grace_seconds: int = 120
     """Time the trainer gets after SIGTERM to write its final checkpoint."""
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    """ModelServer settings."""
 
     def gpu_type(self, name: str | None) -> GpuTypeConfig:
         """Scheduling for a GPU type; any GPU node (just the GPU toleration) when unknown or unset."""

@@ -114,19 +114,20 @@ def test_unknown_gpu_type_still_tolerates_gpu_nodes() -> None:
 
 
 def test_modelserver_children_match_golden() -> None:
-    adapters = [modelserver.ResolvedAdapter("support-sft", "pvc://adapters/qwen-sft/adapter")]
-    check_golden("modelserver.yaml", modelserver.children(load_server(), adapters, CONFIG))
+    locations = ["pvc://adapters/qwen-sft/adapter"]
+    check_golden("modelserver.yaml", modelserver.children(load_server(), locations, CONFIG))
 
 
 def test_vllm_arguments() -> None:
     server = load_server()
-    args = modelserver.server_arguments(server, [modelserver.ResolvedAdapter("a", "pvc://adapters/x/adapter")], CONFIG)
+    args = modelserver.server_arguments(server, CONFIG)
     joined = " ".join(args)
     assert "--model Qwen/Qwen2.5-7B" in joined
     assert "--tensor-parallel-size 4" in joined and "--max-model-len 131072" in joined
     assert "--enable-prefix-caching" in args and "--enable-lora" in args
     assert "--served-model-name qwen-7b" in joined
-    assert "--lora-modules a=/mnt/pvc/adapters/x/adapter" in joined
+    # Adapters are loaded at run time, never on the command line: a new one does not roll the Deployment.
+    assert "--lora-modules" not in args
     override = args[args.index("--override-generation-config") + 1]
     assert yaml.safe_load(override) == {
         "max_new_tokens": 1024,
@@ -135,6 +136,34 @@ def test_vllm_arguments() -> None:
         "top_p": 0.9,
     }
     assert args[-1] == "--gpu-memory-utilization=0.92"
+
+
+def test_installation_server_args_come_before_the_users() -> None:
+    config = OperatorConfig.model_validate({"server": {"extraArgs": ["--kv-cache-memory-bytes", "67108864"]}})
+    args = modelserver.server_arguments(load_server(), config)
+    assert args[-3:] == ["--kv-cache-memory-bytes", "67108864", "--gpu-memory-utilization=0.92"]
+
+
+def test_new_adapter_on_a_mounted_claim_does_not_change_the_deployment() -> None:
+    server = load_server()
+    one = modelserver.children(server, ["pvc://adapters/a/adapter"], CONFIG)
+    two = modelserver.children(server, ["pvc://adapters/a/adapter", "pvc://adapters/b/adapter"], CONFIG)
+    assert one == two
+
+
+def test_server_deployment_for_production() -> None:
+    config = OperatorConfig.model_validate({"server": {"modelCacheClaim": "model-cache"}})
+    pod = modelserver.deployment(load_server(), [], config)["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["cache"] == {"name": "cache", "persistentVolumeClaim": {"claimName": "model-cache"}}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory"}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 1800
+    assert container["lifecycle"]["preStop"] and pod["spec"]["terminationGracePeriodSeconds"] == 60
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
 
 
 @pytest.mark.parametrize(

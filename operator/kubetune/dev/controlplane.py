@@ -439,7 +439,9 @@ class ControlPlane:
                 "--manage-all-nodes=false",
                 f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}={KWOK_ANNOTATION_VALUE}",
                 "--node-lease-duration-seconds=40",
-                "--cidr=10.0.0.1/16",
+                # Simulated pods get loopback addresses nothing listens on (the node agent hands out 127.1-250.*):
+                # the operator talks to server pods at their IP, and must not send traffic off this machine.
+                "--cidr=127.254.0.1/16",
                 f"--server-address=127.0.0.1:{ports['kwok']}",
             ],
         }

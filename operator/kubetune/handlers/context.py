@@ -11,6 +11,7 @@ from typing import Any
 
 import kopf
 
+from kubetune.adapters import Failure
 from kubetune.config import OperatorConfig
 from kubetune.k8s import events
 from kubetune.k8s.client import Kube
@@ -30,6 +31,9 @@ class Context:
     """UIDs of the objects this process has reconciled at least once."""
     applied: dict[str, str] = field(default_factory=dict)
     """UID -> hash of the children last applied for it (skips identical server-side applies)."""
+    adapter_failures: dict[str, dict[str, Failure]] = field(default_factory=dict)
+    """ModelServer UID -> adapter name -> the load vLLM refused last (not retried at once)."""
+    _scheduled: set[tuple[str, ...]] = field(default_factory=set)
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
@@ -52,6 +56,7 @@ class Context:
         self.status.forget(uid)
         self.seen.discard(uid)
         self.applied.pop(uid, None)
+        self.adapter_failures.pop(uid, None)
         with self._guard:
             self._locks.pop(uid, None)
 
@@ -67,6 +72,21 @@ class Context:
         timer = threading.Timer(delay, run)
         timer.daemon = True
         timer.start()
+
+    def later_once(self, token: tuple[str, ...], delay: float, work: Callable[..., None], *args: Any) -> None:
+        """Like `later`, unless work with the same token is already waiting: periodic re-checks do not pile up."""
+        key = token
+        with self._guard:
+            if key in self._scheduled:
+                return
+            self._scheduled.add(key)
+
+        def run() -> None:
+            with self._guard:
+                self._scheduled.discard(key)
+            work(*args)
+
+        self.later(delay, run)
 
     def event(self, kind: str, meta: dict[str, Any], warning: bool, reason: str, message: str) -> None:
         events.post(self.kube, kind, meta, "Warning" if warning else "Normal", reason, message)

@@ -1,20 +1,24 @@
-"""ModelServer: the vLLM Deployment and Service, and status from the Deployment and adapters.
+"""ModelServer: the vLLM Deployment and Service, adapters loaded into every ready replica, and status.
 
 Level-based like FineTuneJobs: every event of a ModelServer, its Deployment or its pods, and every
 FineTuneJob that succeeds for it, leads to `reconcile`, which applies the children when what they should
-be has changed and recomputes the status.
+be has changed, brings each ready replica's adapters in line with the spec (vLLM's runtime LoRA API), and
+recomputes the status. While an adapter is not loaded everywhere it looks again every few seconds.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import kopf
 from pydantic import ValidationError
 
+from kubetune.adapters import Replica, ReplicaReport, plan_actions
 from kubetune.api.v1alpha1 import ModelServer
 from kubetune.handlers.context import Context
+from kubetune.k8s import vllm
 from kubetune.k8s.client import ApiError
 from kubetune.render import modelserver as render
 from kubetune.render.common import LABEL_MODELSERVER, content_hash
@@ -23,6 +27,7 @@ from kubetune.status import modelserver as server_status
 
 log = logging.getLogger(__name__)
 MS = "modelservers.kubetune.io"
+FTJ = "finetunejobs.kubetune.io"
 KIND = "ModelServer"
 Key = tuple[str, str]
 
@@ -62,7 +67,7 @@ def _latest(ctx: Context, key: Key) -> dict[str, Any] | None:
 
 
 def reconcile(ctx: Context, key: Key) -> None:
-    """Apply the Deployment and Service for the adapters known now (when that changed), then the status."""
+    """Apply the children (when they changed), sync the replicas' adapters, then write the status."""
     body = _latest(ctx, key)
     if body is None:
         return
@@ -73,8 +78,8 @@ def reconcile(ctx: Context, key: Key) -> None:
         except ValidationError as err:
             log.error("invalid ModelServer %s/%s: %s", *key, err)
             return
-        resolved, views = adapter_status.resolve(server, _jobs_in(ctx, key[0]))
-        children = render.children(server, resolved, ctx.config)
+        adapters = adapter_status.resolve(server, _jobs_in(ctx, key[0]))
+        children = render.children(server, adapters.locations, ctx.config)
         wanted = content_hash(children)
         if ctx.applied.get(uid) != wanted:
             try:
@@ -84,15 +89,54 @@ def reconcile(ctx: Context, key: Key) -> None:
             except ApiError as err:
                 log.warning("applying %s/%s failed, retrying: %s", *key, err)
                 ctx.later(5.0, reconcile, ctx, key)
+        reports = sync_adapters(ctx, key, uid, adapters)
+        views = adapters.views(reports, ctx.adapter_failures.get(uid, {}))
         sync_status(ctx, key, body, server, views)
+        if any(v.state == "Pending" and v.reason != "WaitingForFineTuneJob" for v in views) or any(
+            r.loaded is None for r in reports
+        ):
+            ctx.later_once(("modelserver", *key), ctx.config.server.adapter_resync_seconds, reconcile, ctx, key)
+
+
+def ready_replicas(ctx: Context, key: Key) -> list[Replica]:
+    """The server pods that are Ready and not going away, at their pod IP."""
+    replicas = []
+    for pod in ctx.indexes["server_pods"].get(key, []):
+        status = pod.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        if ready and status.get("podIP") and not pod["metadata"].get("deletionTimestamp"):
+            replicas.append(Replica(pod["metadata"]["name"], f"{status['podIP']}:{ctx.config.server_port}"))
+    return sorted(replicas, key=lambda r: r.pod)
+
+
+def sync_adapters(ctx: Context, key: Key, uid: str, adapters: adapter_status.Resolution) -> list[ReplicaReport]:
+    """Load and unload adapters on every ready replica until each has exactly the ones to serve."""
+    replicas = ready_replicas(ctx, key)
+    reports = vllm.reports(replicas)
+    failures = ctx.adapter_failures.setdefault(uid, {})
+    for name in set(failures) - {a.name for a in adapters.serve}:
+        del failures[name]  # gone from the spec: a later return starts afresh
+    actions = plan_actions(adapters.serve, reports, failures, time.monotonic())
+    if not actions:
+        return reports
+    outcomes = vllm.perform_all(actions)
+    failures.update(vllm.failures_of(outcomes))
+    for outcome in outcomes:
+        if outcome.ok and outcome.action.verb == "load":
+            failures.pop(outcome.action.adapter, None)
+    changed = {o.action.replica for o in outcomes}
+    return [vllm.report(r.replica) if r.replica in changed else r for r in reports]
 
 
 def sync_status(
-    ctx: Context, key: Key, body: dict[str, Any], server: ModelServer, views: list[server_status.AdapterView]
+    ctx: Context,
+    key: Key,
+    body: dict[str, Any],
+    server: ModelServer,
+    views: list[server_status.AdapterView],
 ) -> None:
     deployments = list(ctx.indexes["server_deployments"].get(key, []))
     deployment = deployments[0] if deployments else None
-    ready = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
     observed = server_status.ServerObserved(
         status=dict(body.get("status") or {}),
         generation=server.metadata.generation,
@@ -101,7 +145,7 @@ def sync_status(
         ui_endpoint=render.ui_endpoint(server, ctx.config) if server.spec.ui.enabled else "",
         deployment=deployment,
         pods=list(ctx.indexes["server_pods"].get(key, [])),
-        adapters=adapter_status.with_replica_state(views, ready),
+        adapters=views,
     )
     result = server_status.server_outcome(observed)
     before, diff = ctx.status.update(
@@ -112,6 +156,18 @@ def sync_status(
     )
     if "state" in diff and diff["state"] != before.get("state"):
         ctx.event(KIND, body["metadata"], result.state in ("Failed", "Degraded"), result.reason, result.message)
+    _post_adapter_events(ctx, body["metadata"], before.get("adapters") or [], views)
+
+
+def _post_adapter_events(
+    ctx: Context, meta: dict[str, Any], before: list[dict[str, Any]], views: list[server_status.AdapterView]
+) -> None:
+    """An Event for every adapter whose state changed to Loaded or Failed."""
+    old = {a.get("name"): (a.get("state"), a.get("reason")) for a in before}
+    for view in views:
+        if view.state in ("Loaded", "Failed") and old.get(view.name) != (view.state, view.reason):
+            reason = "AdapterLoaded" if view.state == "Loaded" else view.reason
+            ctx.event(KIND, meta, view.state == "Failed", reason, f"{view.name}: {view.message}")
 
 
 def servers_using(ctx: Context, namespace: str, ftj: dict[str, Any]) -> list[dict[str, Any]]:
@@ -141,6 +197,18 @@ def server_changed(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None
         ctx.forget(meta["uid"])
         return
     reconcile(ctx, (meta["namespace"], meta["name"]))
+
+
+@kopf.on.event(FTJ)
+def finetunejob_for_servers(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+    """A FineTuneJob that has succeeded (or is gone) may change what the servers that use it serve."""
+    ctx: Context = memo.context
+    ctx.capture_indexes(kwargs)
+    ftj: dict[str, Any] = dict(event["object"])
+    if event["type"] != "DELETED" and (ftj.get("status") or {}).get("state") != "Succeeded":
+        return
+    for server in servers_using(ctx, ftj["metadata"]["namespace"], ftj):
+        reconcile(ctx, (server["metadata"]["namespace"], server["metadata"]["name"]))
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={LABEL_MODELSERVER: kopf.PRESENT})

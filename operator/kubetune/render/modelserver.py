@@ -1,9 +1,13 @@
-"""A ModelServer's children: the vLLM Deployment and its Service (and the chat page when ui.enabled)."""
+"""A ModelServer's children: the vLLM Deployment and its Service (and the chat page when ui.enabled).
+
+Adapters are not part of the Deployment: the operator loads them into the running replicas through vLLM's
+runtime LoRA API, so a new adapter never restarts the server. The Deployment only makes their storage
+visible: every claim an adapter is or will be written to is mounted read-only.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api.v1alpha1 import ModelServer
@@ -21,17 +25,9 @@ from kubetune.render.common import (
     storage_parts,
     user_env,
 )
-from kubetune.storage import local_path, parse
+from kubetune.storage import CACHE_ROOT, local_path, parse
 
 SERVER_CONTAINER = "vllm"
-
-
-@dataclass(frozen=True)
-class ResolvedAdapter:
-    """An adapter ready to serve: its model name and location."""
-
-    name: str
-    uri: str
 
 
 def served_name(server: ModelServer) -> str:
@@ -56,8 +52,9 @@ def model_arguments(uri: str) -> list[str]:
     return ["--model", local_path(uri)]
 
 
-def server_arguments(server: ModelServer, adapters: list[ResolvedAdapter], config: OperatorConfig) -> list[str]:
-    """The vLLM OpenAI server's command-line arguments."""
+def server_arguments(server: ModelServer, config: OperatorConfig) -> list[str]:
+    """The vLLM OpenAI server's command-line arguments: the operator's own, the installation's
+    (config.server.extraArgs), then the user's spec.engineArgs, so that later ones win."""
     spec = server.spec
     g = spec.generation_defaults
     overrides: dict[str, Any] = {
@@ -83,6 +80,7 @@ def server_arguments(server: ModelServer, adapters: list[ResolvedAdapter], confi
         str(spec.max_loras),
         "--max-lora-rank",
         str(spec.max_lora_rank),
+        # Decoding defaults come from the spec alone, not from the model's generation_config.json.
         "--generation-config",
         "vllm",
         "--override-generation-config",
@@ -90,18 +88,17 @@ def server_arguments(server: ModelServer, adapters: list[ResolvedAdapter], confi
     ]
     if spec.max_model_len:
         args += ["--max-model-len", str(spec.max_model_len)]
-    if adapters:
-        args += ["--lora-modules", *(f"{a.name}={local_path(a.uri)}" for a in adapters)]
-    return args + list(spec.engine_args)
+    return args + list(config.server.extra_args) + list(spec.engine_args)
 
 
 def _meta(server: ModelServer, name: str, component: str) -> dict[str, Any]:
     return metadata(name, server.metadata.namespace, server, labels(LABEL_MODELSERVER, server.metadata.name, component))
 
 
-def children(server: ModelServer, adapters: list[ResolvedAdapter], config: OperatorConfig) -> list[Manifest]:
-    """Every object the operator applies for a ModelServer."""
-    objects = [deployment(server, adapters, config), service(server, config)]
+def children(server: ModelServer, adapter_locations: list[str], config: OperatorConfig) -> list[Manifest]:
+    """Every object the operator applies for a ModelServer; `adapter_locations` are the URIs of its adapters,
+    present and future (pvc:// ones are mounted)."""
+    objects = [deployment(server, adapter_locations, config), service(server, config)]
     if server.spec.ui.enabled:
         objects += [ui_deployment(server, config), ui_service(server, config)]
     return objects
@@ -116,13 +113,25 @@ def _probe(path: str, port: int, period: int, failures: int) -> Manifest:
     }
 
 
-def deployment(server: ModelServer, adapters: list[ResolvedAdapter], config: OperatorConfig) -> Manifest:
+def _model_cache_parts(config: OperatorConfig) -> PodParts:
+    """The download cache on a shared claim when configured, so that replicas and restarts reuse the weights."""
+    claim = config.server.model_cache_claim
+    if not claim:
+        return PodParts()
+    return PodParts(
+        volumes=[{"name": "cache", "persistentVolumeClaim": {"claimName": claim}}],
+        mounts=[{"name": "cache", "mountPath": CACHE_ROOT}],
+    )
+
+
+def deployment(server: ModelServer, adapter_locations: list[str], config: OperatorConfig) -> Manifest:
     spec = server.spec
     name = server.metadata.name
     parts = merge_parts(
         [
+            _model_cache_parts(config),
             cache_and_shm_parts(),
-            storage_parts([(spec.base_model.uri, False), *((a.uri, False) for a in adapters)]),
+            storage_parts([(spec.base_model.uri, False), *((uri, False) for uri in adapter_locations)]),
             credential_parts(spec.base_model.uri, spec.base_model.secret_ref),
             PodParts(env=[{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}]),
             PodParts(env=user_env(spec.env)),
@@ -142,7 +151,7 @@ def deployment(server: ModelServer, adapters: list[ResolvedAdapter], config: Ope
         "name": SERVER_CONTAINER,
         "image": spec.image or config.images.server,
         "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
-        "args": server_arguments(server, adapters, config),
+        "args": server_arguments(server, config),
         "env": parts.env,
         "ports": [{"name": "http", "containerPort": config.server_port}],
         "resources": resource_limits(spec.tensor_parallel_size, spec.resources.cpu, spec.resources.memory),
@@ -151,11 +160,12 @@ def deployment(server: ModelServer, adapters: list[ResolvedAdapter], config: Ope
         "startupProbe": _probe("/health", config.server_port, 10, 180),
         "readinessProbe": _probe("/health", config.server_port, 5, 3),
         "livenessProbe": _probe("/health", config.server_port, 10, 6),
-        # Let the load balancer stop sending requests before vLLM begins to drain.
+        # Let the load balancer stop sending requests before vLLM begins to drain; on SIGTERM vLLM finishes
+        # the requests it has within the grace period.
         "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
     }
     pod_spec: dict[str, Any] = {
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": config.server.termination_grace_seconds,
         "containers": [container],
         "volumes": parts.volumes,
     }

@@ -1,93 +1,111 @@
-"""Which adapters a ModelServer serves, and where each one stands (pure functions)."""
+"""Which adapters a ModelServer serves, where they are, and which cannot be served yet (pure functions)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune.adapters import Adapter, adapter_states, check_adapter
+from kubetune.adapters.sync import Failure, ReplicaReport
 from kubetune.api.v1alpha1 import LabelSelector, ModelServer
-from kubetune.render.modelserver import ResolvedAdapter
 from kubetune.status.modelserver import AdapterView
 from kubetune.storage import join
 
 
-def _adapter_uri(ftj: dict[str, Any]) -> str:
-    status = ftj.get("status") or {}
+@dataclass(frozen=True)
+class Resolution:
+    """The adapters of one ModelServer as the operator sees them now."""
+
+    serve: list[Adapter] = field(default_factory=list)
+    """Adapters to load: their source is ready and the checks passed."""
+    settled: dict[str, AdapterView] = field(default_factory=dict)
+    """Adapters that wait for their FineTuneJob or were refused, by name."""
+    names: list[str] = field(default_factory=list)
+    """Every adapter name in status order: spec.adapters first, then the selected FineTuneJobs by name."""
+    locations: list[str] = field(default_factory=list)
+    """Where every adapter is or will be, so that the pods can see them before they exist (no restart later)."""
+
+    def views(self, reports: list[ReplicaReport], failures: dict[str, Failure]) -> list[AdapterView]:
+        """Every adapter's view, the served ones with their state on the replicas."""
+        served = {v.name: v for v in adapter_states(self.serve, reports, failures)}
+        return [served.get(name) or self.settled[name] for name in self.names]
+
+
+def _output_adapter_uri(ftj: dict[str, Any]) -> str:
     output = ((ftj.get("spec") or {}).get("output") or {}).get("uri", "")
-    return str((status.get("adapter") or {}).get("uri") or join(output, "adapter"))
+    return join(output, "adapter") if output else ""
+
+
+def _adapter_of(name: str, source: str, ftj: dict[str, Any]) -> Adapter:
+    reported = (ftj.get("status") or {}).get("adapter") or {}
+    return Adapter(
+        name,
+        str(reported.get("uri") or _output_adapter_uri(ftj)),
+        source,
+        base_model=str(reported.get("baseModel") or ""),
+        rank=int(reported.get("rank") or 0),
+        target_modules=tuple(reported.get("targetModules") or ()),
+    )
 
 
 def _succeeded(ftj: dict[str, Any]) -> bool:
     return (ftj.get("status") or {}).get("state") == "Succeeded"
 
 
-def resolve(
-    server: ModelServer, finetunejobs: dict[str, dict[str, Any]]
-) -> tuple[list[ResolvedAdapter], list[AdapterView]]:
-    """Adapters ready to serve, and a view of every declared or selected adapter.
-
-    `finetunejobs` maps name -> object for the FineTuneJobs in the server's namespace.
-    """
-    resolved: list[ResolvedAdapter] = []
-    views: list[AdapterView] = []
+def resolve(server: ModelServer, finetunejobs: dict[str, dict[str, Any]]) -> Resolution:
+    """The adapters of `server`; `finetunejobs` maps name -> object for the FineTuneJobs in its namespace."""
+    candidates: list[Adapter] = []
+    settled: dict[str, AdapterView] = {}
+    locations: list[str] = []
     for entry in server.spec.adapters:
         if entry.uri:
-            resolved.append(ResolvedAdapter(entry.name, entry.uri))
-            views.append(AdapterView(entry.name, "uri", entry.uri))
+            candidates.append(Adapter(entry.name, entry.uri, "uri"))
             continue
         ref = str(entry.from_fine_tune_job)
         source = f"fromFineTuneJob/{ref}"
         ftj = finetunejobs.get(ref)
+        if ftj is not None and (location := _output_adapter_uri(ftj)):
+            locations.append(location)
         if ftj is None:
-            views.append(
-                AdapterView(
-                    entry.name,
-                    source,
-                    state="Pending",
-                    reason="WaitingForFineTuneJob",
-                    message=f"FineTuneJob {ref} does not exist",
-                )
-            )
+            settled[entry.name] = _waiting(entry.name, source, f"FineTuneJob {ref} does not exist")
         elif not _succeeded(ftj):
             state = (ftj.get("status") or {}).get("state") or "Pending"
-            views.append(
-                AdapterView(
-                    entry.name,
-                    source,
-                    state="Pending",
-                    reason="WaitingForFineTuneJob",
-                    message=f"FineTuneJob {ref} has not succeeded yet (state {state})",
-                )
+            settled[entry.name] = _waiting(
+                entry.name, source, f"FineTuneJob {ref} has not succeeded yet (state {state})"
             )
         else:
-            uri = _adapter_uri(ftj)
-            resolved.append(ResolvedAdapter(entry.name, uri))
-            views.append(AdapterView(entry.name, source, uri))
+            candidates.append(_adapter_of(entry.name, source, ftj))
     selector = server.spec.adapter_selector
     if selector is not None:
-        taken = {v.name for v in views}
+        declared = {a.name for a in server.spec.adapters}
         for name, ftj in sorted(finetunejobs.items()):
             labels = (ftj.get("metadata") or {}).get("labels") or {}
-            if name in taken or not _succeeded(ftj) or not selector.matches(labels):
+            if name in declared or not selector.matches(labels):
                 continue
-            uri = _adapter_uri(ftj)
-            resolved.append(ResolvedAdapter(name, uri))
-            views.append(AdapterView(name, f"adapterSelector/{name}", uri))
-    return resolved, views
+            if location := _output_adapter_uri(ftj):
+                locations.append(location)
+            if _succeeded(ftj):
+                candidates.append(_adapter_of(name, f"adapterSelector/{name}", ftj))
+    serve = []
+    for adapter in candidates:
+        locations.append(adapter.uri)
+        refusal = check_adapter(adapter, server.spec.base_model.uri, server.spec.max_lora_rank)
+        if refusal is None:
+            serve.append(adapter)
+        else:
+            settled[adapter.name] = AdapterView(
+                adapter.name, adapter.source, adapter.uri, "Failed", refusal.reason, refusal.message
+            )
+    names = [a.name for a in server.spec.adapters] + sorted(
+        {a.name for a in candidates} - {a.name for a in server.spec.adapters}
+    )
+    return Resolution(serve, settled, names, sorted(set(locations)))
+
+
+def _waiting(name: str, source: str, message: str) -> AdapterView:
+    return AdapterView(name, source, state="Pending", reason="WaitingForFineTuneJob", message=message)
 
 
 def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     """Whether a label selector in wire form selects an object with `labels`."""
     return LabelSelector.model_validate(selector).matches(labels)
-
-
-def with_replica_state(views: list[AdapterView], ready_replicas: int) -> list[AdapterView]:
-    """Adapters passed at start-up are loaded on every ready replica."""
-    out = []
-    for v in views:
-        if v.state == "Pending" and v.reason:
-            out.append(v)
-        elif ready_replicas > 0:
-            out.append(AdapterView(v.name, v.source, v.uri, "Loaded", "", "", ready_replicas))
-        else:
-            out.append(AdapterView(v.name, v.source, v.uri, "Pending", "ServerNotReady", "no ready replica yet", 0))
-    return out
