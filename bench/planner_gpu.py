@@ -175,13 +175,13 @@ def bench_plans(recipe_precision: str = "bf16") -> list[BenchPlan]:
         ),
         BenchPlan(
             "zero3-nockpt-seq2048",
-            "ZeRO-3, no checkpointing, Liger, micro-batch 2 at seq 2048",
+            "ZeRO-3, no checkpointing, eager kernels, micro-batch 2 at seq 2048",
             2048,
             QKVO,
             3,
             "none",
             False,
-            "liger",
+            "eager",
             2,
         ),
         BenchPlan(

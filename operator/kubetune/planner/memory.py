@@ -40,12 +40,14 @@ from kubetune.planner.workload import Setup, Workload
 
 GIB = float(2**30)
 
-CUDA_CONTEXT_GIB = 0.5
-"""CUDA context, cuBLAS workspaces and kernels loaded by the process (not counted by torch.cuda.*)."""
+CUDA_CONTEXT_GIB = 0.75
+"""CUDA context, cuBLAS workspaces and kernels loaded by the process (not counted by torch.cuda.*):
+device peak minus PyTorch's reserved memory, measured on an H200 (bench/results/planner_gpu_h200.json)."""
 FRAGMENTATION = 0.02
 """Share of the dynamic memory (activations, logits) the caching allocator holds but cannot reuse."""
-NCCL_GIB = 0.5
-"""NCCL communicator buffers once the job has more than one GPU."""
+NCCL_GIB = 0.9
+"""NCCL communicator buffers: with more than one GPU, and with DeepSpeed even on one (it always starts an
+NCCL process group); measured 0.9 GiB on an H200."""
 DEEPSPEED_GIB = 0.1
 """DeepSpeed engine state besides its buckets."""
 LM_HEAD_TILE = (4096, 32768)
@@ -62,10 +64,17 @@ class MemoryBreakdown:
     logits: float
     overhead: float
     host_gib: float = 0.0
+    outside_torch: float = 0.0
+    """The part of `overhead` PyTorch's allocator does not see (CUDA context, NCCL buffers)."""
 
     @property
     def total(self) -> float:
         return self.weights + self.lora + self.activations + self.logits + self.overhead
+
+    @property
+    def torch_allocated(self) -> float:
+        """The peak as torch.cuda.max_memory_allocated() reports it (approximately: less fragmentation)."""
+        return self.total - self.outside_torch
 
 
 def tokens_per_micro_batch(w: Workload, s: Setup) -> int:
@@ -170,9 +179,10 @@ def estimate(w: Workload, s: Setup) -> MemoryBreakdown:
     # Peak: end of forward (kept + logits, + DPO's reference pass) or start of backward (kept + in_backward).
     activations = kept + max(reference_pass_bytes(w, s), in_backward - logits, 0.0)
 
-    overhead = CUDA_CONTEXT_GIB * GIB + FRAGMENTATION * (activations + logits) + deepspeed_bucket_bytes(w, s)
-    if world > 1:
-        overhead += NCCL_GIB * GIB
+    outside_torch = CUDA_CONTEXT_GIB * GIB
+    if world > 1 or s.zero_stage > 0:
+        outside_torch += NCCL_GIB * GIB
+    overhead = outside_torch + FRAGMENTATION * (activations + logits) + deepspeed_bucket_bytes(w, s)
     if s.offload == "all":
         overhead += working_set
 
@@ -191,4 +201,5 @@ def estimate(w: Workload, s: Setup) -> MemoryBreakdown:
         logits=logits / GIB,
         overhead=overhead / GIB,
         host_gib=host / GIB,
+        outside_torch=outside_torch / GIB,
     )
