@@ -3,10 +3,10 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: setup test lint unit integration crds dev-up dev-down bench-operator
+.PHONY: setup test lint unit integration crds dev-up dev-down bench-operator bench-adapters
 
 setup:
-	hack/setup.sh trainer
+	hack/setup.sh trainer server
 
 lint: setup
 	.venv/bin/ruff check operator tests bench
@@ -32,3 +32,6 @@ dev-down:
 
 bench-operator: setup
 	$(PY) bench/operator_scale.py
+
+bench-adapters: setup
+	$(PY) bench/adapter_latency.py

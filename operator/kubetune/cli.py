@@ -58,6 +58,12 @@ def _train(argv: list[str]) -> int:
     return main(argv)
 
 
+def _ui(argv: list[str]) -> int:
+    from kubetune.server.ui import main
+
+    return main(argv)
+
+
 def _plan(argv: list[str]) -> int:
     from kubetune.planner.cli import main
 
@@ -70,6 +76,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "validate": (_validate, "check FineTuneJob/ModelServer manifests against the API models"),
     "plan": (_plan, "plan a training run: ZeRO stage, offload, micro-batch, memory per GPU"),
     "train": (_train, "run the trainer (inside a training pod)"),
+    "ui": (_ui, "the Gradio chat page of a ModelServer (beside the server pods)"),
     "dev": (_dev, "a local cluster for development and tests: up, down, status"),
 }
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.integration.support import Api, OperatorProcess, operator_fixture
 
 from kubetune.dev.binaries import ensure_binaries
 from kubetune.dev.controlplane import Cluster, ControlPlane
@@ -45,3 +46,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield plane.cluster()
     finally:
         plane.stop()
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """The CRDs and one operator for the whole session (two would fight over the same objects)."""
+    yield from operator_fixture(cluster, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def api(cluster: Cluster) -> Api:
+    return Api(cluster)

@@ -11,13 +11,16 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import yaml
 
+from kubetune.config import GPU_TOLERATION, GpuTypeConfig, OperatorConfig
 from kubetune.dev.controlplane import Cluster
+from kubetune.dev.nodes import wait_nodes_ready
 from kubetune.k8s.client import Kube
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,9 +45,10 @@ def wait_for(
 class OperatorProcess:
     """`kubetune operator` running against the test cluster, restartable (kill -9 included)."""
 
-    def __init__(self, kubeconfig: Path, log_dir: Path) -> None:
+    def __init__(self, kubeconfig: Path, log_dir: Path, config: Path | None = None) -> None:
         self.kubeconfig = kubeconfig
         self.log_dir = log_dir
+        self.config = config
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -52,6 +56,8 @@ class OperatorProcess:
         self.starts += 1
         log = open(self.log_dir / f"operator-{self.starts}.log", "wb")  # noqa: SIM115 (owned by the process)
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        if self.config:
+            env["KUBETUNE_OPERATOR_CONFIG"] = str(self.config)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kubetune", "operator", "--liveness", ""],
             env=env,
@@ -183,8 +189,66 @@ class Api:
         )
 
 
+@dataclass
+class AgentProcess:
+    """``python -m kubetune.dev.agent`` serving one Node for the tests."""
+
+    cluster: Cluster
+    state_dir: Path
+    node: str
+    pod_cidr: str
+    gpus: int = 0
+    taint: str = "kubetune.io/agent-test=true:NoSchedule"
+    labels: tuple[str, ...] = ()
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = (self.state_dir / f"agent-{self.starts}.log").open("wb")
+        argv = [sys.executable, "-m", "kubetune.dev.agent", "--kubeconfig", str(self.cluster.kubeconfig)]
+        argv += ["--state-dir", str(self.state_dir), "--node-name", self.node, "--gpus", str(self.gpus)]
+        argv += ["--taint", self.taint, "--pod-cidr", self.pod_cidr, "--backoff", "1"]
+        for label in self.labels:
+            argv += ["--label", label]
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        wait_nodes_ready(self.cluster.kubeconfig, [self.node], timeout=60)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.state_dir.glob("agent-*.log")))
+
+
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=1, default=str)[:4000]
+
+
+# The node agent's Node for real servers: pods reach it through gpuType "cpu-agent" (see operator_config_for_tests).
+AGENT_GPU_TYPE = "cpu-agent"
+AGENT_LABEL = ("kubetune.io/test-node", "serving")
+AGENT_TAINT = "kubetune.io/serving-test=true:NoSchedule"
+
+
+def operator_config_for_tests() -> dict[str, Any]:
+    """The operator's configuration in the tests: the defaults, plus what real vLLM servers on CPU need."""
+    config = OperatorConfig()
+    config.gpu_types[AGENT_GPU_TYPE] = GpuTypeConfig(
+        node_selector=dict([AGENT_LABEL]),
+        tolerations=[GPU_TOLERATION, {"key": AGENT_TAINT.split("=")[0], "operator": "Exists", "effect": "NoSchedule"}],
+    )
+    # vLLM on CPU sizes its KV cache from this instead of the memory it would take by default.
+    config.server.extra_args = ["--kv-cache-memory-bytes", "67108864"]
+    config.server.adapter_resync_seconds = 2.0
+    return config.model_dump(mode="json", by_alias=True)
 
 
 def operator_fixture(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
@@ -197,7 +261,10 @@ def operator_fixture(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory)
         "crd/finetunejobs.kubetune.io",
         "crd/modelservers.kubetune.io",
     )
-    proc = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator"))
+    log_dir = tmp_path_factory.mktemp("operator")
+    config = log_dir / "operator.yaml"
+    config.write_text(yaml.safe_dump(operator_config_for_tests()))
+    proc = OperatorProcess(cluster.kubeconfig, log_dir, config)
     proc.start()
     yield proc
     proc.stop()

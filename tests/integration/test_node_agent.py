@@ -10,60 +10,22 @@ import contextlib
 import os
 import random
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.integration.support import Api, wait_for
+from tests.integration.support import AgentProcess, Api, wait_for
 
 from kubetune.dev.agent.logs import find_pod_log_dir
 from kubetune.dev.controlplane import Cluster
-from kubetune.dev.nodes import wait_nodes_ready
 from kubetune.k8s.client import Kube
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the node agent needs root")
-
-
-@dataclass
-class AgentProcess:
-    """``python -m kubetune.dev.agent`` serving one Node for the tests."""
-
-    cluster: Cluster
-    state_dir: Path
-    node: str
-    pod_cidr: str
-    proc: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        log = (self.state_dir / f"agent-{self.starts}.log").open("wb")
-        argv = [sys.executable, "-m", "kubetune.dev.agent", "--kubeconfig", str(self.cluster.kubeconfig)]
-        argv += ["--state-dir", str(self.state_dir), "--node-name", self.node, "--gpus", "0"]
-        argv += ["--taint", "kubetune.io/agent-test=true:NoSchedule", "--pod-cidr", self.pod_cidr, "--backoff", "1"]
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        wait_nodes_ready(self.cluster.kubeconfig, [self.node], timeout=60)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.state_dir.glob("agent-*.log")))
 
 
 @pytest.fixture(scope="module")

@@ -12,26 +12,13 @@ from tests.integration.support import (
     OperatorProcess,
     dump,
     example,
-    operator_fixture,
     simulated_ftj,
     wait_for,
 )
 from tests.rejections import CASES, EXAMPLES, IMMUTABLE, Rejection, with_changes
 
-from kubetune.dev.controlplane import Cluster
-
 FTJ = "FineTuneJob"
 LABEL = "kubetune.io/finetunejob"
-
-
-@pytest.fixture(scope="session")
-def operator(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    yield from operator_fixture(cluster, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def api(cluster: Cluster) -> Api:
-    return Api(cluster)
 
 
 @pytest.fixture

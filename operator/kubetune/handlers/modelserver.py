@@ -171,9 +171,11 @@ def _post_adapter_events(
 
 
 def servers_using(ctx: Context, namespace: str, ftj: dict[str, Any]) -> list[dict[str, Any]]:
-    """ModelServers in `namespace` that name this FineTuneJob or select it by label."""
+    """ModelServers in `namespace` that name this FineTuneJob, select it by label, or serve it still (a job
+    whose labels no longer match must be unloaded)."""
     name = ftj["metadata"]["name"]
     labels = ftj["metadata"].get("labels") or {}
+    sources = {f"fromFineTuneJob/{name}", f"adapterSelector/{name}"}
     found = []
     for (ns, _), store in ctx.indexes["modelservers"].items():
         if ns != namespace or not store:
@@ -183,7 +185,8 @@ def servers_using(ctx: Context, namespace: str, ftj: dict[str, Any]) -> list[dic
         named = any(a.get("fromFineTuneJob") == name for a in spec.get("adapters") or [])
         selector = spec.get("adapterSelector")
         selected = selector is not None and adapter_status.selects(selector, labels)
-        if named or selected:
+        serving = any(a.get("source") in sources for a in (body.get("status") or {}).get("adapters") or [])
+        if named or selected or serving:
             found.append(body)
     return found
 
