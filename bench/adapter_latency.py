@@ -123,7 +123,11 @@ def main() -> int:
         if agent:
             agent.stop()
         plane.stop()
-    machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    machine = (
+        f"{platform.node()}: {os.cpu_count()} cores, {memory_gib:.0f} GiB, {platform.machine()}, "
+        f"Python {platform.python_version()}"
+    )
     print(
         f"\n{machine}\nadapter latency over {args.replicas} replica(s): median {result['median_s']} s, "
         f"max {result['max_s']} s (target < 10 s); server start {result['server_start_s']} s"
