@@ -21,6 +21,28 @@ log = logging.getLogger(__name__)
 INDEXES = ("finetunejobs", "training_jobs", "training_pods", "modelservers", "server_deployments", "server_pods")
 
 
+_KEPT_METADATA = (
+    "name",
+    "namespace",
+    "uid",
+    "generation",
+    "labels",
+    "annotations",
+    "creationTimestamp",
+    "deletionTimestamp",
+)
+
+
+def slim(body: kopf.Body, spec: bool) -> dict[str, Any]:
+    """What the operator keeps of an object in its indexes: no managedFields, no kopf wrappers."""
+    meta = body.get("metadata") or {}
+    kept: dict[str, Any] = {"metadata": {k: meta[k] for k in _KEPT_METADATA if k in meta}}
+    if spec:
+        kept["spec"] = dict(body.get("spec") or {})
+    kept["status"] = dict(body.get("status") or {})
+    return kept
+
+
 @dataclass
 class Context:
     kube: Kube

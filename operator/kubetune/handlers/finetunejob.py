@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.handlers import modelserver
-from kubetune.handlers.context import Context
+from kubetune.handlers.context import Context, slim
 from kubetune.k8s.client import ApiError
 from kubetune.planner import PlanInfeasible, plan_job
 from kubetune.render import finetunejob as render
@@ -46,17 +46,17 @@ class Retry(Exception):
 
 @kopf.index(FTJ)
 def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-    return {(namespace or "", name): dict(body)}
+    return {(namespace or "", name): slim(body, spec=True)}
 
 
 @kopf.index("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
 def training_jobs(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-    return {(namespace or "", labels[LABEL_FINETUNEJOB]): dict(body)}
+    return {(namespace or "", labels[LABEL_FINETUNEJOB]): slim(body, spec=True)}
 
 
 @kopf.index("pods", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
 def training_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-    return {(namespace or "", labels[LABEL_FINETUNEJOB]): dict(body)}
+    return {(namespace or "", labels[LABEL_FINETUNEJOB]): slim(body, spec=False)}
 
 
 def latest(ctx: Context, key: Key) -> dict[str, Any] | None:
@@ -124,23 +124,24 @@ def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
     *support, job = render.children(ftj, plan, ctx.config, check.init_adapter_uri)
     for manifest in support:
         ctx.kube.apply(manifest)
-    _replace_changed_job(ctx, job)
+    existing = next(iter(ctx.indexes["training_jobs"].get((ftj.metadata.namespace, ftj.metadata.name), [])), None)
+    _replace_changed_job(ctx, job, existing)
     ctx.kube.apply(job)
     summary = (
         f"ZeRO-{plan.zero_stage}, micro-batch {plan.micro_batch_size} x {plan.gradient_accumulation_steps} "
         f"accumulation on {plan.world_size} GPU(s)"
     )
     new_state = None if state in ("Running", "Suspended") else "Pending"
-    _write_admission(ctx, body, True, "Planned", summary, new_state, plan=plan.to_wire())
+    generation = ftj.metadata.generation
+    _write_admission(ctx, body, True, "Planned", summary, new_state, plan=plan.to_wire(), observedGeneration=generation)
 
 
-def _replace_changed_job(ctx: Context, job: dict[str, Any]) -> None:
+def _replace_changed_job(ctx: Context, job: dict[str, Any], existing: dict[str, Any] | None) -> None:
     """A running Job cannot take a new pod template: delete it and come back; the new one resumes from the
     last checkpoint."""
-    meta = job["metadata"]
-    existing = ctx.kube.get("Job", meta["namespace"], meta["name"])
     if existing is None:
         return
+    meta = job["metadata"]
     old_hash = (existing["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
     if old_hash == meta["annotations"][ANNOTATION_SPEC_HASH]:
         return

@@ -146,9 +146,11 @@ def derive(obs: Observed, now: str | None = None) -> dict[str, Any]:
     gen = obs.generation
     now = now or now_iso()
     state = result.state
-    conditions = set_condition(
-        conditions, "Running", state == "Running", result.reason, result.message, generation=gen, now=now
-    )
+    # A job that simply waits for its pods needs no Running condition yet: the state says Pending.
+    if state != "Pending" or result.reason == "Unschedulable" or get(conditions, "Running") is not None:
+        conditions = set_condition(
+            conditions, "Running", state == "Running", result.reason, result.message, generation=gen, now=now
+        )
     if state == "Suspended" or get(conditions, "Suspended") is not None:
         suspended = state == "Suspended"
         reason = "Suspended" if suspended else "Resumed"
