@@ -16,11 +16,20 @@ from kubetune.render.common import MANAGED_BY
 log = logging.getLogger(__name__)
 
 
+class _NoDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """No diff base. The operator registers only watch-event handlers, which never diff; kopf would
+    otherwise deep-copy every object on every event to build a diff base that nobody reads."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Only watch-event handlers are registered, so kopf writes nothing onto the objects (no annotations,
     no finalizers); the operator posts its own Events."""
     settings.posting.enabled = False
+    settings.persistence.diffbase_storage = _NoDiffBase()
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
