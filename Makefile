@@ -13,12 +13,14 @@ lint: setup
 	.venv/bin/mypy
 
 test: setup lint
+	$(PY) -m kubetune dev build
 	$(PY) -m pytest -m "not gpu" -q
 
 unit: setup
 	$(PY) -m pytest tests/unit -q
 
 integration: setup
+	$(PY) -m kubetune dev build
 	$(PY) -m pytest tests/integration -q
 
 crds: setup
