@@ -118,10 +118,11 @@ def test_one_h200_needs_no_deepspeed_and_no_checkpointing() -> None:
 
 def test_four_rtx_4090d_7b_at_8192_needs_checkpointing() -> None:
     # GPU.md measured 18.9 GiB for this run with checkpointing, so the replicated bf16 weights still fit a
-    # 24 GB card: plain data parallelism beats sharding over PCIe.
+    # 24 GB card with its 15% margin once ZeRO-2 shards the LoRA state: no weight traffic over PCIe.
     p = plan(gpus=4, gpu="rtx-4090d")
     assert p.gradient_checkpointing and p.offload == "none" and not p.compile
-    assert p.zero_stage == 0 and p.memory.weights_gib > 14
+    assert p.zero_stage == 2 and p.memory.weights_gib > 14
+    assert "15% margin" in " ".join(p.explanation)
     assert p.memory.total_gib <= p.memory.available_gib
     assert_batch(p)
 

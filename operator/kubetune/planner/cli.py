@@ -99,7 +99,7 @@ def _table(plan: Plan, title: str) -> str:
             )
         ]
         if mem.available_gib:
-            lines.append(f"  {'usable (10% margin)':<26}{mem.available_gib:>8.2f}")
+            lines.append(f"  {'usable (after margin)':<26}{mem.available_gib:>8.2f}")
     if plan.estimated_tokens_per_second:
         lines += ["", f"Estimated throughput: {plan.estimated_tokens_per_second:,.0f} tokens/s"]
     lines += ["", "Why:"] + [f"  - {line}" for line in plan.explanation]

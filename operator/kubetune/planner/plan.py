@@ -9,10 +9,10 @@ How it decides
    eager code; the loss is TRL's fused LM head either way); SDPA attention. A setting fixed in
    spec.distributed leaves only that value.
 2. Memory. For each candidate the micro-batch is the largest divisor of the per-GPU batch whose predicted
-   peak (memory.py) fits in the GPU's memory less a 10% safety margin. CPU offload is considered only
-   when nothing fits without it, weight offload only when optimizer offload does not fit either, and
-   offload also needs the host memory of the pod (spec.resources.memory, else a typical server of
-   that GPU type).
+   peak (memory.py) fits in the GPU's memory less a safety margin (10%, 15% on cards under 32 GiB).
+   CPU offload is considered only when nothing fits without it, weight offload only when optimizer
+   offload does not fit either, and offload also needs the host memory of the pod (spec.resources.memory,
+   else a typical server of that GPU type).
 3. Speed. Among the candidates that fit, the fastest by the throughput model (throughput.py) wins; within
    1% the simpler one: a lower ZeRO stage, no offload, checkpointing off, a larger micro-batch. In
    practice: no DeepSpeed when the model fits on each GPU (LoRA's optimizer state is tiny, so ZeRO-2
@@ -42,6 +42,17 @@ from kubetune.planner.workload import Kernels, Offload, Setup, Workload
 
 SAFETY_MARGIN = 0.10
 """Share of GPU memory kept free: prediction error, fragmentation spikes, a longer-than-usual batch."""
+SMALL_GPU_GIB = 32.0
+SMALL_GPU_MARGIN = 0.15
+"""Cards under 32 GiB (the 24 GB RTX 4090 class) keep 15% free: the driver's own reservation and allocator
+fragmentation are a larger share of them, and an OOM there costs a whole multi-GPU job."""
+
+
+def safety_margin(capacity_gib: float) -> float:
+    """Share of a GPU's memory the plan leaves free."""
+    return SMALL_GPU_MARGIN if capacity_gib < SMALL_GPU_GIB else SAFETY_MARGIN
+
+
 HOST_MARGIN = 0.10
 HOST_GIB_PER_PROCESS = 4.0
 """Host memory of one training process besides offloaded state (Python, CUDA libraries, data loader)."""
@@ -202,9 +213,9 @@ def _samples_per_gpu(global_batch: int, world: int, micro: int | None, method: s
     return per_gpu
 
 
-def _usable_gib(w: Workload, margin: float = SAFETY_MARGIN) -> float:
+def _usable_gib(w: Workload, margin: float | None = None) -> float:
     capacity = w.capacity_gib or 0.0
-    return capacity * (1 - margin)
+    return capacity * (1 - (safety_margin(capacity) if margin is None else margin))
 
 
 def _host_available_gib(w: Workload) -> float | None:
@@ -538,9 +549,12 @@ def _to_plan(
         lines.append(f"{batch[0].upper()}{batch[1:]}: the largest micro-batch that fits (larger ones gain under 2%).")
 
     # Memory and speed.
-    note = " Tight: over the 10% safety margin, kept because spec.distributed fixes the settings." if tight else ""
+    margin = round(100 * safety_margin(capacity))
+    note = (
+        f" Tight: over the {margin}% safety margin, kept because spec.distributed fixes the settings." if tight else ""
+    )
     lines.append(
-        f"Predicted peak {m.total:.1f} GiB per GPU of {capacity:.1f} GiB ({usable:.1f} usable with a 10% margin)."
+        f"Predicted peak {m.total:.1f} GiB per GPU of {capacity:.1f} GiB ({usable:.1f} usable with a {margin}% margin)."
         + note
     )
     if best.tokens_per_second:
@@ -562,7 +576,7 @@ def _to_plan(
         liger_kernels=s.kernels == "liger",
         compile=s.kernels == "compile",
         world_size=w.world_size,
-        memory=_memory_estimate(m, capacity * (1 - SAFETY_MARGIN)),
+        memory=_memory_estimate(m, capacity * (1 - safety_margin(capacity))),
         estimated_tokens_per_second=round(best.tokens_per_second) if best.tokens_per_second else None,
         explanation=lines,
     )
