@@ -103,3 +103,14 @@ def test_defaults_bounds_enums_and_rules_reach_the_schema() -> None:
     assert any("fromFineTuneJob is only allowed with method DPO" in m for m in messages)
     assert spec["properties"]["fromFineTuneJob"]["nullable"] is True
     assert spec["properties"]["distributed"]["properties"]["zeroStage"]["x-kubernetes-int-or-string"] is True
+
+
+def test_api_reference_matches_the_models() -> None:
+    from kubetune.crdgen import api_markdown
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "api.md"
+    assert docs.read_text() == api_markdown(), (
+        "docs/api.md is stale: run `python -m kubetune.crdgen --docs docs/api.md`"
+    )
+    for text in ("`spec.lora.r`", "fromFineTuneJob is only allowed with method DPO", "`status.progress.eta`"):
+        assert text in docs.read_text()
