@@ -3,10 +3,15 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: setup test lint unit integration crds dev-up dev-down bench-operator bench-adapters
+.PHONY: demo setup test lint unit integration crds dev-up dev-down bench-operator bench-adapters
 
 setup:
 	hack/setup.sh trainer server
+
+# the server extra (vLLM) when hack/setup.sh offers it; the demo stops after training without it
+demo:
+	if grep -q 'want server' hack/setup.sh; then hack/setup.sh trainer server; else hack/setup.sh trainer; fi
+	$(PY) -m kubetune dev demo
 
 lint: setup
 	.venv/bin/ruff check operator tests bench

@@ -1,4 +1,4 @@
-"""``python -m kubetune.dev up|down|status|logs|build``: the local cluster from the command line.
+"""``python -m kubetune.dev up|down|status|logs|build|demo``: the local cluster from the command line.
 
 ``up`` starts the control plane with its simulated nodes, then (unless told not to) the node agent, which
 runs the pods bound to its node as local processes, and the operator, both in the background.
@@ -192,6 +192,10 @@ def parser() -> argparse.ArgumentParser:
         "--agent-dir", type=Path, default=None, help="the agent's state folder (default <state>/agent)"
     )
     commands.add_parser("build", help="only build or fetch the binaries (slow the first time), e.g. in CI")
+    demo_cmd = commands.add_parser(
+        "demo", parents=[common], help="train SFT then DPO on the agent, serve both adapters (make demo)"
+    )
+    demo_cmd.add_argument("--no-serve", action="store_true", help="stop after the DPO job")
     return root
 
 
@@ -215,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "down":
         down(args.state_dir, purge=args.purge)
         return 0
+    if args.command == "demo":
+        from kubetune.dev import demo
+
+        return demo.run(args.state_dir, serve_models=not args.no_serve)
     if args.command == "build":
         print(ensure_binaries())
         return 0
