@@ -179,10 +179,14 @@ def sft_records() -> list[dict[str, str]]:
 
 
 def preference_records() -> list[dict[str, str]]:
-    """Preference pairs: the short answer is chosen over a wrong one."""
+    """Preference pairs: the right capital is chosen over a wrong one."""
     wrong = [k for _, k in CAPITALS[1:]] + [CAPITALS[0][1]]
     return [
-        {"prompt": f"What is the capital of {c}?", "chosen": f"{k}.", "rejected": f"The capital of {c} is {w}."}
+        {
+            "prompt": f"What is the capital of {c}?",
+            "chosen": f"The capital of {c} is {k}.",
+            "rejected": f"The capital of {c} is {w}.",
+        }
         for (c, k), w in zip(CAPITALS, wrong, strict=True)
     ]
 
@@ -212,9 +216,9 @@ def finetunejob(name: str, method: str, dataset: str, max_steps: int, **spec: An
             "method": method,
             "baseModel": {"uri": f"pvc://{CLAIM}/models/tiny"},
             "dataset": {"uri": f"pvc://{CLAIM}/data/{dataset}"},
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]},
             "hyperparameters": {
-                "learningRate": 0.005 if method == "SFT" else 0.001,
+                "learningRate": 0.005 if method == "SFT" else 0.0005,
                 "warmupRatio": 0.0,
                 "maxSteps": max_steps,
                 "globalBatchSize": 4,
@@ -307,11 +311,17 @@ def chat(address: str, model: str, question: str = QUESTION) -> str:
         return str(json.loads(response.read())["choices"][0]["message"]["content"])
 
 
-def vllm_available() -> bool:
-    """Whether the venv can run vLLM (``hack/setup.sh trainer server``)."""
-    return importlib.util.find_spec("vllm") is not None and (
-        subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode == 0
-    )
+def check_vllm() -> subprocess.Popen[bytes] | None:
+    """Start ``python -c "import vllm"`` (about 20 s on 2 cores) in the background; None when not installed."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    argv = [sys.executable, "-c", "import vllm"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def vllm_available(check: subprocess.Popen[bytes] | None) -> bool:
+    """Whether the venv can run vLLM (``hack/setup.sh trainer server``): the check's result."""
+    return check is not None and check.wait() == 0
 
 
 def serve(cluster: Cluster, kube: Kube, started: float) -> dict[str, float]:
@@ -350,7 +360,12 @@ def serve(cluster: Cluster, kube: Kube, started: float) -> dict[str, float]:
     if ui["spec"].get("nodeName") == agent_node(cluster):
         log(f"chat page (Gradio): http://{ui['status']['podIP']}:{UI_PORT}/", started)
     else:
-        log(f"chat page: its pod runs on simulated node {ui['spec'].get('nodeName')}, so it does not serve", started)
+        log(
+            f"chat page (ui.enabled): its pod landed on the simulated node {ui['spec'].get('nodeName')} (no "
+            f"toleration for the agent's GPU taint), so it only pretends to run; to open the page from here: "
+            f".venv/bin/kubetune ui --endpoint http://{address}/v1 --port {UI_PORT}  (then http://127.0.0.1:{UI_PORT}/)",
+            started,
+        )
     return timings
 
 
@@ -364,6 +379,7 @@ def run(state_dir: Path | None = None, serve_models: bool = True) -> int:
     """The whole demo; the exit code."""
     started = time.monotonic()
     timings: dict[str, float] = {}
+    vllm_check = check_vllm() if serve_models else None
     try:
         if os.geteuid() != 0:
             raise DemoError("the node agent needs root: run it as root (sudo -E make demo)")
@@ -386,7 +402,7 @@ def run(state_dir: Path | None = None, serve_models: bool = True) -> int:
 
         if not serve_models:
             log("serving skipped (--no-serve)", started)
-        elif not vllm_available():
+        elif not vllm_available(vllm_check):
             log(
                 "vLLM is not installed in .venv (hack/setup.sh trainer server installs it): "
                 "stopping after the DPO job, no ModelServer",

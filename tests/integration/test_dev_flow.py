@@ -1,0 +1,272 @@
+"""FineTuneJobs that really train on the node agent (the demo's flow), and what survives a crash.
+
+The trainer runs on the CPU as a pod of the agent's Node (gpuType cpu-agent of the tests' operator config):
+a tiny Qwen2 and a few steps. The failure paths: the trainer's process SIGKILLed after its first checkpoint
+(the Job retries, the retry resumes from that checkpoint), the operator SIGKILLed during a training (nothing
+duplicated after its restart) and, with vLLM installed, a ModelServer pod killed (its replacement serves every
+adapter again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.integration import serving
+from tests.integration.support import (
+    AGENT_GPU_TYPE,
+    AGENT_LABEL,
+    AGENT_TAINT,
+    AgentProcess,
+    Api,
+    OperatorProcess,
+    dump,
+    wait_for,
+)
+
+from kubetune.dev.controlplane import Cluster
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="the node agent needs root"),
+    pytest.mark.skipif(not importlib.util.find_spec("trl"), reason="needs the trainer extra: hack/setup.sh trainer"),
+]
+SELECTOR = {"dev-flow": "served"}
+
+
+def vllm_importable() -> bool:
+    return importlib.util.find_spec("vllm") is not None and (
+        subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode == 0
+    )
+
+
+@dataclass
+class Scene:
+    """What the tests of this module share: the namespace and the agent's folder of its claims."""
+
+    ns: str
+    root: Path
+    agent: AgentProcess
+
+
+@pytest.fixture(scope="module")
+def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    """A node agent with two "GPUs" that takes only pods of gpuType cpu-agent."""
+    process = AgentProcess(
+        cluster,
+        tmp_path_factory.mktemp("dev-flow-agent"),
+        node=f"dev-flow-{uuid.uuid4().hex[:6]}",
+        pod_cidr="127.98.0.0/16",
+        gpus=2,
+        taint=AGENT_TAINT,
+        labels=("=".join(AGENT_LABEL),),
+    )
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+        cluster.kubectl("delete", "node", process.node, "--wait=false", check=False)
+        pods = process.state_dir / "pods"
+        for pid_file in pods.glob("*/containers/*/pid") if pods.is_dir() else []:
+            with contextlib.suppress(OSError, ValueError):
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def scene(api: Api, operator: OperatorProcess, agent: AgentProcess) -> Iterator[Scene]:
+    ns = api.create_namespace()
+    wait_for(lambda: api.get("ServiceAccount", ns, "default"), 30, f"ServiceAccount default in {ns}")
+    for claim in ("models", "data", "adapters"):
+        api.create_bound_pvc(ns, claim)
+    root = agent.state_dir / "pvc" / ns
+    serving.build_model(root)  # pvc://models/tiny and pvc://data/sft.jsonl
+    try:
+        yield Scene(ns, root, agent)
+    finally:
+        # Pods go while the agent still runs, so it stops their processes.
+        api.kubectl(
+            "delete", "finetunejobs,modelservers,deployments,jobs,pods", "--all", "-n", ns, "--wait=false", check=False
+        )
+        wait_for(lambda: not api.kube.list("Pod", ns) or None, 90, f"pods of {ns} to go")
+        api.kube.delete("Namespace", "", ns)
+
+
+def training_job(name: str, ns: str, steps: int, every: int, **spec: Any) -> dict[str, Any]:
+    """An SFT FineTuneJob of the tiny model, trained for real on the agent's CPU."""
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": ns, "labels": dict(SELECTOR)},
+        "spec": {
+            "method": "SFT",
+            "baseModel": {"uri": serving.MODEL_URI},
+            "dataset": {"uri": "pvc://data/sft.jsonl"},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]},
+            "hyperparameters": {
+                "learningRate": 0.005,
+                "warmupRatio": 0.0,
+                "maxSteps": steps,
+                "globalBatchSize": 4,
+                "maxSeqLength": 64,
+                "seed": 0,
+            },
+            "resources": {"nodes": 1, "gpusPerNode": 1, "gpuType": AGENT_GPU_TYPE},
+            "output": {"uri": f"pvc://adapters/{name}"},
+            "checkpointing": {"everySteps": every, "keep": 2},
+            "backoffLimit": 2,
+            **spec,
+        },
+    }
+
+
+def wait_done(api: Api, ns: str, name: str, timeout: float = 180) -> dict[str, Any]:
+    """Wait for Succeeded (fail at once on Failed)."""
+
+    def check() -> dict[str, Any] | None:
+        status = api.status("FineTuneJob", ns, name)
+        assert status.get("state") != "Failed", dump(status)
+        return status if status.get("state") == "Succeeded" else None
+
+    return wait_for(check, timeout, f"FineTuneJob {ns}/{name} Succeeded", interval=1)
+
+
+def events_of(log_text: str) -> list[dict[str, Any]]:
+    """The trainer's JSON event lines."""
+    events = []
+    for line in log_text.splitlines():
+        with contextlib.suppress(ValueError):
+            obj = json.loads(line)
+            if isinstance(obj, dict) and "event" in obj:
+                events.append(obj)
+    return events
+
+
+def pod_logs(agent: AgentProcess, ns: str, pod: str) -> str:
+    """Every container log the agent kept of one pod."""
+    folders = (agent.state_dir / "logs" / ns).glob(f"{pod}_*")
+    return "\n".join(p.read_text(errors="replace") for folder in folders for p in sorted(folder.glob("*.log")))
+
+
+def job_pods(api: Api, ns: str, name: str) -> list[dict[str, Any]]:
+    """The FineTuneJob's training pods, oldest first."""
+    pods = api.kube.list("Pod", ns, f"kubetune.io/finetunejob={name}")
+    return sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"] + p["metadata"]["name"])
+
+
+def test_sft_job_trains_for_real_and_reports_progress(api: Api, scene: Scene) -> None:
+    api.apply(training_job("sft", scene.ns, steps=8, every=4))
+    status = wait_done(api, scene.ns, "sft")
+    assert status["adapter"]["uri"] == "pvc://adapters/sft/adapter", dump(status)
+    assert status["progress"]["step"] == status["progress"]["totalSteps"] == 8, dump(status)
+    assert (scene.root / "adapters" / "sft" / "adapter" / "adapter_model.safetensors").is_file()
+    assert status.get("restarts", 0) == 0, dump(status)
+    table = api.kubectl("get", "ftj", "sft", "-n", scene.ns).stdout
+    assert "100% (8/8)" in table, table
+
+
+def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(api: Api, scene: Scene) -> None:
+    name, steps, every = "crash", 24, 4
+    api.apply(training_job(name, scene.ns, steps=steps, every=every))
+    checkpoints = scene.root / "adapters" / name / "checkpoints"
+    first = wait_for(
+        lambda: sorted(checkpoints.glob("checkpoint-*/kubetune-complete.json")), 180, "a complete checkpoint", 0.1
+    )
+    (pod,) = [p for p in job_pods(api, scene.ns, name) if p["status"].get("phase") == "Running"]
+    pid_files = list((scene.agent.state_dir / "pods" / pod["metadata"]["uid"] / "containers").glob("*/pid"))
+    assert pid_files, f"no container pid of {pod['metadata']['name']}"
+    os.kill(int(pid_files[0].read_text()), signal.SIGKILL)  # the trainer itself (the bootstrap exec'd it)
+    killed_at = int(json.loads(first[-1].read_text())["step"])
+
+    status = wait_done(api, scene.ns, name, timeout=240)
+    assert status["restarts"] == 1, dump(status)
+    assert status["progress"]["step"] == status["progress"]["totalSteps"] == steps, dump(status)
+    pods = job_pods(api, scene.ns, name)
+    assert len(pods) == 2, [p["metadata"]["name"] for p in pods]
+    second = events_of(pod_logs(scene.agent, scene.ns, pods[1]["metadata"]["name"]))
+    resumes = [e for e in second if e["event"] == "resume"]
+    assert resumes and resumes[0]["step"] >= killed_at and resumes[0]["step"] % every == 0, second[:10]
+    progress = [e["step"] for e in second if e["event"] == "progress"]
+    assert progress and progress[0] > resumes[0]["step"] and progress[-1] == steps, progress
+    assert not [e for e in second if e["event"] == "train" and e.get("step") == 0], "the retry started from step 0"
+
+
+def test_operator_killed_during_training_duplicates_nothing(api: Api, scene: Scene, operator: OperatorProcess) -> None:
+    name = "opkill"
+    api.apply(training_job(name, scene.ns, steps=16, every=8))
+    wait_for(
+        lambda: any(p["status"].get("phase") == "Running" for p in job_pods(api, scene.ns, name)),
+        120,
+        "the training pod to run",
+    )
+    operator.kill()
+    time.sleep(3)  # the trainer keeps reporting progress with nobody reconciling
+    operator.start()
+    status = wait_done(api, scene.ns, name, timeout=240)
+    assert status["progress"]["step"] == 16, dump(status)
+    assert len(api.children("Job", scene.ns, "kubetune.io/finetunejob", name)) == 1
+    assert len(api.children("ConfigMap", scene.ns, "kubetune.io/finetunejob", name)) == 1
+    assert len(job_pods(api, scene.ns, name)) == 1
+    assert status.get("restarts", 0) == 0, dump(status)
+
+
+@pytest.mark.server
+@pytest.mark.skipif(not vllm_importable(), reason="needs vLLM: hack/setup.sh trainer server")
+def test_killed_server_pod_is_replaced_and_serves_every_adapter(api: Api, scene: Scene) -> None:
+    adapters = {"sft", "crash", "opkill"}
+    for name in adapters:
+        assert api.status("FineTuneJob", scene.ns, name).get("state") == "Succeeded", name
+    server = "flow"
+    api.apply(
+        serving.model_server(
+            server, scene.ns, adapterSelector={"matchLabels": SELECTOR}, engineArgs=["--dtype=float32"]
+        )
+    )
+
+    def serving_all() -> str | None:
+        addresses = serving.replica_addresses(api, scene.ns, server)
+        if len(addresses) != 1:
+            return None
+        with contextlib.suppress(OSError, ValueError):
+            if adapters <= set(serving.served_models(addresses[0])):
+                return addresses[0]
+        return None
+
+    first = wait_for(serving_all, 300, "the server with every adapter", 1)
+    (pod,) = [
+        p
+        for p in api.children("Pod", scene.ns, "kubetune.io/modelserver", server)
+        if p["metadata"]["labels"].get("app.kubernetes.io/component") == "server"
+    ]
+    for pid_file in (scene.agent.state_dir / "pods" / pod["metadata"]["uid"] / "containers").glob("*/pid"):
+        with contextlib.suppress(OSError, ValueError):
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+    api.kube.delete("Pod", scene.ns, pod["metadata"]["name"])
+    wait_for(
+        lambda: pod["metadata"]["name"] not in {p["metadata"]["name"] for p in api.kube.list("Pod", scene.ns)},
+        60,
+        "the killed pod to go",
+    )
+    second = wait_for(serving_all, 300, "the replacement with every adapter", 1)
+    assert second != first  # a new pod, a new address
+    for name in adapters:
+        code, body = serving.chat(second, name)
+        assert code == 200, body
+    wait_for(
+        lambda: all(
+            (a := serving.adapter_status(api, scene.ns, server, name)) and a["state"] == "Loaded" for name in adapters
+        ),
+        60,
+        "every adapter Loaded in status",
+    )
