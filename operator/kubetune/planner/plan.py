@@ -9,7 +9,7 @@ How it decides
    eager code; the loss is TRL's fused LM head either way); SDPA attention. A setting fixed in
    spec.distributed leaves only that value.
 2. Memory. For each candidate the micro-batch is the largest divisor of the per-GPU batch whose predicted
-   peak (memory.py) fits in the GPU's memory less a safety margin (10%, 15% on cards under 32 GiB).
+   peak (memory.py) fits in the GPU's memory less a safety margin (10%, 20% on cards under 32 GiB).
    CPU offload is considered only when nothing fits without it, weight offload only when optimizer
    offload does not fit either, and offload also needs the host memory of the pod (spec.resources.memory,
    else a typical server of that GPU type).
@@ -43,8 +43,8 @@ from kubetune.planner.workload import Kernels, Offload, Setup, Workload
 SAFETY_MARGIN = 0.10
 """Share of GPU memory kept free: prediction error, fragmentation spikes, a longer-than-usual batch."""
 SMALL_GPU_GIB = 32.0
-SMALL_GPU_MARGIN = 0.15
-"""Cards under 32 GiB (the 24 GB RTX 4090 class) keep 15% free: the driver's own reservation and allocator
+SMALL_GPU_MARGIN = 0.20
+"""Cards under 32 GiB (the 24 GB RTX 4090 class) keep 20% free: the driver's own reservation and allocator
 fragmentation are a larger share of them, and an OOM there costs a whole multi-GPU job."""
 
 
