@@ -122,6 +122,10 @@ def reset_namespace(kube: Kube, cluster: Cluster, started: float) -> None:
     pv = f"{NAMESPACE}-{CLAIM}"
     if kube.get("Namespace", "", NAMESPACE) is not None:
         log(f"deleting namespace {NAMESPACE} from an earlier run", started)
+        # owners first, then their pods without the grace period a vLLM server would otherwise wait out
+        ns = ["-n", NAMESPACE, "--ignore-not-found", "--wait=false"]
+        cluster.kubectl("delete", "modelservers,finetunejobs,deployments,jobs", "--all", *ns, check=False)
+        cluster.kubectl("delete", "pods", "--all", "--grace-period=1", *ns, check=False)
         kube.delete("Namespace", "", NAMESPACE)
         wait(lambda: kube.get("Namespace", "", NAMESPACE) is None, 180, f"namespace {NAMESPACE} to go")
     cluster.kubectl("delete", "pv", pv, "--ignore-not-found", "--wait=true", "--timeout=60s")
@@ -218,7 +222,7 @@ def finetunejob(name: str, method: str, dataset: str, max_steps: int, **spec: An
             "dataset": {"uri": f"pvc://{CLAIM}/data/{dataset}"},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]},
             "hyperparameters": {
-                "learningRate": 0.005 if method == "SFT" else 0.0005,
+                "learningRate": 0.01 if method == "SFT" else 0.0005,
                 "warmupRatio": 0.0,
                 "maxSteps": max_steps,
                 "globalBatchSize": 4,
@@ -324,23 +328,21 @@ def vllm_available(check: subprocess.Popen[bytes] | None) -> bool:
     return check is not None and check.wait() == 0
 
 
-def serve(cluster: Cluster, kube: Kube, started: float) -> dict[str, float]:
-    """Apply the ModelServer, wait for both adapters, ask through one of them; the timings."""
+def serve(cluster: Cluster, kube: Kube, started: float, begin: float) -> dict[str, float]:
+    """Wait for the ModelServer (applied at ``begin``) with both adapters, ask through each; the timings."""
     timings: dict[str, float] = {}
-    begin = time.monotonic()
-    apply(cluster, model_server())
-    log(f"applied ModelServer {SERVER} (vLLM on CPU starts in a minute or two)", started)
     last = ""
     deadline = time.monotonic() + 600
     while (loaded := adapters_loaded(kube)) is None:
         table = cluster.kubectl("get", "msrv", "-n", NAMESPACE, check=False).stdout.rstrip()
-        if table != last:
+        without_age = [line.rsplit(maxsplit=1)[0] for line in table.splitlines() if line.strip()]
+        if str(without_age) != last:
             print(table, flush=True)
-            last = table
+            last = str(without_age)
         if time.monotonic() > deadline:
             raise DemoError(f"ModelServer {SERVER} not Ready with both adapters Loaded in 600s")
         time.sleep(3)
-    timings["server ready, adapters loaded"] = time.monotonic() - begin
+    timings["ModelServer: applied to adapters Loaded"] = time.monotonic() - begin
     print(cluster.kubectl("get", "msrv", "-n", NAMESPACE).stdout.rstrip(), flush=True)
     log(f"ModelServer Ready, adapters Loaded: {', '.join(sorted(loaded))}", started)
     pod = server_pods(kube, "server")[0]
@@ -393,23 +395,32 @@ def run(state_dir: Path | None = None, serve_models: bool = True) -> int:
         timings["namespace, claim, tiny model, datasets"] = time.monotonic() - step
         log(f"wrote the tiny model and datasets to {root} (pvc://{CLAIM}/... in namespace {NAMESPACE})", started)
 
+        serving = serve_models and vllm_available(vllm_check)
+        if not serve_models:
+            log("serving skipped (--no-serve)", started)
+        elif not serving:
+            log(
+                "vLLM is not installed in .venv (hack/setup.sh trainer server installs it): "
+                "the demo stops after the DPO job, no ModelServer",
+                started,
+            )
+        else:
+            served_from = time.monotonic()
+            apply(cluster, model_server())
+            log(
+                f"applied ModelServer {SERVER} first: vLLM starts (a minute or two on CPU) while the jobs train, "
+                "and loads each adapter when its job succeeds",
+                started,
+            )
+
         apply(cluster, finetunejob(SFT_JOB, "SFT", "sft.jsonl", 30))
         log(f"applied FineTuneJob {SFT_JOB} (SFT, 30 steps, checkpoint every 10)", started)
         timings[f"{SFT_JOB} (SFT)"] = watch_job(cluster, kube, SFT_JOB, started, 600)
         apply(cluster, finetunejob(DPO_JOB, "DPO", "dpo.jsonl", 20, fromFineTuneJob=SFT_JOB))
         log(f"applied FineTuneJob {DPO_JOB} (DPO from {SFT_JOB}'s adapter, 20 steps)", started)
         timings[f"{DPO_JOB} (DPO)"] = watch_job(cluster, kube, DPO_JOB, started, 600)
-
-        if not serve_models:
-            log("serving skipped (--no-serve)", started)
-        elif not vllm_available(vllm_check):
-            log(
-                "vLLM is not installed in .venv (hack/setup.sh trainer server installs it): "
-                "stopping after the DPO job, no ModelServer",
-                started,
-            )
-        else:
-            timings.update(serve(cluster, kube, started))
+        if serving:
+            timings.update(serve(cluster, kube, started, served_from))
     except (DemoError, RuntimeError, OSError, urllib.error.URLError) as error:
         log(f"FAILED: {error}", started)
         print("the cluster is left running for a look: python -m kubetune dev status | logs POD -n demo")
