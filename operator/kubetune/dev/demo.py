@@ -251,7 +251,7 @@ def model_server() -> dict[str, Any]:
             "gpuType": GPU_TYPE,
             "maxModelLen": 512,
             "maxLoraRank": 8,
-            "generationDefaults": {"temperature": 0, "topP": 1, "repetitionPenalty": 1.0, "maxTokens": 16},
+            "generationDefaults": {"temperature": 0, "topP": 1, "repetitionPenalty": 1.3, "maxTokens": 16},
             # vLLM on CPU would otherwise size its KV cache from most of the machine's memory
             "engineArgs": ["--dtype=float32", "--kv-cache-memory-bytes=67108864"],
             "ui": {"enabled": True},
