@@ -112,3 +112,16 @@ class Context:
 
     def event(self, kind: str, meta: dict[str, Any], warning: bool, reason: str, message: str) -> None:
         events.post(self.kube, kind, meta, "Warning" if warning else "Normal", reason, message)
+
+
+def handle_object_event(
+    memo: kopf.Memo, event: kopf.RawEvent, kwargs: dict[str, Any], reconcile: Callable[[Context, tuple[str, str]], None]
+) -> None:
+    """The common body of a watch-event handler of one of our kinds: forget deleted objects, reconcile others."""
+    ctx: Context = memo.context
+    ctx.capture_indexes(kwargs)
+    meta = event["object"]["metadata"]
+    if event["type"] == "DELETED":
+        ctx.forget(meta["uid"])
+        return
+    reconcile(ctx, (meta["namespace"], meta["name"]))

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.handlers import modelserver
-from kubetune.handlers.context import Context, slim
+from kubetune.handlers.context import Context, handle_object_event, slim
 from kubetune.k8s.client import ApiError
 from kubetune.planner import PlanInfeasible, plan_job
 from kubetune.render import finetunejob as render
@@ -216,13 +216,7 @@ def _after_success(ctx: Context, key: Key, body: dict[str, Any]) -> None:
 
 @kopf.on.event(FTJ)
 def finetunejob_changed(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
-    ctx: Context = memo.context
-    ctx.capture_indexes(kwargs)
-    meta = event["object"]["metadata"]
-    if event["type"] == "DELETED":
-        ctx.forget(meta["uid"])
-        return
-    reconcile(ctx, (meta["namespace"], meta["name"]))
+    handle_object_event(memo, event, kwargs, reconcile)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})

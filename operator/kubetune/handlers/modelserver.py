@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from kubetune.adapters import Replica, ReplicaReport, plan_actions
 from kubetune.api.v1alpha1 import ModelServer
-from kubetune.handlers.context import Context
+from kubetune.handlers.context import Context, handle_object_event, slim
 from kubetune.k8s import vllm
 from kubetune.k8s.client import ApiError
 from kubetune.render import modelserver as render
@@ -34,7 +34,7 @@ Key = tuple[str, str]
 
 @kopf.index(MS)
 def modelservers(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-    return {(namespace or "", name): dict(body)}
+    return {(namespace or "", name): slim(body, spec=True)}
 
 
 @kopf.index("apps", "v1", "deployments", labels={LABEL_MODELSERVER: kopf.PRESENT})
@@ -43,7 +43,7 @@ def server_deployments(
 ) -> dict[Key, dict[str, Any]]:
     if labels.get("app.kubernetes.io/component") != "server":
         return {}
-    return {(namespace or "", labels[LABEL_MODELSERVER]): dict(body)}
+    return {(namespace or "", labels[LABEL_MODELSERVER]): slim(body, spec=True)}
 
 
 @kopf.index("pods", labels={LABEL_MODELSERVER: kopf.PRESENT})
@@ -193,13 +193,7 @@ def servers_using(ctx: Context, namespace: str, ftj: dict[str, Any]) -> list[dic
 
 @kopf.on.event(MS)
 def server_changed(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
-    ctx: Context = memo.context
-    ctx.capture_indexes(kwargs)
-    meta = event["object"]["metadata"]
-    if event["type"] == "DELETED":
-        ctx.forget(meta["uid"])
-        return
-    reconcile(ctx, (meta["namespace"], meta["name"]))
+    handle_object_event(memo, event, kwargs, reconcile)
 
 
 @kopf.on.event(FTJ)
