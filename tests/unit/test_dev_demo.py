@@ -1,0 +1,30 @@
+"""The demo's manifests and datasets are what the API and the trainer accept."""
+
+from __future__ import annotations
+
+from kubetune.api.v1alpha1 import FineTuneJob, ModelServer
+from kubetune.dev import demo
+from kubetune.dev.__main__ import parser
+
+
+def test_demo_jobs_and_server_validate_against_the_api() -> None:
+    sft = FineTuneJob.model_validate(demo.finetunejob(demo.SFT_JOB, "SFT", "sft.jsonl", 30))
+    dpo = FineTuneJob.model_validate(
+        demo.finetunejob(demo.DPO_JOB, "DPO", "dpo.jsonl", 20, fromFineTuneJob=demo.SFT_JOB)
+    )
+    server = ModelServer.model_validate(demo.model_server())
+    assert sft.spec.resources.gpus_per_node == 1
+    assert dpo.spec.from_fine_tune_job == demo.SFT_JOB
+    assert server.spec.ui.enabled
+    assert sft.metadata.labels == dpo.metadata.labels == server.spec.adapter_selector.match_labels
+
+
+def test_demo_datasets_have_the_trainer_formats() -> None:
+    assert all(set(r) == {"prompt", "response"} for r in demo.sft_records())
+    pairs = demo.preference_records()
+    assert all(set(r) == {"prompt", "chosen", "rejected"} and r["chosen"] != r["rejected"] for r in pairs)
+
+
+def test_dev_demo_subcommand() -> None:
+    args = parser().parse_args(["demo", "--no-serve"])
+    assert args.command == "demo" and args.no_serve
