@@ -16,6 +16,7 @@ def test_demo_jobs_and_server_validate_against_the_api() -> None:
     assert sft.spec.resources.gpus_per_node == 1
     assert dpo.spec.from_fine_tune_job == demo.SFT_JOB
     assert server.spec.ui.enabled
+    assert server.spec.adapter_selector is not None
     assert sft.metadata.labels == dpo.metadata.labels == server.spec.adapter_selector.match_labels
 
 
