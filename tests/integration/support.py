@@ -20,6 +20,7 @@ import yaml
 
 from kubetune.config import GPU_TOLERATION, GpuTypeConfig, OperatorConfig
 from kubetune.dev.controlplane import Cluster
+from kubetune.dev.demo import storage_manifests
 from kubetune.dev.nodes import wait_nodes_ready
 from kubetune.k8s.client import Kube
 
@@ -154,39 +155,7 @@ class Api:
 
     def create_bound_pvc(self, namespace: str, claim: str) -> None:
         """A PersistentVolume and a claim bound to it, so pods that mount the claim can schedule."""
-        pv_name = f"{namespace}-{claim}"
-        self.kubectl(
-            "apply",
-            "-f",
-            "-",
-            input=yaml.safe_dump_all(
-                [
-                    {
-                        "apiVersion": "v1",
-                        "kind": "PersistentVolume",
-                        "metadata": {"name": pv_name},
-                        "spec": {
-                            "capacity": {"storage": "10Gi"},
-                            "accessModes": ["ReadWriteMany"],
-                            "storageClassName": "manual",
-                            "hostPath": {"path": f"/tmp/kubetune-pv/{pv_name}"},
-                            "claimRef": {"namespace": namespace, "name": claim},
-                        },
-                    },
-                    {
-                        "apiVersion": "v1",
-                        "kind": "PersistentVolumeClaim",
-                        "metadata": {"name": claim, "namespace": namespace},
-                        "spec": {
-                            "accessModes": ["ReadWriteMany"],
-                            "storageClassName": "manual",
-                            "volumeName": pv_name,
-                            "resources": {"requests": {"storage": "10Gi"}},
-                        },
-                    },
-                ]
-            ),
-        )
+        self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(storage_manifests(namespace, claim)))
 
 
 @dataclass

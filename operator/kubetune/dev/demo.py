@@ -132,16 +132,18 @@ def reset_namespace(kube: Kube, cluster: Cluster, started: float) -> None:
     kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
     apply(cluster, *storage_manifests())
     wait(
-        lambda: cluster.kubectl("get", "pvc", CLAIM, "-n", NAMESPACE, "-o", "jsonpath={.status.phase}").stdout
-        == "Bound",
+        lambda: (
+            cluster.kubectl("get", "pvc", CLAIM, "-n", NAMESPACE, "-o", "jsonpath={.status.phase}").stdout == "Bound"
+        ),
         60,
         f"claim {CLAIM} to be Bound",
     )
 
 
-def storage_manifests() -> list[dict[str, Any]]:
-    """A PersistentVolume and the claim bound to it (the agent backs the claim with a local folder)."""
-    pv = f"{NAMESPACE}-{CLAIM}"
+def storage_manifests(namespace: str = NAMESPACE, claim: str = CLAIM) -> list[dict[str, Any]]:
+    """A PersistentVolume and the claim bound to it, so that pods mounting the claim can schedule (the node
+    agent backs the claim with a local folder; no provisioner is needed)."""
+    pv = f"{namespace}-{claim}"
     return [
         {
             "apiVersion": "v1",
@@ -152,13 +154,13 @@ def storage_manifests() -> list[dict[str, Any]]:
                 "accessModes": ["ReadWriteMany"],
                 "storageClassName": "manual",
                 "hostPath": {"path": f"/tmp/kubetune-pv/{pv}"},
-                "claimRef": {"namespace": NAMESPACE, "name": CLAIM},
+                "claimRef": {"namespace": namespace, "name": claim},
             },
         },
         {
             "apiVersion": "v1",
             "kind": "PersistentVolumeClaim",
-            "metadata": {"name": CLAIM, "namespace": NAMESPACE},
+            "metadata": {"name": claim, "namespace": namespace},
             "spec": {
                 "accessModes": ["ReadWriteMany"],
                 "storageClassName": "manual",
