@@ -77,7 +77,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "plan": (_plan, "plan a training run: ZeRO stage, offload, micro-batch, memory per GPU"),
     "train": (_train, "run the trainer (inside a training pod)"),
     "ui": (_ui, "the Gradio chat page of a ModelServer (beside the server pods)"),
-    "dev": (_dev, "a local cluster for development and tests: up, down, status"),
+    "dev": (_dev, "the local cluster: up, down, status, logs, build, demo"),
 }
 
 
