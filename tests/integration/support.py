@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -195,6 +196,21 @@ class AgentProcess:
 
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.state_dir.glob("agent-*.log")))
+
+
+def running_agent(cluster: Cluster, state_dir: Path, **options: Any) -> Iterator[AgentProcess]:
+    """An agent for a test module: started, then stopped with its Node deleted and no process left behind."""
+    process = AgentProcess(cluster, state_dir, **options)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+        cluster.kubectl("delete", "node", process.node, "--wait=false", check=False)
+        pods = process.state_dir / "pods"
+        for pid_file in pods.glob("*/containers/*/pid") if pods.is_dir() else []:
+            with contextlib.suppress(OSError, ValueError):
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
 
 
 def dump(obj: Any) -> str:

@@ -33,6 +33,7 @@ from tests.integration.support import (
     Api,
     OperatorProcess,
     dump,
+    running_agent,
     wait_for,
 )
 
@@ -63,7 +64,7 @@ class Scene:
 @pytest.fixture(scope="module")
 def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     """A node agent with two "GPUs" that takes only pods of gpuType cpu-agent."""
-    process = AgentProcess(
+    yield from running_agent(
         cluster,
         tmp_path_factory.mktemp("dev-flow-agent"),
         node=f"dev-flow-{uuid.uuid4().hex[:6]}",
@@ -72,16 +73,6 @@ def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         taint=AGENT_TAINT,
         labels=("=".join(AGENT_LABEL),),
     )
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
-        cluster.kubectl("delete", "node", process.node, "--wait=false", check=False)
-        pods = process.state_dir / "pods"
-        for pid_file in pods.glob("*/containers/*/pid") if pods.is_dir() else []:
-            with contextlib.suppress(OSError, ValueError):
-                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

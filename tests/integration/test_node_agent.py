@@ -6,7 +6,6 @@ GPU labels, so nothing of the other tests lands on it; every pod here names it i
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.integration.support import AgentProcess, Api, wait_for
+from tests.integration.support import AgentProcess, Api, running_agent, wait_for
 
 from kubetune.dev.agent.logs import find_pod_log_dir
 from kubetune.dev.controlplane import Cluster
@@ -30,22 +29,12 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the node agent needs 
 
 @pytest.fixture(scope="module")
 def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    process = AgentProcess(
+    yield from running_agent(
         cluster,
         tmp_path_factory.mktemp("agent"),
         node=f"agent-test-{uuid.uuid4().hex[:6]}",
         pod_cidr=f"127.{random.randint(100, 250)}.0.0/16",
     )
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
-        cluster.kubectl("delete", "node", process.node, "--wait=false", check=False)
-        pods = process.state_dir / "pods"
-        for pid_file in pods.glob("*/containers/*/pid") if pods.is_dir() else []:
-            with contextlib.suppress(OSError, ValueError):
-                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

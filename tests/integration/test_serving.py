@@ -33,6 +33,7 @@ from tests.integration.support import (
     AgentProcess,
     Api,
     OperatorProcess,
+    running_agent,
     wait_for,
 )
 
@@ -67,7 +68,7 @@ class Scene:
 @pytest.fixture(scope="module")
 def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     """A node agent whose Node has two "GPUs" (vLLM runs on CPU) and takes only the servers' pods."""
-    process = AgentProcess(
+    yield from running_agent(
         cluster,
         tmp_path_factory.mktemp("serving-agent"),
         node=f"serving-{uuid.uuid4().hex[:6]}",
@@ -76,12 +77,6 @@ def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         taint=AGENT_TAINT,
         labels=("=".join(AGENT_LABEL),),
     )
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
-        cluster.kubectl("delete", "node", process.node, "--wait=false", check=False)
 
 
 @pytest.fixture(scope="module")
