@@ -37,18 +37,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "operator"))
 
-QWEN25_7B: dict[str, Any] = {
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "vocab_size": 152064,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1_000_000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-}
+# The Qwen2.5-7B architecture (config.json fields), shared with the planner's benchmark beside this file.
+from planner_gpu import QWEN25_7B  # noqa: E402
+
 SEQ = 8192
 MICRO_BATCH, ACCUMULATION = 1, 8
 TOKENS_PER_STEP = SEQ * MICRO_BATCH * ACCUMULATION
