@@ -129,36 +129,30 @@ def build_trainer(config: TrainerConfig, inputs: Inputs, callbacks: list[Any]) -
     train = Dataset.from_list(inputs.data.train)
     evaluation = Dataset.from_list(inputs.data.validation) if inputs.data.validation else None
     peft_config = lora_config(config)
+    trainer_class: type[Trainer]
     if config.spec.method == Method.DPO:
         from trl import DPOTrainer
 
+        trainer_class = DPOTrainer
         if inputs.init_adapter:
             from peft import PeftModel
 
             # DPO from the SFT adapter: it is trained further, and a frozen copy of it is the reference.
             model = PeftModel.from_pretrained(model, str(inputs.init_adapter), is_trainable=True)
             peft_config = None
-        trainer: Trainer = DPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=train,
-            eval_dataset=evaluation,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=callbacks,
-        )
     else:
         from trl import SFTTrainer
 
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=train,
-            eval_dataset=evaluation,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=callbacks,
-        )
+        trainer_class = SFTTrainer
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
     for noisy in (PrinterCallback, TqdmCallback):
         trainer.remove_callback(noisy)  # progress goes out as JSON lines
     if config.plan.compile and trainer.model is not None:
