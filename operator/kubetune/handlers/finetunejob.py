@@ -15,7 +15,7 @@ import kopf
 from pydantic import ValidationError
 
 from kubetune.api.v1alpha1 import FineTuneJob
-from kubetune.handlers import modelserver
+from kubetune.handlers import metrics, modelserver
 from kubetune.handlers.context import Context, handle_object_event, slim
 from kubetune.k8s.client import ApiError
 from kubetune.planner import PlanInfeasible, plan_job
@@ -28,6 +28,7 @@ from kubetune.status.conditions import get, set_condition
 log = logging.getLogger(__name__)
 FTJ = "finetunejobs.kubetune.io"
 KIND = "FineTuneJob"
+CONTROLLER = "finetunejob"  # the label of its metrics
 RETRY_WAITING_S = 10.0
 RETRY_ERROR_S = 5.0
 Key = tuple[str, str]
@@ -161,7 +162,7 @@ def reconcile(ctx: Context, key: Key, retry: bool = False) -> None:
         return
     meta = body["metadata"]
     uid = meta["uid"]
-    with ctx.lock(uid):
+    with ctx.lock(uid), metrics.reconciling(CONTROLLER) as outcome:
         first_look = uid not in ctx.seen
         ctx.seen.add(uid)
         current = ctx.status.current(uid, dict(body.get("status") or {}))
@@ -169,8 +170,10 @@ def reconcile(ctx: Context, key: Key, retry: bool = False) -> None:
             try:
                 admit(ctx, body, current.get("state"))
             except Retry as again:
+                outcome.result = "retry"
                 ctx.later(again.delay, reconcile, ctx, key, True)
             except ApiError as err:
+                outcome.failed(err)
                 log.warning("admission of %s/%s failed, retrying: %s", *key, err)
                 ctx.later(RETRY_ERROR_S, reconcile, ctx, key, True)
         sync_status(ctx, key, body)
@@ -227,5 +230,5 @@ def child_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, *
     key = (namespace or "", labels[LABEL_FINETUNEJOB])
     body = latest(ctx, key)
     if body is not None:
-        with ctx.lock(body["metadata"]["uid"]):
+        with ctx.lock(body["metadata"]["uid"]), metrics.reconciling(CONTROLLER):
             sync_status(ctx, key, body)

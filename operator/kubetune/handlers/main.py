@@ -9,7 +9,7 @@ from typing import Any
 import kopf
 
 from kubetune import config as operator_config
-from kubetune.handlers import finetunejob, modelserver  # noqa: F401  (registers the handlers)
+from kubetune.handlers import finetunejob, metrics, modelserver  # noqa: F401  (registers the handlers)
 from kubetune.handlers.context import Context
 from kubetune.render.common import MANAGED_BY
 
@@ -38,7 +38,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     for resource in ("pods", ("batch", "jobs"), ("apps", "deployments")):
         settings.watching.label_selectors[resource] = managed
     if memo.get("context") is None:
-        memo.context = Context.create(operator_config.load(memo.get("config_path")))
+        context = memo.context = Context.create(operator_config.load(memo.get("config_path")))
+        metrics.REGISTRY.register(metrics.ObjectsCollector(lambda: context.indexes))
 
 
 def run(argv: list[str]) -> int:
@@ -46,11 +47,19 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--config", help="operator configuration YAML (default: $KUBETUNE_OPERATOR_CONFIG)")
     parser.add_argument("--namespace", "-n", action="append", default=[], help="watch only these namespaces")
     parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness probe endpoint")
+    parser.add_argument(
+        "--metrics-address", default="0.0.0.0:8000", help="HOST:PORT of the Prometheus /metrics endpoint ('' = off)"
+    )
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.metrics_address:
+        try:
+            metrics.serve(args.metrics_address)
+        except (OSError, ValueError) as err:
+            parser.error(f"--metrics-address {args.metrics_address}: {err}")
     if not args.verbose:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     kopf.run(

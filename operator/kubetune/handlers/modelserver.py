@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from kubetune.adapters import Replica, ReplicaReport, plan_actions
 from kubetune.api.v1alpha1 import ModelServer
+from kubetune.handlers import metrics
 from kubetune.handlers.context import Context, handle_object_event, slim
 from kubetune.k8s import vllm
 from kubetune.k8s.client import ApiError
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 MS = "modelservers.kubetune.io"
 FTJ = "finetunejobs.kubetune.io"
 KIND = "ModelServer"
+CONTROLLER = "modelserver"  # the label of its metrics
 Key = tuple[str, str]
 
 
@@ -72,10 +74,11 @@ def reconcile(ctx: Context, key: Key) -> None:
     if body is None:
         return
     uid = body["metadata"]["uid"]
-    with ctx.lock(uid):
+    with ctx.lock(uid), metrics.reconciling(CONTROLLER) as outcome:
         try:
             server = ModelServer.model_validate(body)
         except ValidationError as err:
+            outcome.failed(err)
             log.error("invalid ModelServer %s/%s: %s", *key, err)
             return
         adapters = adapter_status.resolve(server, _jobs_in(ctx, key[0]))
@@ -87,6 +90,7 @@ def reconcile(ctx: Context, key: Key) -> None:
                     ctx.kube.apply(manifest)
                 ctx.applied[uid] = wanted
             except ApiError as err:
+                outcome.failed(err)
                 log.warning("applying %s/%s failed, retrying: %s", *key, err)
                 ctx.later(5.0, reconcile, ctx, key)
         reports = sync_adapters(ctx, key, uid, adapters)
@@ -120,6 +124,7 @@ def sync_adapters(ctx: Context, key: Key, uid: str, adapters: adapter_status.Res
     if not actions:
         return reports
     outcomes = vllm.perform_all(actions)
+    metrics.count_adapter_loads(outcomes)
     failures.update(vllm.failures_of(outcomes))
     for outcome in outcomes:
         if outcome.ok and outcome.action.verb == "load":

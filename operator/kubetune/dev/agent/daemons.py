@@ -37,7 +37,8 @@ def agent_daemon(state_dir: Path, kubeconfig: Path, node: str, gpus: int, cpu: s
 
 
 def operator_daemon(kubeconfig: Path) -> Daemon:
-    argv = [sys.executable, "-m", "kubetune", "operator", "--liveness", ""]
+    # Pods listen on their own 127.1.x.y; the operator on 0.0.0.0 would take their ports (vLLM's 8000).
+    argv = [sys.executable, "-m", "kubetune", "operator", "--liveness", "", "--metrics-address", "127.0.0.1:8000"]
     return Daemon(OPERATOR, argv, "operator", {"KUBECONFIG": str(kubeconfig)})
 
 
