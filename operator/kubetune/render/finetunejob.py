@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from kubetune.api.v1alpha1 import FineTuneJob, JobIdentity, Plan, TrainerConfig
+from kubetune.api.v1alpha1.trainerconfig import METRICS_PORT
 from kubetune.config import OperatorConfig
 from kubetune.render.common import (
     ANNOTATION_SPEC_HASH,
@@ -34,6 +35,12 @@ TRAINER_CONTAINER = "trainer"
 CONFIG_FILE = "trainer.yaml"
 # Exit code with which the trainer reports a problem no retry can fix (bad dataset, missing model).
 EXIT_PERMANENT = 3
+# Rank 0 serves its progress as Prometheus metrics; the pod's podMetadata.annotations may override these.
+SCRAPE_ANNOTATIONS = {
+    "prometheus.io/scrape": "true",
+    "prometheus.io/port": str(METRICS_PORT),
+    "prometheus.io/path": "/metrics",
+}
 
 
 @dataclass(frozen=True)
@@ -202,16 +209,19 @@ def pod_template(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfi
     env = merge_parts([PodParts(env=_distributed_env(ftj, config)), parts, PodParts(env=user_env(spec.env))]).env
     gpu = config.gpu_type(spec.resources.gpu_type)
     pod_labels = labels(LABEL_FINETUNEJOB, ftj.metadata.name, "trainer")
-    pod_annotations: dict[str, str] = {}
+    pod_annotations = dict(SCRAPE_ANNOTATIONS)
     if spec.pod_metadata:
         pod_labels = {**spec.pod_metadata.labels, **pod_labels}
-        pod_annotations = dict(spec.pod_metadata.annotations)
+        pod_annotations.update(spec.pod_metadata.annotations)
     container = {
         "name": TRAINER_CONTAINER,
         "image": spec.image or config.images.trainer,
         "command": ["kubetune", "train", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
         "env": env,
-        "ports": [{"name": "rendezvous", "containerPort": config.rendezvous_port}],
+        "ports": [
+            {"name": "rendezvous", "containerPort": config.rendezvous_port},
+            {"name": "metrics", "containerPort": METRICS_PORT},
+        ],
         "resources": resource_limits(spec.resources.gpus_per_node, spec.resources.cpu, spec.resources.memory),
         "volumeMounts": parts.mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -228,10 +238,7 @@ def pod_template(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfi
         pod_spec["nodeSelector"] = dict(gpu.node_selector)
     if gpu.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in gpu.tolerations]
-    template: dict[str, Any] = {"metadata": {"labels": pod_labels}, "spec": pod_spec}
-    if pod_annotations:
-        template["metadata"]["annotations"] = pod_annotations
-    return template
+    return {"metadata": {"labels": pod_labels, "annotations": pod_annotations}, "spec": pod_spec}
 
 
 def training_hash(trainer: TrainerConfig, template: Manifest) -> str:

@@ -16,6 +16,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from kubetune import storage
 from kubetune.trainer import checkpoints
+from kubetune.trainer.metrics import TrainerMetrics
 from kubetune.trainer.progress import StatusReporter, build_progress, log_event, progress_patch, status_patch
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,13 @@ def distributed() -> bool:
 
 
 class ProgressCallback(TrainerCallback):
-    """On rank 0, every `interval` seconds: log a progress JSON line and queue the status patch."""
+    """On rank 0, every `interval` seconds: log a progress JSON line, queue the status patch, set the gauges."""
 
-    def __init__(self, reporter: StatusReporter, interval: float, uid: str = "") -> None:
+    def __init__(
+        self, reporter: StatusReporter, interval: float, uid: str = "", metrics: TrainerMetrics | None = None
+    ) -> None:
         self.reporter = reporter
+        self.metrics = metrics
         self.interval = interval
         self.uid = uid
         self.started = self.last_report = 0.0
@@ -98,6 +102,8 @@ class ProgressCallback(TrainerCallback):
             extra["gpu_max_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         log_event("progress", **progress.to_wire(), metrics=extra)
         self.reporter.submit(progress_patch(progress, self.uid))
+        if self.metrics is not None:
+            self.metrics.update(progress)
         self.losses, self.extra = [], {}
         self.last_report, self.last_tokens, self.reported_step = now, tokens, state.global_step
 

@@ -28,6 +28,7 @@ from kubetune.trainer.data import load_tokenizer
 from kubetune.trainer.deepspeed_config import deepspeed_config
 from kubetune.trainer.errors import EXIT_OK, EXIT_TERMINATED
 from kubetune.trainer.inputs import Inputs
+from kubetune.trainer.metrics import TrainerMetrics, metrics_port
 from kubetune.trainer.progress import StatusReporter, log_event, status_patch, status_sender
 
 log = logging.getLogger(__name__)
@@ -232,11 +233,15 @@ def run(config: TrainerConfig, inputs: Inputs) -> int:
     if "RANK" not in os.environ:
         single_process_env(torch.cuda.is_available())
     reporter = StatusReporter(status_sender(config.job) if rank == 0 else None, config.progress_interval_seconds)
+    exporter = TrainerMetrics(config.job.name) if rank == 0 else None
+    port = metrics_port(os.environ)
+    if exporter is not None and port:
+        exporter.serve(port)
     stop = StopOnSignal()
     previous_handler = stop.install()
     root = inputs.output_dir / "checkpoints"
     callbacks = [
-        ProgressCallback(reporter, config.progress_interval_seconds, config.job.uid),
+        ProgressCallback(reporter, config.progress_interval_seconds, config.job.uid, exporter),
         CheckpointCallback(root, config.spec.checkpointing.keep, config.spec.output.uri, reporter, config.job.uid),
         stop,
     ]
@@ -264,4 +269,6 @@ def run(config: TrainerConfig, inputs: Inputs) -> int:
         return EXIT_OK
     finally:
         reporter.close()
+        if exporter is not None:
+            exporter.close()
         signal.signal(signal.SIGTERM, previous_handler)

@@ -11,6 +11,9 @@ from pydantic import Field
 from kubetune.api.v1alpha1.base import KubeModel
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec, Plan
 
+METRICS_PORT = 9400
+"""Where rank 0 of the trainer serves Prometheus metrics (the pod's `metrics` port; docs/metrics.md)."""
+
 
 class JobIdentity(KubeModel):
     """The FineTuneJob the trainer works for (its status is where progress goes)."""
