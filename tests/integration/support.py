@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from kubetune.config import GPU_TOLERATION, GpuTypeConfig, OperatorConfig
-from kubetune.dev.controlplane import Cluster
+from kubetune.dev.controlplane import Cluster, free_ports
 from kubetune.dev.demo import storage_manifests
 from kubetune.dev.nodes import wait_nodes_ready
 from kubetune.k8s.client import Kube
@@ -47,10 +47,12 @@ def wait_for(
 class OperatorProcess:
     """`kubetune operator` running against the test cluster, restartable (kill -9 included)."""
 
-    def __init__(self, kubeconfig: Path, log_dir: Path, config: Path | None = None) -> None:
+    def __init__(self, kubeconfig: Path, log_dir: Path, config: Path | None = None, metrics_port: int = 0) -> None:
         self.kubeconfig = kubeconfig
         self.log_dir = log_dir
         self.config = config
+        self.metrics_port = metrics_port
+        """On 127.0.0.1; 0: no metrics endpoint."""
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -60,13 +62,18 @@ class OperatorProcess:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
         if self.config:
             env["KUBETUNE_OPERATOR_CONFIG"] = str(self.config)
+        metrics = f"127.0.0.1:{self.metrics_port}" if self.metrics_port else ""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune", "operator", "--liveness", ""],
+            [sys.executable, "-m", "kubetune", "operator", "--liveness", "", "--metrics-address", metrics],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def kill(self) -> None:
         """SIGKILL: the operator gets no chance to clean up, as in a node crash."""
@@ -249,7 +256,7 @@ def operator_fixture(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory)
     log_dir = tmp_path_factory.mktemp("operator")
     config = log_dir / "operator.yaml"
     config.write_text(yaml.safe_dump(operator_config_for_tests()))
-    proc = OperatorProcess(cluster.kubeconfig, log_dir, config)
+    proc = OperatorProcess(cluster.kubeconfig, log_dir, config, metrics_port=free_ports(1)[0])
     proc.start()
     yield proc
     proc.stop()
