@@ -16,7 +16,9 @@ from pydantic.alias_generators import to_camel
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_attribute_docstrings=True
+    )
 
 
 class GpuTypeConfig(_Config):

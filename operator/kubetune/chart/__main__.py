@@ -1,0 +1,3 @@
+from kubetune.chart.generate import main
+
+raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""The Helm chart, without a cluster: generated parts up to date, lint, values schema, rendered objects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetune.chart.generate import generated_files
+from kubetune.chart.values import ChartValues
+from kubetune.config import OperatorConfig
+from tests.helm import CHART, find, helm, template
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_generated_parts_match_the_models() -> None:
+    stale = [name for name, text in generated_files().items() if (CHART / name).read_text() != text]
+    assert not stale, f"run `python -m kubetune.chart`: {stale}"
+    on_disk = {str(p.relative_to(CHART)) for p in (CHART / "templates" / "crds").glob("*.yaml")}
+    assert on_disk == {name for name in generated_files() if name.startswith("templates/crds/")}
+
+
+def test_values_yaml_holds_exactly_the_defaults_of_the_values_model() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values == ChartValues().model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+def test_lint_is_clean() -> None:
+    result = helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_values_schema_rejects_a_misspelt_operator_setting() -> None:
+    result = helm(
+        "template", "t", str(CHART), "--set-json", 'config.gpuTypes.x={"nodeSelectr":{"a":"b"}}', check=False
+    )
+    assert result.returncode != 0
+    assert "nodeSelectr" in result.stderr and "not allowed" in result.stderr
+
+
+def test_operator_runs_restricted_with_its_configuration() -> None:
+    objects = template()
+    pod = find(objects, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["kubetune", "operator"]
+    assert "--config=/etc/kubetune-operator/config.yaml" in container["args"]
+    assert "--metrics-address=0.0.0.0:8000" in container["args"]
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    config = find(objects, "ConfigMap", "kubetune-config")["data"]["config.yaml"]
+    assert OperatorConfig.model_validate(yaml.safe_load(config)) == OperatorConfig()
+    deployment = find(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_cluster_wide_by_default_and_namespaced_when_asked() -> None:
+    kinds = [o["kind"] for o in template()]
+    assert "ClusterRole" in kinds and "ClusterRoleBinding" in kinds and "Role" not in kinds
+    objects = template(watchNamespaces='["team-a","team-b"]')
+    roles = [o for o in objects if o["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert not [o for o in objects if o["kind"].startswith("Cluster")]
+    args = find(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+
+
+def test_operator_cannot_read_secrets_or_touch_cluster_objects() -> None:
+    rules = find(template(), "ClusterRole")["rules"]
+    resources = {r for rule in rules for r in rule["resources"]}
+    assert not resources & {"secrets", "namespaces", "nodes", "clusterroles", "clusterrolebindings", "*"}
+    assert all("*" not in rule["verbs"] for rule in rules)
+
+
+def test_crds_are_templates_kept_on_uninstall_and_switchable() -> None:
+    crds = [o for o in template() if o["kind"] == "CustomResourceDefinition"]
+    assert sorted(c["metadata"]["name"] for c in crds) == ["finetunejobs.kubetune.io", "modelservers.kubetune.io"]
+    for crd in crds:
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert crd["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"] == "-1"
+        source = REPO / "crds" / f"kubetune.io_{crd['spec']['names']['plural']}.yaml"
+        assert crd["spec"] == yaml.safe_load(source.read_text())["spec"]
+    assert not [o for o in template(**{"crds.install": "false"}) if o["kind"] == "CustomResourceDefinition"]
+
+
+def test_argocd_health_checks_are_the_lua_files() -> None:
+    (cm,) = [o for o in template(**{"argocd.healthChecks": "true"}) if o["metadata"]["name"] == "argocd-cm"]
+    assert cm["metadata"]["namespace"] == "argocd"
+    source = REPO / "argocd" / "resource_customizations" / "kubetune.io"
+    assert cm["data"] == {
+        f"resource.customizations.health.kubetune.io_{kind}": (source / kind / "health.lua").read_text()
+        for kind in ("FineTuneJob", "ModelServer")
+    }
+
+
+def test_dashboard_ships_in_a_sidecar_configmap() -> None:
+    (cm,) = [o for o in template(**{"dashboards.enabled": "true"}) if o["metadata"]["name"] == "kubetune-dashboard"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["kubetune.json"]) == json.loads((CHART / "dashboards" / "kubetune.json").read_text())
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_metrics_service_and_service_monitor(enabled: bool) -> None:
+    objects = template(**{"metrics.serviceMonitor.enabled": json.dumps(enabled)})
+    service = find(objects, "Service", "kubetune-metrics")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8000, "targetPort": "metrics"}]
+    monitors = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    assert len(monitors) == (1 if enabled else 0)
