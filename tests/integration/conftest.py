@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.integration.support import Api, OperatorProcess, operator_fixture
+from tests.integration.support import Api, OperatorProcess, operator_fixture, started_cluster
 
 from kubetune.dev.binaries import ensure_binaries
-from kubetune.dev.controlplane import Cluster, ControlPlane
+from kubetune.dev.controlplane import Cluster
 from kubetune.dev.nodes import create_simulated_nodes, wait_nodes_ready
 
 HERE = Path(__file__).parent
@@ -37,15 +37,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         wait_nodes_ready(handle.kubeconfig, create_simulated_nodes(handle.kubeconfig))
         yield handle
         return
-    plane = ControlPlane(tmp_path_factory.mktemp("kubetune-cluster"), binaries)
-    try:
-        plane.start()
-        names = create_simulated_nodes(plane.kubeconfig)
-        plane.wait_ready()
-        wait_nodes_ready(plane.kubeconfig, names)
-        yield plane.cluster()
-    finally:
-        plane.stop()
+    with started_cluster(tmp_path_factory.mktemp("kubetune-cluster")) as started:
+        yield started
 
 
 @pytest.fixture(scope="session")

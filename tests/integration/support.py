@@ -20,14 +20,29 @@ import pytest
 import yaml
 
 from kubetune.config import GPU_TOLERATION, GpuTypeConfig, OperatorConfig
-from kubetune.dev.controlplane import Cluster, free_ports
+from kubetune.dev.binaries import ensure_binaries
+from kubetune.dev.controlplane import Cluster, ControlPlane, free_ports
 from kubetune.dev.demo import storage_manifests
-from kubetune.dev.nodes import wait_nodes_ready
+from kubetune.dev.nodes import create_simulated_nodes, wait_nodes_ready
 from kubetune.k8s.client import Kube
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def started_cluster(state_dir: Path) -> Iterator[Cluster]:
+    """A control plane of its own with the simulated nodes Ready, stopped on exit."""
+    plane = ControlPlane(state_dir, ensure_binaries())
+    try:
+        plane.start()
+        names = create_simulated_nodes(plane.kubeconfig)
+        plane.wait_ready()
+        wait_nodes_ready(plane.kubeconfig, names)
+        yield plane.cluster()
+    finally:
+        plane.stop()
 
 
 def wait_for(
