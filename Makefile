@@ -29,7 +29,8 @@ integration: setup
 	$(PY) -m pytest tests/integration -q
 
 crds: setup
-	$(PY) -m kubetune.crdgen --output-dir crds
+	$(PY) -m kubetune.crdgen --output-dir crds --docs docs/api.md
+	$(PY) -m kubetune.chart
 
 dev-up: setup
 	$(PY) -m kubetune dev up
