@@ -21,11 +21,16 @@ class _Config(BaseModel):
     )
 
 
-class GpuTypeConfig(_Config):
-    """Scheduling of one GPU type."""
+class Scheduling(_Config):
+    """Where pods go: a node selector and tolerations."""
 
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class GpuTypeConfig(Scheduling):
+    """Scheduling of one GPU type."""
+
     memory_gib: float | None = None
     """Memory per GPU, when the planner's table does not know this type."""
 
@@ -83,6 +88,8 @@ class OperatorConfig(_Config):
     rendezvous_port: int = 29500
     server_port: int = 8000
     ui_port: int = 7860
+    ui_scheduling: Scheduling = Field(default_factory=Scheduling)
+    """Where the chat pages (ui.enabled) run; they need no GPU. Anywhere by default."""
     trainer_termination_grace_seconds: int = 120
     """Time the trainer gets after SIGTERM to write its final checkpoint."""
     server: ServerConfig = Field(default_factory=ServerConfig)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from kubetune.api.v1alpha1 import FineTuneJob, ModelServer
+from kubetune.config import OperatorConfig
 from kubetune.dev import demo
 from kubetune.dev.__main__ import parser
+from kubetune.dev.agent import daemons
+from kubetune.dev.agent.node import dev_gpu_node, node_manifest
+from kubetune.render import modelserver
 
 
 def test_demo_jobs_and_server_validate_against_the_api() -> None:
@@ -29,3 +33,15 @@ def test_demo_datasets_have_the_trainer_formats() -> None:
 def test_dev_demo_subcommand() -> None:
     args = parser().parse_args(["demo", "--no-serve"])
     assert args.command == "demo" and args.no_serve
+
+
+def test_dev_operator_puts_chat_pages_on_the_agents_node() -> None:
+    node = node_manifest(dev_gpu_node())
+    ui = modelserver.ui_deployment(
+        ModelServer.model_validate({**demo.model_server(), "metadata": {"name": "s", "namespace": "n"}}),
+        daemons.dev_operator_config(agent=True),
+    )["spec"]["template"]["spec"]
+    assert all(node["metadata"]["labels"].get(k) == v for k, v in ui["nodeSelector"].items())
+    for taint in node["spec"]["taints"]:
+        assert any(t["key"] == taint["key"] and t["effect"] == taint["effect"] for t in ui["tolerations"]), taint
+    assert daemons.dev_operator_config(agent=False) == OperatorConfig()

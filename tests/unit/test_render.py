@@ -175,3 +175,14 @@ def test_server_deployment_for_production() -> None:
 )
 def test_model_arguments(uri: str, expected: list[str]) -> None:
     assert modelserver.model_arguments(uri) == expected
+
+
+def test_chat_page_goes_where_the_installation_says() -> None:
+    anywhere = modelserver.ui_deployment(load_server(), CONFIG)["spec"]["template"]["spec"]
+    assert "nodeSelector" not in anywhere and "tolerations" not in anywhere
+    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    config = OperatorConfig.model_validate(
+        {"uiScheduling": {"nodeSelector": {"pool": "web"}, "tolerations": [toleration]}}
+    )
+    placed = modelserver.ui_deployment(load_server(), config)["spec"]["template"]["spec"]
+    assert placed["nodeSelector"] == {"pool": "web"} and placed["tolerations"] == [toleration]

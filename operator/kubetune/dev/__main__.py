@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from kubetune.dev.agent import daemons
 from kubetune.dev.agent.logs import container_log, find_pod_log_dir, print_log
 from kubetune.dev.binaries import ensure_binaries
@@ -70,7 +72,10 @@ def up(
     if agent is not None:
         start_agent(plane.state_dir, plane.kubeconfig, agent)
     if operator:
-        daemon = daemons.operator_daemon(plane.kubeconfig)
+        config = plane.state_dir / "operator.yaml"
+        settings = daemons.dev_operator_config(agent is not None and os.geteuid() == 0)
+        config.write_text(yaml.safe_dump(settings.model_dump(mode="json", by_alias=True, exclude_none=True)))
+        daemon = daemons.operator_daemon(plane.kubeconfig, config)
         pid = daemons.start(plane.state_dir, daemon)
         print(f"kubetune dev: operator running (pid {pid}, log {daemons.log_file(plane.state_dir, daemon.name)})")
     return cluster

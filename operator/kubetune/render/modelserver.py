@@ -211,6 +211,11 @@ def ui_deployment(server: ModelServer, config: OperatorConfig) -> Manifest:
         "readinessProbe": _probe("/", config.ui_port, 10, 3),
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
     }
+    pod_spec: Manifest = {"containers": [container]}
+    if config.ui_scheduling.node_selector:
+        pod_spec["nodeSelector"] = dict(config.ui_scheduling.node_selector)
+    if config.ui_scheduling.tolerations:
+        pod_spec["tolerations"] = list(config.ui_scheduling.tolerations)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -218,7 +223,7 @@ def ui_deployment(server: ModelServer, config: OperatorConfig) -> Manifest:
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": {LABEL_MODELSERVER: server.metadata.name, "app.kubernetes.io/component": "ui"}},
-            "template": {"metadata": {"labels": pod_labels}, "spec": {"containers": [container]}},
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         },
     }
 

@@ -12,7 +12,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kubetune.config import GPU_TOLERATION, OperatorConfig, Scheduling
 from kubetune.dev.agent.agent import kill_leftovers
+from kubetune.dev.agent.node import AGENT_LABEL
 from kubetune.dev.controlplane import process_alive, terminate
 
 AGENT = "node-agent"
@@ -36,10 +38,19 @@ def agent_daemon(state_dir: Path, kubeconfig: Path, node: str, gpus: int, cpu: s
     return Daemon(AGENT, argv, "kubetune.dev.agent")
 
 
-def operator_daemon(kubeconfig: Path) -> Daemon:
+def operator_daemon(kubeconfig: Path, config: Path) -> Daemon:
     # Pods listen on their own 127.1.x.y; the operator on 0.0.0.0 would take their ports (vLLM's 8000).
     argv = [sys.executable, "-m", "kubetune", "operator", "--liveness", "", "--metrics-address", "127.0.0.1:8000"]
+    argv += ["--config", str(config)]
     return Daemon(OPERATOR, argv, "operator", {"KUBECONFIG": str(kubeconfig)})
+
+
+def dev_operator_config(agent: bool) -> OperatorConfig:
+    """The dev operator's configuration: with a node agent, chat pages run on the agent's Node (really, not
+    on a simulated one). That Node carries the GPU taint, so they tolerate it."""
+    if not agent:
+        return OperatorConfig()
+    return OperatorConfig(ui_scheduling=Scheduling(node_selector={AGENT_LABEL: "true"}, tolerations=[GPU_TOLERATION]))
 
 
 def agent_dir(state_dir: Path) -> Path:
