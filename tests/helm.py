@@ -8,14 +8,14 @@ from typing import Any
 
 import yaml
 
-from kubetune.dev.binaries import ensure_binaries
+from kubetune.dev.binaries import ensure_helm
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "kubetune"
 
 
 def helm(*args: str, check: bool = True, kubeconfig: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run helm; its caches and config stay out of the user's home."""
-    cmd = [str(ensure_binaries().helm), *args]
+    cmd = [str(ensure_helm()), *args]
     if kubeconfig:
         cmd += ["--kubeconfig", str(kubeconfig)]
     result = subprocess.run(cmd, capture_output=True, text=True)

@@ -76,7 +76,7 @@ def test_cache_layout_is_keyed_by_version(monkeypatch: pytest.MonkeyPatch, tmp_p
     expected = binaries.expected_binaries()
     assert expected.kube_apiserver == tmp_path / "bin" / "kubernetes-v1.36.2" / "kube-apiserver"
     assert expected.kwok == tmp_path / "bin" / "kwok-v0.8.0" / "kwok"
-    assert expected.helm == tmp_path / "bin" / "helm-v4.3.1" / "helm"
+    assert binaries.helm_path(tmp_path) == tmp_path / "bin" / "helm-v4.3.1" / "helm"
     assert expected.etcd == tmp_path / "bin" / "etcd-3.5.1" / "etcd"
     assert binaries.missing_binaries(expected) == [Path(p) for p in vars(expected).values()]
     env = binaries.go_env(tmp_path)

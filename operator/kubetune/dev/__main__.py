@@ -18,7 +18,7 @@ import yaml
 
 from kubetune.dev.agent import daemons
 from kubetune.dev.agent.logs import container_log, find_pod_log_dir, print_log
-from kubetune.dev.binaries import ensure_binaries
+from kubetune.dev.binaries import ensure_binaries, ensure_helm
 from kubetune.dev.controlplane import Cluster, ControlPlane, KubectlError, repo_root
 from kubetune.dev.nodes import create_simulated_nodes, parse_pools, wait_nodes_ready
 
@@ -196,7 +196,9 @@ def parser() -> argparse.ArgumentParser:
     logs_cmd.add_argument(
         "--agent-dir", type=Path, default=None, help="the agent's state folder (default <state>/agent)"
     )
-    commands.add_parser("build", help="only build or fetch the binaries (slow the first time), e.g. in CI")
+    commands.add_parser(
+        "build", help="only build or fetch the binaries, Helm included (slow the first time), e.g. in CI"
+    )
     demo_cmd = commands.add_parser(
         "demo", parents=[common], help="train SFT then DPO on the agent, serve both adapters (make demo)"
     )
@@ -230,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         return demo.run(args.state_dir, serve_models=not args.no_serve)
     if args.command == "build":
         print(ensure_binaries())
+        print(f"helm: {ensure_helm()}")
         return 0
     if args.command == "logs":
         return logs(args.pod, args.namespace, args.container, args.follow, args.tail, args.state_dir, args.agent_dir)

