@@ -7,10 +7,18 @@ user, so the API server can count its requests), then for each N creates N singl
 fresh namespace and prints:
 
 - create-to-Job latency p50/p99: from the create call returning to the training Job's first watch event;
-- convergence: from the first create to every FineTuneJob Succeeded (kwok completes the pods);
-- operator peak RSS and CPU seconds;
+- convergence: from the first create to every FineTuneJob Succeeded (kwok completes the pods), and apart
+  from it when every training Job was complete (the Job controller's part) and how long after its Job
+  completed each FineTuneJob showed Succeeded (the operator's part, p50/p99);
+- operator peak RSS and CPU seconds, and the CPU seconds of every control-plane component and of the
+  bench itself (its watches and creates), so that it shows where the two cores went;
 - API requests per job: the operator's requests counted by the API server (a FlowSchema matching its user,
-  `apiserver_flowcontrol_dispatched_requests_total`), watches included, divided by N.
+  `apiserver_flowcontrol_dispatched_requests_total`), watches included, divided by N;
+- the load average before and after.
+
+Everything is observed through watches (no polling of the API server). `--controller-qps` raises the
+kube-controller-manager's client rate limit (20 requests/s by default, which alone bounds how fast 1000 Jobs
+can complete); the value is recorded with the results.
 
 Targets (issue 3): p50 < 0.3 s, 1000 jobs converge in < 60 s, RSS < 250 MB. Timings are reported, never
 asserted. Results go to stdout and bench/results/operator_scale.json.
@@ -118,11 +126,16 @@ def cluster_admin_binding() -> dict[str, Any]:
 
 
 class Watcher:
-    """`kubectl get --watch` in the background: when each object was first seen and its latest state."""
+    """`kubectl get --watch` in the background: when each object was first seen, its latest state, and when
+    it first showed `done` (a state value, or "*" for any); `all_done` is set once `expected` objects have."""
 
-    def __init__(self, kubectl: list[str], resource: str, namespace: str, template: str) -> None:
+    def __init__(self, kubectl: list[str], resource: str, namespace: str, template: str, done: str = "") -> None:
         self.first_seen: dict[str, float] = {}
         self.state: dict[str, str] = {}
+        self.done_at: dict[str, float] = {}
+        self.done = done
+        self.expected = 0
+        self.all_done = threading.Event()
         cmd = [
             *kubectl,
             "get",
@@ -146,10 +159,15 @@ class Watcher:
             if not parts:
                 continue
             self.first_seen.setdefault(parts[0], now)
-            self.state[parts[0]] = parts[1] if len(parts) > 1 else ""
+            state = self.state[parts[0]] = parts[1] if len(parts) > 1 else ""
+            if state and self.done in (state, "*") and parts[0] not in self.done_at:
+                self.done_at[parts[0]] = now
+                if self.expected and len(self.done_at) >= self.expected:
+                    self.all_done.set()
 
     def stop(self) -> None:
         self.proc.terminate()
+        self.proc.wait(timeout=10)
 
 
 def process_stats(pid: int) -> tuple[float, float]:
@@ -162,19 +180,65 @@ def process_stats(pid: int) -> tuple[float, float]:
     return hwm_kib / 1024, cpu
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds of each named process (0 when it is gone)."""
+    found = {}
+    for name, pid in pids.items():
+        try:
+            found[name] = process_stats(pid)[1]
+        except (OSError, AttributeError):
+            found[name] = 0.0
+    return found
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's finished children (the kubectl watches)."""
+    usage = os.times()
+    return usage.children_user + usage.children_system
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_size(n: int, admin: Kube, kubectl: list[str], operator_pid: int, timeout: float) -> dict[str, Any]:
+class BenchControlPlane(ControlPlane):
+    """The local control plane, with the controller-manager's client rate limit raised when asked."""
+
+    def __init__(self, state_dir: Path, controller_qps: int) -> None:
+        super().__init__(state_dir, ensure_binaries())
+        self.controller_qps = controller_qps
+
+    def component_argv(self, binaries: Any, ports: dict[str, int]) -> dict[str, list[str]]:
+        argv = super().component_argv(binaries, ports)
+        if self.controller_qps:
+            qps = self.controller_qps
+            argv["kube-controller-manager"] += [f"--kube-api-qps={qps}", f"--kube-api-burst={2 * qps}"]
+        return argv
+
+    def pids(self) -> dict[str, int]:
+        state = json.loads(self.state_file.read_text())
+        return {name: int(entry["pid"]) for name, entry in state["processes"].items()}
+
+
+def run_size(
+    n: int, admin: Kube, kubectl: list[str], operator_pid: int, components: dict[str, int], timeout: float
+) -> dict[str, Any]:
     namespace = f"bench-{n}-{int(time.time()) % 100000}"
     admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-    jobs = Watcher(kubectl, "jobs", namespace, "{.metadata.name}{'\\n'}")
-    ftjs = Watcher(kubectl, "finetunejobs", namespace, "{.metadata.name} {.status.state}{'\\n'}")
+    load_before = load_average()
+    own_before = time.process_time() + children_cpu_seconds()
+    jobs = Watcher(kubectl, "jobs", namespace, "{.metadata.name} {.status.completionTime}{'\\n'}", "*")
+    ftjs = Watcher(kubectl, "finetunejobs", namespace, "{.metadata.name} {.status.state}{'\\n'}", "Succeeded")
+    ftjs.expected = n
     time.sleep(1.0)  # let the watches start
     requests_before = operator_requests(admin)
     _, cpu_before = process_stats(operator_pid)
+    components_before = cpu_seconds(components)
     created: dict[str, float] = {}
 
     def create(i: int) -> None:
@@ -186,20 +250,19 @@ def run_size(n: int, admin: Kube, kubectl: list[str], operator_pid: int, timeout
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(create, range(n)))
     create_seconds = time.monotonic() - start
-    deadline = start + timeout
-    while time.monotonic() < deadline:
-        done = sum(1 for s in ftjs.state.values() if s == "Succeeded")
-        if done >= n:
-            break
-        time.sleep(0.2)
+    ftjs.all_done.wait(max(0.0, start + timeout - time.monotonic()))
     converged = time.monotonic() - start
-    succeeded = sum(1 for s in ftjs.state.values() if s == "Succeeded")
+    succeeded = len(ftjs.done_at)
     jobs.stop()
     ftjs.stop()
     latencies = [jobs.first_seen[name] - t for name, t in created.items() if name in jobs.first_seen]
+    completed = jobs.done_at
+    lags = [ftjs.done_at[name] - t for name, t in completed.items() if name in ftjs.done_at]
     time.sleep(2.0)  # let trailing requests land before counting
     requests = operator_requests(admin) - requests_before
     rss, cpu_after = process_stats(operator_pid)
+    components_after = cpu_seconds(components)
+    own_cpu = time.process_time() + children_cpu_seconds() - own_before
     return {
         "jobs": n,
         "create_seconds": round(create_seconds, 2),
@@ -208,9 +271,18 @@ def run_size(n: int, admin: Kube, kubectl: list[str], operator_pid: int, timeout
         "jobs_created": len(latencies),
         "succeeded": succeeded,
         "all_succeeded_s": round(converged, 1) if succeeded >= n else None,
+        "all_jobs_complete_s": round(max(completed.values()) - start, 1) if len(completed) >= n else None,
+        "job_complete_to_succeeded_p50_s": round(statistics.median(lags), 3) if lags else None,
+        "job_complete_to_succeeded_p99_s": round(percentile(lags, 0.99), 3) if lags else None,
         "operator_peak_rss_mib": round(rss, 1),
         "operator_cpu_s": round(cpu_after - cpu_before, 1),
         "api_requests_per_job": round(requests / n, 1),
+        "cpu_s": {
+            **{k: round(components_after[k] - components_before[k], 1) for k in components},
+            "bench": round(own_cpu, 1),
+        },
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
     }
 
 
@@ -219,12 +291,15 @@ def main() -> int:
     parser.add_argument("--sizes", default="10,100,1000")
     parser.add_argument("--gpu-nodes", type=int, default=250)
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for one size to converge")
+    parser.add_argument(
+        "--controller-qps", type=int, default=0, help="kube-controller-manager --kube-api-qps (0: its default, 20)"
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "operator_scale.json")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
     state = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
-    plane = ControlPlane(state, ensure_binaries())
+    plane = BenchControlPlane(state, args.controller_qps)
     operator: subprocess.Popen[bytes] | None = None
     results: list[dict[str, Any]] = []
     try:
@@ -254,28 +329,40 @@ def main() -> int:
         kubectl = [str(cluster.kubectl_path), "--kubeconfig", str(plane.kubeconfig)]
         time.sleep(3)
         for n in sizes:
-            result = run_size(n, admin, kubectl, operator.pid, args.timeout)
+            result = run_size(n, admin, kubectl, operator.pid, plane.pids(), args.timeout)
             results.append(result)
             print(json.dumps(result), flush=True)
     finally:
-        if operator is not None:
-            operator.send_signal(signal.SIGTERM)
-            operator.wait(timeout=30)
-        plane.stop()
+        try:
+            if operator is not None:
+                operator.send_signal(signal.SIGTERM)
+                try:
+                    operator.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    operator.kill()  # still busy with a backlog: nothing of it is measured any more
+                    operator.wait()
+        finally:
+            plane.stop()
 
     machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
-    print(f"\nmachine: {machine}, {args.gpu_nodes} kwok GPU nodes (4 GPUs each)")
-    print("| jobs | create->Job p50 | p99 | all Succeeded | operator peak RSS | operator CPU | API requests/job |")
-    print("|---|---|---|---|---|---|---|")
+    qps = args.controller_qps or "default (20)"
+    print(f"\nmachine: {machine}, {args.gpu_nodes} kwok GPU nodes (4 GPUs each), controller-manager QPS {qps}")
+    print(
+        "| jobs | create->Job p50 | p99 | all Jobs complete | all Succeeded | Job complete->Succeeded p50/p99 "
+        "| operator peak RSS | operator CPU | API requests/job | load before/after |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
-            f"| {r['jobs']} | {r['create_to_job_p50_s']} s | {r['create_to_job_p99_s']} s | {r['all_succeeded_s']} s "
-            f"| {r['operator_peak_rss_mib']} MiB | {r['operator_cpu_s']} s | {r['api_requests_per_job']} |"
+            f"| {r['jobs']} | {r['create_to_job_p50_s']} s | {r['create_to_job_p99_s']} s "
+            f"| {r['all_jobs_complete_s']} s | {r['all_succeeded_s']} s "
+            f"| {r['job_complete_to_succeeded_p50_s']}/{r['job_complete_to_succeeded_p99_s']} s "
+            f"| {r['operator_peak_rss_mib']} MiB | {r['operator_cpu_s']} s | {r['api_requests_per_job']} "
+            f"| {r['load_average_before']} / {r['load_average_after']} |"
         )
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        json.dumps({"machine": machine, "gpu_nodes": args.gpu_nodes, "results": results}, indent=2) + "\n"
-    )
+    summary = {"machine": machine, "gpu_nodes": args.gpu_nodes, "controller_qps": args.controller_qps or None}
+    args.output.write_text(json.dumps({**summary, "results": results}, indent=2) + "\n")
     return 0
 
 
