@@ -25,6 +25,7 @@ _KEPT_METADATA = (
     "name",
     "namespace",
     "uid",
+    "resourceVersion",
     "generation",
     "labels",
     "annotations",
@@ -33,12 +34,16 @@ _KEPT_METADATA = (
 )
 
 
-def slim(body: kopf.Body, spec: bool) -> dict[str, Any]:
-    """What the operator keeps of an object in its indexes: no managedFields, no kopf wrappers."""
+def slim(body: kopf.Body, spec: bool | tuple[str, ...]) -> dict[str, Any]:
+    """What the operator keeps of an object in its indexes: no managedFields, no kopf wrappers, and of the
+    spec all (True), nothing (False) or only the named fields (a Job's pod template is most of its size)."""
     meta = body.get("metadata") or {}
     kept: dict[str, Any] = {"metadata": {k: meta[k] for k in _KEPT_METADATA if k in meta}}
-    if spec:
+    if spec is True:
         kept["spec"] = dict(body.get("spec") or {})
+    elif spec:
+        full = body.get("spec") or {}
+        kept["spec"] = {k: full[k] for k in spec if k in full}
     kept["status"] = dict(body.get("status") or {})
     return kept
 

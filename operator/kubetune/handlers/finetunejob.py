@@ -8,6 +8,7 @@ indexes. Nothing is stored on the object but its status, so an operator restart 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -32,6 +33,9 @@ CONTROLLER = "finetunejob"  # the label of its metrics
 RETRY_WAITING_S = 10.0
 RETRY_ERROR_S = 5.0
 Key = tuple[str, str]
+Status = dict[str, Any]
+# What the status needs of a training Job's spec; the pod template is not kept in memory.
+JOB_SPEC_KEPT = ("parallelism", "completions", "suspend")
 
 
 class Retry(Exception):
@@ -43,20 +47,26 @@ class Retry(Exception):
 
 
 # --- indexes: the operator's in-memory view of the cluster, fed by the watch streams --------------
+# Coroutines, though they do no I/O: kopf runs them on its event loop instead of handing each watch event
+# to a worker thread and back.
 
 
 @kopf.index(FTJ)
-def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+async def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
     return {(namespace or "", name): slim(body, spec=True)}
 
 
 @kopf.index("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
-def training_jobs(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-    return {(namespace or "", labels[LABEL_FINETUNEJOB]): slim(body, spec=True)}
+async def training_jobs(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Key, dict[str, Any]]:
+    return {(namespace or "", labels[LABEL_FINETUNEJOB]): slim(body, spec=JOB_SPEC_KEPT)}
 
 
 @kopf.index("pods", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
-def training_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+async def training_pods(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Key, dict[str, Any]]:
     return {(namespace or "", labels[LABEL_FINETUNEJOB]): slim(body, spec=False)}
 
 
@@ -83,16 +93,19 @@ def _write_admission(
     reason: str,
     message: str,
     state: str | None = None,
+    then: Callable[[Status], Status] | None = None,
     **fields: Any,
 ) -> None:
-    """Set the Admitted condition (and state when given); post an Event when anything changed."""
+    """Set the Admitted condition (and state when given), and what `then` derives from that status, in one
+    patch; post an Event when anything changed."""
     meta = body["metadata"]
 
-    def desired(current: dict[str, Any]) -> dict[str, Any]:
+    def desired(current: Status) -> Status:
         conditions = set_condition(
             current.get("conditions") or [], "Admitted", admitted, reason, message, generation=meta.get("generation")
         )
-        return {"conditions": conditions, **({"state": state} if state else {}), **fields}
+        wanted = {"conditions": conditions, **({"state": state} if state else {}), **fields}
+        return {**wanted, **then({**current, **wanted})} if then else wanted
 
     _, diff = ctx.status.update(KIND, meta, dict(body.get("status") or {}), desired)
     if diff:
@@ -123,18 +136,37 @@ def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
         _write_admission(ctx, body, False, "PlanInfeasible", str(err), "Failed")
         return
     *support, job = render.children(ftj, plan, ctx.config, check.init_adapter_uri)
-    for manifest in support:
-        ctx.kube.apply(manifest)
-    existing = next(iter(ctx.indexes["training_jobs"].get((ftj.metadata.namespace, ftj.metadata.name), [])), None)
+    key = (ftj.metadata.namespace, ftj.metadata.name)
+    existing = next(iter(ctx.indexes["training_jobs"].get(key, [])), None)
     _replace_changed_job(ctx, job, existing)
-    ctx.kube.apply(job)
+    # The Job comes last: its pods need the ServiceAccount. The others do not depend on one another.
+    ctx.kube.apply_all(support)
+    applied = ctx.kube.apply(job)
     summary = (
         f"ZeRO-{plan.zero_stage}, micro-batch {plan.micro_batch_size} x {plan.gradient_accumulation_steps} "
         f"accumulation on {plan.world_size} GPU(s)"
     )
     new_state = None if state in ("Running", "Suspended") else "Pending"
     generation = ftj.metadata.generation
-    _write_admission(ctx, body, True, "Planned", summary, new_state, plan=plan.to_wire(), observedGeneration=generation)
+    observed = _observed(ctx, key, body, applied)
+
+    def waiting_for_pods(current: Status) -> Status:
+        """The status the new Job implies while it waits for its pods, written with the admission rather than
+        in a patch of its own; other states (and their Events) are left to sync_status."""
+        derived = job_status.derive(replace(observed, status=current))
+        return derived if derived.get("state") == "Pending" else {}
+
+    _write_admission(
+        ctx,
+        body,
+        True,
+        "Planned",
+        summary,
+        new_state,
+        then=waiting_for_pods,
+        plan=plan.to_wire(),
+        observedGeneration=generation,
+    )
 
 
 def _replace_changed_job(ctx: Context, job: dict[str, Any], existing: dict[str, Any] | None) -> None:
@@ -162,6 +194,8 @@ def reconcile(ctx: Context, key: Key, retry: bool = False) -> None:
         return
     meta = body["metadata"]
     uid = meta["uid"]
+    if not retry and ctx.status.is_echo(uid, meta.get("resourceVersion")):
+        return  # the watch shows the operator's own status patch back: nothing changed since it was computed
     with ctx.lock(uid), metrics.reconciling(CONTROLLER) as outcome:
         first_look = uid not in ctx.seen
         ctx.seen.add(uid)
@@ -184,15 +218,7 @@ def sync_status(ctx: Context, key: Key, body: dict[str, Any]) -> None:
     jobs = list(ctx.indexes["training_jobs"].get(key, []))
     if not jobs:
         return  # no Job yet: admission owns the status until it exists
-    spec = body.get("spec") or {}
-    observed = job_status.Observed(
-        status=dict(body.get("status") or {}),
-        generation=int(body["metadata"].get("generation") or 0),
-        suspend=bool(spec.get("suspend")),
-        output_uri=str((spec.get("output") or {}).get("uri", "")),
-        job=jobs[0],
-        pods=list(ctx.indexes["training_pods"].get(key, [])),
-    )
+    observed = _observed(ctx, key, body, jobs[0])
     result = job_status.outcome(observed)
     before, diff = ctx.status.update(
         KIND, body["metadata"], observed.status, lambda current: job_status.derive(replace(observed, status=current))
@@ -201,6 +227,18 @@ def sync_status(ctx: Context, key: Key, body: dict[str, Any]) -> None:
         ctx.event(KIND, body["metadata"], result.state == "Failed", result.reason, result.message)
         if result.state == "Succeeded":
             _after_success(ctx, key, body)
+
+
+def _observed(ctx: Context, key: Key, body: dict[str, Any], job: dict[str, Any]) -> job_status.Observed:
+    spec = body.get("spec") or {}
+    return job_status.Observed(
+        status=dict(body.get("status") or {}),
+        generation=int(body["metadata"].get("generation") or 0),
+        suspend=bool(spec.get("suspend")),
+        output_uri=str((spec.get("output") or {}).get("uri", "")),
+        job=job,
+        pods=list(ctx.indexes["training_pods"].get(key, [])),
+    )
 
 
 def _after_success(ctx: Context, key: Key, body: dict[str, Any]) -> None:

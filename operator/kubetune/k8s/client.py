@@ -9,13 +9,22 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
 from kubernetes import client, config
 
 log = logging.getLogger(__name__)
+
+# Kept-alive connections to the API server. The client's default (5 per CPU) is fewer than the threads that
+# send requests at once (kopf's workers and the concurrent applies); urllib3 then closes the surplus
+# connections after each request, and every new one costs a TLS handshake on both sides.
+CONNECTIONS = 64
+# Manifests applied at once by `apply_all`.
+APPLY_CONCURRENCY = 8
 
 # kind -> (API path prefix, plural)
 RESOURCES: dict[str, tuple[str, str]] = {
@@ -68,19 +77,27 @@ class Kube:
 
     api: client.ApiClient
     field_manager: str = "kubetune-operator"
+    _appliers: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(APPLY_CONCURRENCY, thread_name_prefix="apply"), repr=False
+    )
 
     @classmethod
     def connect(cls, field_manager: str = "kubetune-operator") -> Kube:
         """In-cluster credentials when running in a pod, else the current kubeconfig."""
+        configuration = client.Configuration()
         try:
-            config.load_incluster_config()
+            config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
-            config.load_kube_config()
-        return cls(client.ApiClient(), field_manager)
+            config.load_kube_config(client_configuration=configuration)
+        configuration.connection_pool_maxsize = CONNECTIONS
+        return cls(client.ApiClient(configuration), field_manager)
 
     @classmethod
     def from_kubeconfig(cls, path: str, field_manager: str = "kubetune-operator") -> Kube:
-        return cls(config.new_client_from_config(config_file=path), field_manager)
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=path, client_configuration=configuration)
+        configuration.connection_pool_maxsize = CONNECTIONS
+        return cls(client.ApiClient(configuration), field_manager)
 
     def request(
         self,
@@ -132,6 +149,19 @@ class Kube:
             query={"fieldManager": self.field_manager, "force": "true"},
             content_type="application/apply-patch+yaml",
         )
+
+    def apply_all(self, manifests: Iterable[dict[str, Any]]) -> None:
+        """Apply manifests that do not depend on one another, concurrently (one round trip instead of one
+        per manifest). Raises the first error after all have been tried."""
+        manifests = list(manifests)
+        if len(manifests) < 2:
+            for manifest in manifests:
+                self.apply(manifest)
+            return
+        futures = [self._appliers.submit(self.apply, m) for m in manifests]
+        errors = [err for f in futures if (err := f.exception()) is not None]
+        if errors:
+            raise errors[0]
 
     def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         """JSON merge patch of the status subresource (other writers' fields are left alone)."""

@@ -2,7 +2,9 @@
 
 The operator is the only writer of state, conditions, timestamps and plan, so what it wrote last is the
 truth even before the watch stream shows it back. Remembering it (per object UID) keeps concurrent
-handlers from recomputing transitions from a stale copy and from posting the same Event twice.
+handlers from recomputing transitions from a stale copy and from posting the same Event twice. The
+resourceVersion each write produced is remembered too: the watch event that merely shows a write back
+(`is_echo`) needs no reconciliation.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ Status = dict[str, Any]
 class StatusWriter:
     kube: Kube
     _written: dict[str, Status] = field(default_factory=dict)
+    _versions: dict[str, str] = field(default_factory=dict)
     _locks: defaultdict[str, threading.Lock] = field(default_factory=lambda: defaultdict(threading.Lock))
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
@@ -32,6 +35,10 @@ class StatusWriter:
     def current(self, uid: str, observed: Status) -> Status:
         """The status as the API server will have it once it has seen everything written."""
         return {**observed, **self._written.get(uid, {})}
+
+    def is_echo(self, uid: str, resource_version: str | None) -> bool:
+        """The object is exactly as this writer's last status patch left it."""
+        return resource_version is not None and self._versions.get(uid) == resource_version
 
     def update(
         self, kind: str, meta: dict[str, Any], observed: Status, desired: Callable[[Status], Status]
@@ -47,17 +54,20 @@ class StatusWriter:
             diff = {k: v for k, v in wanted.items() if current.get(k) != v}
             if diff:
                 try:
-                    self.kube.patch_status(kind, meta["namespace"], meta["name"], diff)
+                    patched = self.kube.patch_status(kind, meta["namespace"], meta["name"], diff)
                 except ApiError as err:
                     if err.not_found:
                         self.forget(uid)
                         return current, {}
                     raise
                 self._written[uid] = {**self._written.get(uid, {}), **diff}
+                if version := (patched.get("metadata") or {}).get("resourceVersion"):
+                    self._versions[uid] = version
             return current, diff
 
     def forget(self, uid: str) -> None:
         """Drop what is remembered of a deleted object."""
         self._written.pop(uid, None)
+        self._versions.pop(uid, None)
         with self._guard:
             self._locks.pop(uid, None)
