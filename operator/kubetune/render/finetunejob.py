@@ -32,6 +32,7 @@ from kubetune.render.common import (
 from kubetune.storage import CONFIG_DIR, parse
 
 TRAINER_CONTAINER = "trainer"
+SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 CONFIG_FILE = "trainer.yaml"
 # Exit code with which the trainer reports a problem no retry can fix (bad dataset, missing model).
 EXIT_PERMANENT = 3
@@ -138,7 +139,8 @@ def status_role_binding(ftj: FineTuneJob) -> Manifest:
 
 
 def config_map(ftj: FineTuneJob, trainer: TrainerConfig) -> Manifest:
-    text = yaml.safe_dump(trainer.to_wire(), sort_keys=False)
+    # libyaml's emitter when PyYAML has it: the same text, many times faster than the pure-Python one.
+    text = yaml.dump(trainer.to_wire(), Dumper=SAFE_DUMPER, sort_keys=False)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
