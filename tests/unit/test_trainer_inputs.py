@@ -28,8 +28,8 @@ def test_uris_resolve_to_mounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(TrainerFailure) as no_data:
         dataset_path("pvc://data/absent.jsonl")
     assert no_data.value.reason == "DatasetInvalid"
-    with pytest.raises(TrainerFailure, match="OutputUnsupported"):
-        output_dir("s3://bucket/out")
+    monkeypatch.setenv("KUBETUNE_CACHE_ROOT", str(tmp_path / "cache"))
+    assert output_dir("s3://bucket/out") == tmp_path / "cache" / "s3" / "bucket" / "out"  # staged, then uploaded
 
 
 def test_hf_uris_download_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

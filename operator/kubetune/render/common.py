@@ -10,14 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.api.v1alpha1 import API_VERSION, KubeModel
-from kubetune.storage import CACHE_ROOT, CONFIGMAP_ROOT, PVC_ROOT, parse
+from kubetune.storage import CACHE_ROOT, CONFIGMAP_ROOT, PVC_ROOT, S3_SECRETS_ROOT, parse
 
 MANAGED_BY = "kubetune-operator"
 LABEL_FINETUNEJOB = "kubetune.io/finetunejob"
 LABEL_MODELSERVER = "kubetune.io/modelserver"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 ANNOTATION_SPEC_HASH = "kubetune.io/spec-hash"
-SECRETS_ROOT = "/var/run/secrets/kubetune"
 
 Manifest = dict[str, Any]
 
@@ -118,28 +117,22 @@ def cache_and_shm_parts() -> PodParts:
 
 
 def credential_parts(uri: str, secret: Any | None) -> PodParts:
-    """What lets a pod read `uri` with its secret: HF_TOKEN for hf://, a credentials file for s3://."""
-    if secret is None:
+    """HF_TOKEN from the secret of an hf:// location (s3:// credentials come from `s3_secret_parts`)."""
+    if secret is None or parse(uri).scheme != "hf":
         return PodParts()
-    scheme = parse(uri).scheme
-    if scheme == "hf":
-        return PodParts(
-            env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}}]
-        )
-    if scheme == "s3":
-        vname = volume_name("secret", secret.name)
-        path = f"{SECRETS_ROOT}/{secret.name}"
-        return PodParts(
-            env=[{"name": "AWS_SHARED_CREDENTIALS_FILE", "value": f"{path}/{secret.key}"}],
-            volumes=[
-                {
-                    "name": vname,
-                    "secret": {"secretName": secret.name, "items": [{"key": secret.key, "path": secret.key}]},
-                }
-            ],
-            mounts=[{"name": vname, "mountPath": path, "readOnly": True}],
-        )
-    return PodParts()
+    return PodParts(env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}}])
+
+
+def s3_secret_parts(secret_names: Iterable[str | None], optional: bool = False) -> PodParts:
+    """The Secrets of s3:// locations, each mounted whole at S3_SECRETS_ROOT/<name> (kubetune.s3 reads the
+    files). `optional` lets the pod start without them (adapters that may arrive later)."""
+    parts = PodParts()
+    for name in sorted({n for n in secret_names if n}):
+        vname = volume_name("s3", name)
+        secret: Manifest = {"secretName": name, **({"optional": True} if optional else {})}
+        parts.volumes.append({"name": vname, "secret": secret})
+        parts.mounts.append({"name": vname, "mountPath": f"{S3_SECRETS_ROOT}/{name}", "readOnly": True})
+    return parts
 
 
 def merge_parts(parts: list[PodParts]) -> PodParts:

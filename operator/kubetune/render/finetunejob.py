@@ -26,6 +26,7 @@ from kubetune.render.common import (
     merge_parts,
     metadata,
     resource_limits,
+    s3_secret_parts,
     storage_parts,
     user_env,
 )
@@ -199,7 +200,8 @@ def _pod_parts(ftj: FineTuneJob, trainer: TrainerConfig) -> PodParts:
             storage_parts([(u, w) for u, w in uris if "://" in u]),
             credential_parts(spec.base_model.uri, spec.base_model.secret_ref),
             credential_parts(spec.dataset.uri, spec.dataset.secret_ref),
-            credential_parts(spec.output.uri, spec.output.secret_ref),
+            # DPO's starting adapter (a FineTuneJob's output) is read with this job's output credentials.
+            s3_secret_parts([a.secret_name for a in (spec.base_model.s3, spec.dataset.s3, spec.output.s3) if a]),
         ]
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from kubetune import storage
 from kubetune.trainer import checkpoints
 from kubetune.trainer.metrics import TrainerMetrics
 from kubetune.trainer.progress import StatusReporter, build_progress, log_event, progress_patch, status_patch
+from kubetune.trainer.remote import RemoteOutput
 
 log = logging.getLogger(__name__)
 
@@ -109,25 +111,45 @@ class ProgressCallback(TrainerCallback):
 
 
 class CheckpointCallback(TrainerCallback):
-    """After every save: wait for all ranks, mark the checkpoint complete, drop old ones, report it."""
+    """After every save: wait for all ranks, mark the checkpoint complete, drop old ones, report it.
 
-    def __init__(self, root: Path, keep: int, output_uri: str, reporter: StatusReporter, uid: str = "") -> None:
+    With an s3:// output (`remote`) the first process of every node uploads what its node wrote, all ranks
+    meet again, and only then rank 0 uploads the marker and rotates the bucket's checkpoints."""
+
+    def __init__(
+        self,
+        root: Path,
+        keep: int,
+        output_uri: str,
+        reporter: StatusReporter,
+        uid: str = "",
+        remote: RemoteOutput | None = None,
+    ) -> None:
         self.root = root
         self.keep = keep
         self.output_uri = output_uri
         self.reporter = reporter
         self.uid = uid
+        self.remote = remote
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
         if distributed():
             dist.barrier()  # every rank has written its part (ZeRO shards, RNG state)
         step = state.global_step
+        path = self.root / f"checkpoint-{step}"
+        if self.remote is not None:
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                self.remote.upload_checkpoint(path)
+            if distributed():
+                dist.barrier()  # every node's files are in the bucket
         if state.is_world_process_zero:
-            path = self.root / f"checkpoint-{step}"
             checkpoints.mark_complete(path, step)
-            removed = checkpoints.rotate(self.root, self.keep)
+            removed = [c.path.name for c in checkpoints.rotate(self.root, self.keep)]
+            if self.remote is not None:
+                self.remote.mark_complete(path)
+                removed = [f"checkpoint-{s}" for s in self.remote.rotate(self.keep)]
             uri = storage.join(self.output_uri, "checkpoints", path.name)
-            log_event("checkpoint", step=step, uri=uri, removed=[c.path.name for c in removed])
+            log_event("checkpoint", step=step, uri=uri, removed=removed)
             self.reporter.submit(status_patch({"checkpoint": {"step": step, "uri": uri}}, self.uid))
             self.reporter.flush_soon()
 

@@ -22,7 +22,6 @@ DATASET_INVALID = "DatasetInvalid"
 MODEL_NOT_FOUND = "ModelNotFound"
 INIT_ADAPTER_NOT_FOUND = "InitAdapterNotFound"
 CONFIG_INVALID = "ConfigInvalid"
-OUTPUT_UNSUPPORTED = "OutputUnsupported"
 
 
 class TrainerFailure(Exception):

@@ -1,7 +1,9 @@
 """Where the trainer finds its inputs: URIs of the API turned into local paths, downloading when needed.
 
 pvc:// and configmap:// are mounted by the operator (kubetune.storage.local_path); hf:// is downloaded with
-huggingface_hub (token from $HF_TOKEN) and s3:// with boto3, both into the cache root.
+huggingface_hub (token from $HF_TOKEN) and s3:// with boto3 (kubetune.s3, credentials from the location's `s3`
+block), both into the cache root. An s3:// output is written to the cache root and uploaded from there
+(trainer/remote.py); the newest complete checkpoint in it is downloaded before training resumes.
 """
 
 from __future__ import annotations
@@ -12,21 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune import storage
+from kubetune import s3, storage
 from kubetune.api.v1alpha1 import TrainerConfig
 from kubetune.trainer.data import DatasetReport, PreparedData, TokenStats, load_tokenizer, prepare
-from kubetune.trainer.errors import (
-    DATASET_INVALID,
-    INIT_ADAPTER_NOT_FOUND,
-    MODEL_NOT_FOUND,
-    OUTPUT_UNSUPPORTED,
-    TrainerFailure,
-)
-
-
-def is_remote(uri: str) -> bool:
-    """True for locations that must be downloaded (hf://, s3://) rather than mounted."""
-    return uri.startswith(("hf://", "s3://"))
+from kubetune.trainer.errors import DATASET_INVALID, INIT_ADAPTER_NOT_FOUND, MODEL_NOT_FOUND, TrainerFailure
+from kubetune.trainer.progress import log_event
+from kubetune.trainer.remote import RemoteOutput
 
 
 def hf_download(uri: str, repo_type: str, revision: str | None = None) -> Path:
@@ -48,40 +41,24 @@ def hf_download(uri: str, repo_type: str, revision: str | None = None) -> Path:
     return Path(snapshot, file) if file else Path(snapshot)
 
 
-def s3_download(uri: str) -> Path:
-    """Download s3://BUCKET/KEY (a file, or every object under a prefix) into the cache root."""
-    try:
-        import boto3
-    except ImportError as err:
-        raise RuntimeError(f"{uri}: s3:// needs boto3, which this trainer image does not have") from err
-    loc = storage.parse(uri)
-    dest = Path(storage.local_path(uri))
-    bucket = boto3.resource("s3").Bucket(loc.root)
-    objects = [o for o in bucket.objects.filter(Prefix=loc.path) if not o.key.endswith("/")]
-    if len(objects) == 1 and objects[0].key == loc.path:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        bucket.download_file(loc.path, str(dest))
-        return dest
-    for obj in objects:
-        target = dest / os.path.relpath(obj.key, loc.path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        bucket.download_file(obj.key, str(target))
-    return dest
+def s3_download(uri: str, access: s3.Access) -> Path:
+    """Download s3://BUCKET/KEY (an object, or every object under a prefix) into the cache root."""
+    return s3.download(s3.client(access), uri, Path(storage.local_path(uri)))
 
 
-def fetch(uri: str, repo_type: str = "model", revision: str | None = None) -> Path:
+def fetch(uri: str, repo_type: str = "model", revision: str | None = None, access: s3.Access | None = None) -> Path:
     """The local path of `uri`, downloading hf:// and s3:// locations first."""
     if uri.startswith("hf://"):
         return hf_download(uri, repo_type, revision)
     if uri.startswith("s3://"):
-        return s3_download(uri)
+        return s3_download(uri, access or s3.Access())
     return Path(storage.local_path(uri))
 
 
-def model_path(uri: str, revision: str | None = None) -> Path:
+def model_path(uri: str, revision: str | None = None, access: s3.Access | None = None) -> Path:
     """The base model's directory (config, weights, tokenizer); ModelNotFound when it is not there."""
     try:
-        path = fetch(uri, "model", revision)
+        path = fetch(uri, "model", revision, access)
     except Exception as err:
         raise TrainerFailure(MODEL_NOT_FOUND, f"cannot fetch base model {uri}: {err}") from err
     if not (path / "config.json").is_file():
@@ -89,10 +66,10 @@ def model_path(uri: str, revision: str | None = None) -> Path:
     return path
 
 
-def dataset_path(uri: str) -> Path:
+def dataset_path(uri: str, access: s3.Access | None = None) -> Path:
     """The dataset's JSONL file; DatasetInvalid when it is not there."""
     try:
-        path = fetch(uri, "dataset")
+        path = fetch(uri, "dataset", access=access)
     except Exception as err:
         raise TrainerFailure(DATASET_INVALID, f"cannot fetch dataset {uri}: {err}") from err
     if not path.is_file():
@@ -100,10 +77,10 @@ def dataset_path(uri: str) -> Path:
     return path
 
 
-def init_adapter_path(uri: str) -> Path:
+def init_adapter_path(uri: str, access: s3.Access | None = None) -> Path:
     """The adapter DPO starts from (fromFineTuneJob's output); InitAdapterNotFound when it is not there."""
     try:
-        path = fetch(uri, "model")
+        path = fetch(uri, "model", access=access)
     except Exception as err:
         raise TrainerFailure(INIT_ADAPTER_NOT_FOUND, f"cannot fetch adapter {uri}: {err}") from err
     if not (path / "adapter_config.json").is_file():
@@ -112,9 +89,8 @@ def init_adapter_path(uri: str) -> Path:
 
 
 def output_dir(uri: str) -> Path:
-    """The directory the adapter and checkpoints are written to (mounted: pvc:// or a local path)."""
-    if is_remote(uri):
-        raise TrainerFailure(OUTPUT_UNSUPPORTED, f"output {uri}: this trainer writes to pvc:// outputs only")
+    """The directory the adapter and checkpoints are written to: the mount of a pvc:// output, the local
+    staging folder (in the cache root) of an s3:// one."""
     return Path(storage.local_path(uri))
 
 
@@ -161,12 +137,18 @@ def stage(config: TrainerConfig) -> Inputs:
     """Fetch the model (and DPO's starting adapter), then read, check and tokenize the dataset."""
     spec = config.spec
     output = output_dir(spec.output.uri)
-    model_dir = model_path(spec.base_model.uri, config.base_model_revision)
-    init = init_adapter_path(config.init_adapter_uri) if config.init_adapter_uri else None
+    remote = RemoteOutput.of(spec.output)
+    if remote is not None:
+        restored = remote.restore_latest(output / "checkpoints", clean=os.environ.get("NODE_RANK", "0") == "0")
+        if restored is not None:
+            log_event("checkpoint-downloaded", step=restored, uri=remote.checkpoint_uri(restored))
+    model_dir = model_path(spec.base_model.uri, config.base_model_revision, s3.Access.of(spec.base_model.s3))
+    # DPO's starting adapter is another job's output: read with this job's output credentials.
+    init = init_adapter_path(config.init_adapter_uri, s3.Access.of(spec.output.s3)) if config.init_adapter_uri else None
     tokenizer = load_tokenizer(model_dir)
     data = prepare(
         tokenizer,
-        dataset_path(spec.dataset.uri),
+        dataset_path(spec.dataset.uri, s3.Access.of(spec.dataset.s3)),
         spec.method,
         spec.dataset.format,
         spec.hyperparameters.max_seq_length,

@@ -30,6 +30,7 @@ from kubetune.trainer.errors import EXIT_OK, EXIT_TERMINATED
 from kubetune.trainer.inputs import Inputs
 from kubetune.trainer.metrics import TrainerMetrics, metrics_port
 from kubetune.trainer.progress import StatusReporter, log_event, status_patch, status_sender
+from kubetune.trainer.remote import RemoteOutput
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,10 @@ def save_adapter(trainer: Trainer, config: TrainerConfig, inputs: Inputs, metric
     metadata = adapter.adapter_metadata(
         config, lora_shape(trainer.model), metrics, inputs.data.report.to_dict(), versions()
     )
-    return adapter.finalize(staging, inputs.output_dir / "adapter", metadata)
+    metadata = adapter.finalize(staging, inputs.output_dir / "adapter", metadata)
+    if (remote := RemoteOutput.of(config.spec.output)) is not None:
+        remote.upload_adapter(inputs.output_dir / "adapter")
+    return metadata
 
 
 def single_process_env(cuda: bool) -> None:
@@ -242,7 +246,14 @@ def run(config: TrainerConfig, inputs: Inputs) -> int:
     root = inputs.output_dir / "checkpoints"
     callbacks = [
         ProgressCallback(reporter, config.progress_interval_seconds, config.job.uid, exporter),
-        CheckpointCallback(root, config.spec.checkpointing.keep, config.spec.output.uri, reporter, config.job.uid),
+        CheckpointCallback(
+            root,
+            config.spec.checkpointing.keep,
+            config.spec.output.uri,
+            reporter,
+            config.job.uid,
+            RemoteOutput.of(config.spec.output),
+        ),
         stop,
     ]
     try:

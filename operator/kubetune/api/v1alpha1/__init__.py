@@ -10,6 +10,7 @@ from kubetune.api.v1alpha1.base import (
     LabelSelector,
     ObjectMeta,
     Rule,
+    S3Access,
 )
 from kubetune.api.v1alpha1.finetunejob import (
     AdapterStatus,
@@ -65,6 +66,7 @@ __all__ = [
     "Plan",
     "Progress",
     "Rule",
+    "S3Access",
     "ServedAdapterStatus",
     "ServerState",
     "TrainerConfig",

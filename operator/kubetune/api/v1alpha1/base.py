@@ -178,6 +178,44 @@ class SecretKeyRef(KubeModel):
     """Key within the Secret."""
 
 
+class S3Access(KubeModel):
+    """How pods reach an s3:// location on AWS S3 or an S3-compatible store (MinIO, Ceph RGW).
+
+    Only the pods that read or write the location see the Secret (training pods; the adapter fetcher beside
+    vLLM): the operator never reads it."""
+
+    secret_name: DnsLabel | None = None
+    """A Secret in this namespace with the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (optional:
+    AWS_SESSION_TOKEN, AWS_ENDPOINT_URL, AWS_REGION). Without it the pod's own identity is used (IRSA, EKS Pod
+    Identity, instance profile)."""
+    endpoint: str | None = Field(default=None, max_length=512, pattern=r"^https?://[^/]+")
+    """The S3 API of an S3-compatible store, e.g. http://minio.minio.svc:9000 (buckets are then addressed by
+    path); AWS S3 when unset and the Secret has no AWS_ENDPOINT_URL."""
+    region: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[a-z0-9-]+$")
+    """The bucket's region, e.g. eu-west-1 (us-east-1 when unset and the Secret has no AWS_REGION)."""
+
+
+def s3_rules(uri_optional: bool = False, secret_ref: bool = True) -> tuple[Rule, ...]:
+    """`s3` belongs to s3:// locations, whose credentials go there rather than into `secretRef`."""
+    has_uri = "has(self.uri) && " if uri_optional else ""
+    rules = [
+        Rule(
+            cel=f"!has(self.s3) || ({has_uri}self.uri.startsWith('s3://'))",
+            message="s3 is only for s3:// locations",
+            check=lambda s: s.s3 is None or (s.uri or "").startswith("s3://"),
+        )
+    ]
+    if secret_ref:
+        rules.append(
+            Rule(
+                cel="!has(self.secretRef) || !self.uri.startsWith('s3://')",
+                message="secretRef is the Hugging Face token of hf://; give s3:// credentials in s3.secretName",
+                check=lambda s: s.secret_ref is None or not s.uri.startswith("s3://"),
+            )
+        )
+    return tuple(rules)
+
+
 class EnvVar(KubeModel):
     """An environment variable set in the workload's containers."""
 

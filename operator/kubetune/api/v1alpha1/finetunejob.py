@@ -17,9 +17,11 @@ from kubetune.api.v1alpha1.base import (
     PodMetadata,
     Quantity,
     Rule,
+    S3Access,
     SecretKeyRef,
     UriLength,
     field_rules,
+    s3_rules,
     uri_rules,
 )
 
@@ -46,7 +48,11 @@ class BaseModelSource(KubeModel):
     uri: ModelUri
     """hf://ORG/NAME[@REVISION], pvc://CLAIM/PATH or s3://BUCKET/PREFIX."""
     secret_ref: SecretKeyRef | None = None
-    """Credentials: a Hugging Face token for hf://, an AWS credentials file for s3://."""
+    """A Hugging Face token for hf:// (s3:// credentials go into s3)."""
+    s3: S3Access | None = None
+    """Credentials, endpoint and region of an s3:// model."""
+
+    rules = s3_rules()
 
 
 class Dataset(KubeModel):
@@ -60,7 +66,11 @@ class Dataset(KubeModel):
     validation_split: float = Field(default=0.0, ge=0.0, le=0.5)
     """Fraction of records held out for evaluation loss (0 disables evaluation)."""
     secret_ref: SecretKeyRef | None = None
-    """Credentials for hf:// or s3:// data."""
+    """A Hugging Face token for hf:// data (s3:// credentials go into s3)."""
+    s3: S3Access | None = None
+    """Credentials, endpoint and region of s3:// data."""
+
+    rules = s3_rules()
 
 
 class LoRA(KubeModel):
@@ -192,9 +202,12 @@ class Output(KubeModel):
 
     uri: OutputUri
     """pvc://CLAIM/PATH or s3://BUCKET/PREFIX. The adapter goes to <uri>/adapter, checkpoints to
-    <uri>/checkpoints."""
-    secret_ref: SecretKeyRef | None = None
-    """Credentials for s3://."""
+    <uri>/checkpoints (with s3://, uploaded as they are written; a restart resumes from the newest complete one)."""
+    s3: S3Access | None = None
+    """Credentials, endpoint and region of an s3:// output. ModelServers that serve this job's adapter mount the
+    same Secret into their adapter fetcher."""
+
+    rules = s3_rules(secret_ref=False)
 
 
 class FineTuneJobSpec(KubeModel):

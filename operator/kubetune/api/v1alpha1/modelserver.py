@@ -17,9 +17,11 @@ from kubetune.api.v1alpha1.base import (
     PodMetadata,
     Quantity,
     Rule,
+    S3Access,
     SecretKeyRef,
     UriLength,
     field_rules,
+    s3_rules,
     uri_rules,
 )
 
@@ -37,9 +39,13 @@ class ServedBaseModel(KubeModel):
     uri: ModelUri
     """hf://ORG/NAME[@REVISION], pvc://CLAIM/PATH or s3://BUCKET/PREFIX."""
     secret_ref: SecretKeyRef | None = None
-    """Credentials: a Hugging Face token for hf://, an AWS credentials file for s3://."""
+    """A Hugging Face token for hf:// (s3:// credentials go into s3)."""
+    s3: S3Access | None = None
+    """Credentials, endpoint and region of an s3:// model, which an init container downloads before vLLM starts."""
     served_name: str | None = Field(default=None, min_length=1, max_length=253)
     """Model name clients pass in requests for the base model (default: the ModelServer's name)."""
+
+    rules = s3_rules()
 
 
 class AdapterSource(KubeModel):
@@ -50,7 +56,10 @@ class AdapterSource(KubeModel):
     from_fine_tune_job: DnsLabel | None = None
     """A FineTuneJob in the same namespace; its adapter is served once it has succeeded."""
     uri: AdapterUri | None = None
-    """An adapter directory (adapter_config.json and weights) at pvc://, s3:// or hf://."""
+    """An adapter directory (adapter_config.json and weights) at pvc://, s3:// or hf://. pvc:// and s3://
+    adapters are checked against the server before they are loaded (base model, rank, target modules)."""
+    s3: S3Access | None = None
+    """Credentials, endpoint and region of an s3:// uri; the Secret is mounted into the adapter fetcher only."""
 
     rules = (
         Rule(
@@ -58,6 +67,7 @@ class AdapterSource(KubeModel):
             message="set exactly one of fromFineTuneJob or uri for each adapter",
             check=lambda s: (s.from_fine_tune_job is None) != (s.uri is None),
         ),
+        *s3_rules(uri_optional=True, secret_ref=False),
     )
 
 

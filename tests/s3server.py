@@ -1,0 +1,98 @@
+"""A real S3 API for the tests: moto's standalone server as a subprocess on a free local port.
+
+`running()` yields a `S3Server`; `secret_dir` writes a Secret's keys as files, the way Kubernetes mounts them,
+so kubetune.s3 reads its credentials as it does in a pod.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ACCESS_KEY = "kubetune-test"
+SECRET_KEY = "kubetune-test-secret"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+
+    def client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}),
+        )
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def secret_dir(root: Path, name: str, endpoint: str = "") -> Path:
+    """A mounted Secret `name` under `root` (KUBETUNE_S3_SECRETS_ROOT) with the test credentials."""
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    values = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1"}
+    if endpoint:
+        values["AWS_ENDPOINT_URL"] = endpoint
+    for key, value in values.items():
+        (folder / key).write_text(value)
+    return folder
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running(log: Path, host: str = "127.0.0.1") -> Iterator[S3Server]:
+    """moto's server until the block ends (its process group is stopped then)."""
+    port = _free_port(host)
+    env = {**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    endpoint = f"http://{host}:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's server did not start: {log.read_text()[-2000:]}") from None
+                time.sleep(0.2)
+        yield S3Server(endpoint)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
