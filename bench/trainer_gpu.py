@@ -3,16 +3,20 @@
 Runs on the GPU machine (../shared/GPU.md: Python 3.12, torch 2.11, transformers 5.17, peft 0.21; trl,
 datasets, deepspeed, liger_kernel, pydantic... carried as wheels in .whl/). It builds the model (random bf16
 weights, our tiny BPE tokenizer: the token ids do not change the speed) and a JSONL dataset whose records
-tokenize past 8192 tokens, then runs the real `python -m kubetune.trainer.main --config FILE`, once per
-configuration, each in its own process, and reads tokens/s and peak GPU memory from the trainer's own
-progress JSON lines. Configurations (LoRA r64/alpha128 on q,k,v,o; micro-batch 1 x accumulation 8, so
-65,536 tokens per optimizer step, as in GPU.md's baselines):
+tokenize past 8192 tokens, then runs the trainer's own entry point (`kubetune train --config FILE`, through
+`child_main` here) once per configuration, each in its own process, and reads tokens/s and peak GPU memory
+from the trainer's own progress JSON lines. Configurations (LoRA r64/alpha128 on q,k,v,o; micro-batch 1 x
+accumulation 8, so 65,536 tokens per optimizer step, as in GPU.md's baselines):
 
   bf16    no DeepSpeed, gradient checkpointing, bf16                       baseline 9,291 tokens/s, 18.9 GiB
   recipe  ZeRO-3 + CPU optimizer offload, gradient checkpointing, bf16     baseline 8,238 tokens/s, 18.6 GiB
 
+VARIANTS are the recipe with one thing changed (e.g. `recipe-per-module`: ZeRO-3 hooks every submodule, as
+the trainer did before each decoder layer became one fetch); `--configs bf16,recipe,recipe-per-module` picks
+configurations, `--profile recipe` writes a torch.profiler table of one micro-batch (profile-NAME.txt).
 Tokens/s counts the optimizer steps after the first (warm-up: CPU Adam's build, allocator growth). Writes
-bench/results/trainer_gpu_h200.json (and a copy under --out) and prints a table. Must finish in 9 minutes.
+bench/results/trainer_gpu_h200.json (or --results FILE, and a copy under --out) and prints a table; only
+the configurations (not the variants) must be within 5% of their baselines. Must finish in 9 minutes.
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
         .whl/*.whl && export PYTHONPATH=/tmp/site:operator PYTHONUNBUFFERED=1 && \\
@@ -62,6 +66,41 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 TOLERANCE = 0.05
 
+VARIANTS: dict[str, dict[str, Any]] = {
+    # The recipe with one thing changed, to show where its time went. The trainer runs unchanged except for what
+    # the variant names, patched in by `child_main` here, so no variant leaks into the trainer.
+    "recipe-per-module": {
+        "of": "recipe",
+        "description": "the recipe as before the fix: ZeRO-3 hooks and fetches every submodule",
+        "per_module": True,
+    },
+    "recipe-per-module-fp16": {
+        "of": "recipe",
+        "description": "the recipe as before the fix, in fp16 as GPU.md's baseline ran it",
+        "per_module": True,
+        "precision": "fp16",
+    },
+    "recipe-per-module-persist": {
+        "of": "recipe",
+        "description": "the recipe as before the fix, every weight persistent (ZeRO-3 never gathers or releases)",
+        "per_module": True,
+        "zero": {"stage3_param_persistence_threshold": 10**12},
+    },
+}
+
+
+def base_of(name: str) -> str:
+    """The configuration a variant changes (a configuration is its own base)."""
+    return str(VARIANTS[name]["of"]) if name in VARIANTS else name
+
+
+def baseline_of(name: str) -> dict[str, Any]:
+    return dict(CONFIGS[base_of(name)]["baseline"])
+
+
+def description_of(name: str) -> str:
+    return str(VARIANTS[name]["description"] if name in VARIANTS else CONFIGS[name]["description"])
+
 
 def trainer_config(name: str, steps: int = STEPS) -> dict[str, Any]:
     """The TrainerConfig (wire form) the operator would render for this configuration."""
@@ -89,7 +128,7 @@ def trainer_config(name: str, steps: int = STEPS) -> dict[str, Any]:
             "gradientAccumulationSteps": ACCUMULATION,
             "attention": "sdpa",
             "worldSize": 1,
-            **CONFIGS[name]["plan"],
+            **CONFIGS[base_of(name)]["plan"],
         },
     }
 
@@ -155,13 +194,24 @@ def measure(events: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens_per_second": round(TOKENS_PER_STEP * len(timed) / seconds) if seconds else None,
         "per_step_tokens_per_second": [e["tokensPerSecond"] for e in progress],
         "losses": [e.get("loss") for e in progress],
+        "grad_norms": [e.get("metrics", {}).get("grad_norm") for e in progress],
         "peak_allocated_gib": metrics.get("gpu_max_allocated_gib"),
         "peak_reserved_gib": metrics.get("gpu_max_reserved_gib"),
     }
 
 
-def run_config(name: str, work: Path, timeout: float, steps: int) -> dict[str, Any]:  # pragma: no cover - GPU only
-    """One `kubetune train` process; its measurements, or why it failed."""
+def log_facts(text: str) -> dict[str, Any]:
+    """What DeepSpeed said about itself: CPU Adam built or loaded, trace-cache invalidations."""
+    return {
+        "cpu_adam_lines": [line.strip()[-160:] for line in text.splitlines() if "cpu_adam" in line.lower()][:4],
+        "trace_invalidations": text.count("Invalidate trace cache"),
+    }
+
+
+def run_config(
+    name: str, work: Path, timeout: float, steps: int, profile: Path | None = None
+) -> dict[str, Any]:  # pragma: no cover - GPU only
+    """One `kubetune train` process (through `child_main`); its measurements, or why it failed."""
     config_path = work / "configs" / f"{name}.json"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(json.dumps(trainer_config(name, steps)))
@@ -174,7 +224,8 @@ def run_config(name: str, work: Path, timeout: float, steps: int) -> dict[str, A
     try:
         with log_path.open("w") as stderr:
             proc = subprocess.run(
-                [sys.executable, "-m", "kubetune.trainer.main", "--config", str(config_path)],
+                [sys.executable, __file__, "--child", name, "--config", str(config_path)]
+                + (["--profile-to", str(profile)] if profile else []),
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
@@ -185,14 +236,16 @@ def run_config(name: str, work: Path, timeout: float, steps: int) -> dict[str, A
     except subprocess.TimeoutExpired as err:
         code, stdout = -1, err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
     result = {"exit_code": code, "wall_seconds": round(time.monotonic() - started, 1), **measure(events_of(stdout))}
+    stderr_text = log_path.read_text()
+    result.update(log_facts(stdout + stderr_text))  # DeepSpeed logs to stdout, Python warnings to stderr
     if code != 0:
-        result["stderr_tail"] = log_path.read_text()[-3000:]
+        result["stderr_tail"] = stderr_text[-3000:]
     return result
 
 
 def compare(name: str, measured: dict[str, Any]) -> dict[str, Any]:
     """Our figures against GPU.md's baseline: the ratio, and whether it is within the tolerance."""
-    baseline = CONFIGS[name]["baseline"]
+    baseline = baseline_of(name)
     tps = measured.get("tokens_per_second")
     ratio = tps / baseline["tokens_per_second"] if tps else None
     return {
@@ -226,15 +279,127 @@ def versions() -> dict[str, str]:  # pragma: no cover - GPU only
     return found
 
 
+def merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def child_main(name: str, config: Path, profile_to: Path | None) -> int:  # pragma: no cover - GPU only
+    """Run `kubetune train --config FILE` in this process with the variant's changes patched in."""
+    import kubetune.trainer.train as train
+
+    variant = VARIANTS.get(name, {})
+    fp16 = variant.get("precision") == "fp16"
+    make_deepspeed_config = train.deepspeed_config
+
+    def deepspeed_config(plan: Any, hidden_size: int | None = None, bf16: bool = True) -> dict[str, Any] | None:
+        ds = make_deepspeed_config(plan, hidden_size, bf16=bf16 and not fp16)
+        if ds is None:
+            return None
+        ds["zero_optimization"]["log_trace_cache_warnings"] = True
+        if fp16:
+            ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+        return merged(ds, {"zero_optimization": variant.get("zero", {})})
+
+    train.deepspeed_config = deepspeed_config  # type: ignore[assignment]
+    if fp16:
+        import trl
+
+        sft_config = trl.SFTConfig
+
+        def fp16_sft_config(**kwargs: Any) -> Any:
+            return sft_config(**{**kwargs, "bf16": False, "fp16": True})
+
+        trl.SFTConfig = fp16_sft_config  # type: ignore[assignment,misc]
+
+    if variant.get("per_module"):
+        train.fetch_decoder_layers_whole = lambda model: 0  # type: ignore[assignment]
+    build_trainer = train.build_trainer
+
+    def build_trainer_with_extras(*args: Any, **kwargs: Any) -> Any:
+        trainer = build_trainer(*args, **kwargs)
+        if profile_to is not None:
+            trainer.add_callback(profile_callback(profile_to))
+        return trainer
+
+    train.build_trainer = build_trainer_with_extras  # type: ignore[assignment]
+    from kubetune.trainer.main import main as trainer_main
+
+    return trainer_main(["--config", str(config)])
+
+
+def profile_callback(path: Path) -> Any:  # pragma: no cover - GPU only
+    """Profiles the first micro-batch of the second optimizer step (CPU and CUDA), writes the tables to `path`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.prof: Any = None
+            self.started = 0.0
+            self.micro: list[float] = []
+            self.last = 0.0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            self.last = time.perf_counter()
+            if state.global_step == 1 and self.prof is None:
+                torch.cuda.synchronize()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.started = time.perf_counter()
+
+        def on_substep_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            now = time.perf_counter()
+            if state.global_step == 1:
+                self.micro.append(now - self.last)
+            self.last = now
+            if self.prof is not None and self.started:
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - self.started
+                self.prof.__exit__(None, None, None)
+                self.started = 0.0
+                averages = self.prof.key_averages()
+                kernels = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA") / 1e6
+                text = [
+                    f"one micro-batch: wall {wall:.3f} s, GPU kernels {kernels:.3f} s",
+                    averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70),
+                    averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70),
+                ]
+                path.write_text("\n\n".join(text))
+                self.last = time.perf_counter()  # the tables took a while: not the next micro-batch's time
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if state.global_step == 2 and self.micro:
+                with path.open("a") as out:
+                    out.write("\nmicro-batch wall seconds of step 2 (unprofiled after the first): " + repr(self.micro))
+
+    return Profile()
+
+
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - GPU only
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="also copy the results file here (e.g. $OUT)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/kubetune-trainer-bench"))
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help="comma-separated, of: " + ", ".join([*CONFIGS, *VARIANTS])
+    )
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--profile", default="", help="comma-separated configurations to profile one micro-batch of")
+    parser.add_argument("--results", type=Path, help="results file (default: bench/results/trainer_gpu_h200.json)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-to", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dry-run", action="store_true", help="print the trainer configurations and stop")
     args = parser.parse_args(argv)
+    if args.child:
+        return child_main(args.child, args.config, args.profile_to)
     names = [n for n in args.configs.split(",") if n]
+    unknown = [n for n in names if n not in CONFIGS and n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown configurations: {unknown}")
     if args.dry_run:
         from kubetune.api.v1alpha1 import TrainerConfig
 
@@ -258,19 +423,25 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - GPU only
     model_dir = pvc / "models" / "qwen2.5-7b-random"
     if not (model_dir / "config.json").is_file():
         results["model_build_seconds"] = round(build_model(model_dir, sample), 1)
-    out_file = ROOT / "bench" / "results" / "trainer_gpu_h200.json"
+    out_file = args.results or ROOT / "bench" / "results" / "trainer_gpu_h200.json"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):
         left = deadline - time.monotonic()
         # The quicker plain run goes first; the recipe (DeepSpeed start-up, CPU Adam build) gets what is left.
-        timeout = left if i == len(names) - 1 else 0.4 * left
-        measured = run_config(name, args.work, timeout=max(30.0, timeout), steps=args.steps)
-        results["configs"][name] = {"description": CONFIGS[name]["description"], **measured, **compare(name, measured)}
+        timeout = left if i == len(names) - 1 else max(0.4 * left, left / (len(names) - i))
+        profile = args.work / f"profile-{name}.txt" if name in args.profile.split(",") else None
+        measured = run_config(name, args.work, timeout=max(30.0, timeout), steps=args.steps, profile=profile)
+        results["configs"][name] = {"description": description_of(name), **measured, **compare(name, measured)}
+        if profile is not None and profile.is_file() and args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            shutil.copy(profile, args.out / profile.name)
         out_file.write_text(json.dumps(results, indent=2))  # partial results survive a later timeout
         print(json.dumps({"config": name, **results["configs"][name]}), flush=True)
-    results["all_within_5_percent"] = all(r["within_5_percent"] for r in results["configs"].values())
+    results["all_within_5_percent"] = all(
+        r["within_5_percent"] for name, r in results["configs"].items() if name in CONFIGS
+    )
     out_file.write_text(json.dumps(results, indent=2))
-    if args.out:
+    if args.out and (args.out / out_file.name).resolve() != out_file.resolve():
         args.out.mkdir(parents=True, exist_ok=True)
         shutil.copy(out_file, args.out / out_file.name)
     print(table(results))
