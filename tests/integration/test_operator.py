@@ -79,7 +79,6 @@ def test_job_runs_to_success_with_owned_children(api: Api, ns: str) -> None:
         "Role": "sft-trainer",
         "RoleBinding": "sft-trainer",
         "ConfigMap": "sft-trainer",
-        "Service": "sft",
         "Job": "sft",
     }
     ftj = api.get(FTJ, ns, "sft")
@@ -92,6 +91,7 @@ def test_job_runs_to_success_with_owned_children(api: Api, ns: str) -> None:
         assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetune-operator"
         managers = {m["manager"] for m in child["metadata"].get("managedFields", []) if m["operation"] == "Apply"}
         assert managers == {"kubetune-operator"}, kind
+    assert api.get("Service", ns, "sft") is None  # one node rendezvouses on its own pod
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert job["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-GeForce-RTX-4090-D"}
@@ -190,8 +190,10 @@ def test_suspend_and_resume(api: Api, ns: str) -> None:
 
 
 def test_delete_cascades_to_children(api: Api, ns: str) -> None:
-    api.apply(simulated_ftj("gone", ns, run_seconds=120))
+    two_nodes = {"nodes": 2, "gpusPerNode": 1, "gpuType": "rtx-4090d"}  # two nodes: with the headless Service
+    api.apply(simulated_ftj("gone", ns, run_seconds=120, resources=two_nodes))
     wait_for(lambda: api.get("Job", ns, "gone"), 30, "the Job")
+    assert api.get("Service", ns, "gone") is not None
     api.kubectl("delete", "ftj", "gone", "-n", ns, "--wait=true")
     for kind in ("Job", "ConfigMap", "Service", "ServiceAccount", "Role", "RoleBinding"):
         wait_for(

@@ -53,7 +53,7 @@ def test_dpo_children_mount_the_init_adapter() -> None:
 def test_training_job_contract() -> None:
     ftj = load_ftj("finetunejob-sft.yaml")
     kinds = [c["kind"] for c in finetunejob.children(ftj, PLAN, CONFIG)]
-    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job"]
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"]  # one node: no Service
     job = finetunejob.children(ftj, PLAN, CONFIG)[-1]
     for child in finetunejob.children(ftj, PLAN, CONFIG):
         owner = child["metadata"]["ownerReferences"][0]
@@ -67,7 +67,7 @@ def test_training_job_contract() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-GeForce-RTX-4090-D"}
     env = {e["name"]: e for e in container["env"]}
-    assert env["MASTER_ADDR"]["value"] == "qwen-sft-0.qwen-sft.team-a.svc"
+    assert env["MASTER_ADDR"]["value"] == "127.0.0.1"
     assert env["NNODES"]["value"] == "1" and env["NPROC_PER_NODE"]["value"] == "4"
     assert "job-completion-index" in env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
@@ -75,7 +75,7 @@ def test_training_job_contract() -> None:
     assert mounts["/mnt/pvc/adapters"]["readOnly"] is False
     assert mounts["/mnt/pvc/datasets"]["readOnly"] is True
     assert "/dev/shm" in mounts
-    assert pod["subdomain"] == "qwen-sft" and pod["restartPolicy"] == "Never"
+    assert "subdomain" not in pod and pod["restartPolicy"] == "Never"
 
 
 def test_status_role_allows_only_this_jobs_status() -> None:
@@ -186,3 +186,18 @@ def test_chat_page_goes_where_the_installation_says() -> None:
     )
     placed = modelserver.ui_deployment(load_server(), config)["spec"]["template"]["spec"]
     assert placed["nodeSelector"] == {"pool": "web"} and placed["tolerations"] == [toleration]
+
+
+def test_multi_node_job_rendezvous_through_a_headless_service() -> None:
+    ftj = load_ftj("finetunejob-sft.yaml")
+    two_nodes = ftj.model_copy(
+        update={"spec": ftj.spec.model_copy(update={"resources": ftj.spec.resources.model_copy(update={"nodes": 2})})}
+    )
+    children = finetunejob.children(two_nodes, PLAN, CONFIG)
+    assert [c["kind"] for c in children] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job"]
+    service, job = children[4], children[5]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"] == "qwen-sft"
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["MASTER_ADDR"]["value"] == "qwen-sft-0.qwen-sft.team-a.svc" and env["NNODES"]["value"] == "2"

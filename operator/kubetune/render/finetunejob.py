@@ -1,4 +1,5 @@
-"""A FineTuneJob's children: ServiceAccount, Role, RoleBinding, ConfigMap, headless Service, Indexed Job.
+"""A FineTuneJob's children: ServiceAccount, Role, RoleBinding, ConfigMap, Indexed Job, and a headless
+Service when the job spans several nodes.
 
 The training pods' ServiceAccount may only get and patch the status of its own FineTuneJob; that is
 how the trainer reports progress (docs/progress.md).
@@ -67,9 +68,10 @@ class Names:
     def training_job(self) -> str:
         return self.job
 
-    def master_addr(self, namespace: str) -> str:
-        """DNS name of pod 0 of the Indexed Job under the headless Service."""
-        return f"{self.training_job}-0.{self.service}.{namespace}.svc"
+    def master_addr(self, namespace: str, nodes: int) -> str:
+        """Where the torch.distributed rendezvous listens: the DNS name of pod 0 of the Indexed Job under the
+        headless Service, or the pod itself when it is the only one."""
+        return f"{self.training_job}-0.{self.service}.{namespace}.svc" if nodes > 1 else "127.0.0.1"
 
 
 def trainer_config(ftj: FineTuneJob, plan: Plan, init_adapter_uri: str | None) -> TrainerConfig:
@@ -89,12 +91,14 @@ def children(
 ) -> list[Manifest]:
     """Every object the operator applies for a FineTuneJob, in creation order."""
     trainer = trainer_config(ftj, plan, init_adapter_uri)
+    # One node rendezvouses on its own pod: a Service would only cost API writes and endpoint updates.
+    service = [headless_service(ftj, config)] if ftj.spec.resources.nodes > 1 else []
     return [
         service_account(ftj),
         status_role(ftj),
         status_role_binding(ftj),
         config_map(ftj, trainer),
-        headless_service(ftj, config),
+        *service,
         training_job(ftj, trainer, config),
     ]
 
@@ -151,7 +155,7 @@ def config_map(ftj: FineTuneJob, trainer: TrainerConfig) -> Manifest:
 
 
 def headless_service(ftj: FineTuneJob, config: OperatorConfig) -> Manifest:
-    """Gives pod 0 a stable DNS name for the torch.distributed rendezvous."""
+    """Gives pod 0 a stable DNS name for the torch.distributed rendezvous of a multi-node job."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -169,7 +173,7 @@ def _distributed_env(ftj: FineTuneJob, config: OperatorConfig) -> list[Manifest]
     names = Names(ftj.metadata.name)
     resources = ftj.spec.resources
     return [
-        {"name": "MASTER_ADDR", "value": names.master_addr(ftj.metadata.namespace)},
+        {"name": "MASTER_ADDR", "value": names.master_addr(ftj.metadata.namespace, resources.nodes)},
         {"name": "MASTER_PORT", "value": str(config.rendezvous_port)},
         {"name": "NNODES", "value": str(resources.nodes)},
         {
@@ -232,12 +236,13 @@ def pod_template(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfi
     }
     pod_spec: dict[str, Any] = {
         "serviceAccountName": names.service_account,
-        "subdomain": names.service,
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": config.trainer_termination_grace_seconds,
         "containers": [container],
         "volumes": parts.volumes,
     }
+    if spec.resources.nodes > 1:
+        pod_spec["subdomain"] = names.service
     if gpu.node_selector:
         pod_spec["nodeSelector"] = dict(gpu.node_selector)
     if gpu.tolerations:
