@@ -64,6 +64,12 @@ def _ui(argv: list[str]) -> int:
     return main(argv)
 
 
+def _fetcher(argv: list[str]) -> int:
+    from kubetune.server.fetcher import main
+
+    return main(argv)
+
+
 def _plan(argv: list[str]) -> int:
     from kubetune.planner.cli import main
 
@@ -77,6 +83,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "plan": (_plan, "plan a training run: ZeRO stage, offload, micro-batch, memory per GPU"),
     "train": (_train, "run the trainer (inside a training pod)"),
     "ui": (_ui, "the Gradio chat page of a ModelServer (beside the server pods)"),
+    "fetcher": (_fetcher, "the adapter fetcher beside vLLM: pvc:// and s3:// adapters for runtime loading"),
     "dev": (_dev, "the local cluster: up, down, status, logs, build, demo"),
 }
 

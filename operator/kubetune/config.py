@@ -73,6 +73,9 @@ class ServerConfig(_Config):
     """Time a server pod gets after SIGTERM to finish the requests it has."""
     adapter_resync_seconds: float = 10.0
     """How often the operator looks at the replicas again while an adapter is not loaded everywhere."""
+    fetcher_port: int = 8001
+    """Port of the adapter fetcher beside vLLM in every server pod (the operator asks it before loading a pvc://
+    or s3:// adapter by uri, or an s3:// adapter of a FineTuneJob)."""
 
 
 class OperatorConfig(_Config):

@@ -111,19 +111,24 @@ def model_server(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
     }
 
 
-def suspended_ftj(name: str, namespace: str, labels: dict[str, str], run_seconds: float = 2) -> dict[str, Any]:
-    """A simulated FineTuneJob writing to pvc://adapters/NAME; it starts when resumed, kwok completes it."""
+def suspended_ftj(
+    name: str, namespace: str, labels: dict[str, str], run_seconds: float = 2, output: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A simulated FineTuneJob writing to pvc://adapters/NAME (or `output`); it starts when resumed, kwok
+    completes it."""
     body = simulated_ftj(
-        name, namespace, run_seconds=run_seconds, suspend=True, output={"uri": f"pvc://adapters/{name}"}
+        name, namespace, run_seconds=run_seconds, suspend=True, output=output or {"uri": f"pvc://adapters/{name}"}
     )
     body["metadata"]["labels"] = labels
     return body
 
 
-def report_adapter(api: Api, namespace: str, name: str, base_model: str = MODEL_URI, rank: int = 8) -> None:
+def report_adapter(
+    api: Api, namespace: str, name: str, base_model: str = MODEL_URI, rank: int = 8, uri: str = ""
+) -> None:
     """What the trainer writes into status.adapter at the end of a run (its kubetune.json), before it exits."""
     adapter = {
-        "uri": f"pvc://adapters/{name}/adapter",
+        "uri": uri or f"pvc://adapters/{name}/adapter",
         "baseModel": base_model,
         "rank": rank,
         "targetModules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tests import browser
+from tests import browser, s3server
 from tests.integration import serving
 from tests.integration.support import (
     AGENT_LABEL,
@@ -53,6 +53,8 @@ pytestmark = [
 SERVER = "tiny"
 SELECTOR = {"serve-on": "tiny"}
 LATENCY_TARGET_S = 10.0
+BUCKET = "kubetune"
+S3_SECRET = "s3-creds"
 
 
 @dataclass
@@ -80,7 +82,23 @@ def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 @pytest.fixture(scope="module")
-def scene(api: Api, operator: OperatorProcess, agent: AgentProcess) -> Iterator[Scene]:
+def bucket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3server.S3Server]:
+    """A real S3 API (moto's server) on 127.0.0.1, where the agent's pods reach it too."""
+    with s3server.running(tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        server.client().create_bucket(Bucket=BUCKET)
+        yield server
+
+
+def upload(bucket: s3server.S3Server, folder: Path, prefix: str) -> str:
+    client = bucket.client()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(folder).as_posix()}")
+    return f"s3://{BUCKET}/{prefix}"
+
+
+@pytest.fixture(scope="module")
+def scene(api: Api, operator: OperatorProcess, agent: AgentProcess, bucket: s3server.S3Server) -> Iterator[Scene]:
     ns = api.create_namespace()
     wait_for(lambda: api.get("ServiceAccount", ns, "default"), 30, f"ServiceAccount default in {ns}")
     for claim in ("models", "adapters"):
@@ -93,6 +111,11 @@ def scene(api: Api, operator: OperatorProcess, agent: AgentProcess) -> Iterator[
     # The jobs exist (training, as far as anyone knows) before the server: their claim is mounted from the start.
     for name in ("capitals", "capitals-b", "other-base"):
         api.apply(serving.suspended_ftj(name, ns, SELECTOR))
+    # A job writing to S3: its Secret is mounted into the servers' adapter fetcher from the start.
+    secret = [f"--from-literal={k}={v}" for k, v in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"))]
+    api.kubectl("create", "secret", "generic", S3_SECRET, "-n", ns, *secret)
+    output = {"uri": f"s3://{BUCKET}/runs/s3-job", "s3": {"secretName": S3_SECRET, "endpoint": bucket.endpoint}}
+    api.apply(serving.suspended_ftj("s3-job", ns, SELECTOR, output=output))
     api.apply(serving.model_server(SERVER, ns, adapterSelector={"matchLabels": SELECTOR}))
     try:
         yield Scene(ns, root)
@@ -175,13 +198,14 @@ def test_adapter_answers_like_hf_peft_and_unlike_the_base(api: Api, scene: Scene
 
 def test_bad_adapters_are_refused_with_the_reason_in_status(api: Api, scene: Scene) -> None:
     (address,) = addresses(api, scene)
-    # Rank 16 on a server with maxLoraRank 8, known only to vLLM (a uri adapter): its refusal is mapped.
+    # Rank 16 on a server with maxLoraRank 8, a uri adapter: the fetcher returns its adapter_config.json and the
+    # operator refuses it before vLLM is asked.
     api.kubectl(
         "patch", "msrv", SERVER, "-n", scene.ns, "--type=merge",
         "-p", json.dumps({"spec": {"adapters": [{"name": "too-big", "uri": "pvc://adapters/big/adapter"}]}}),
     )  # fmt: skip
     too_big = serving.wait_adapter(api, scene.ns, SERVER, "too-big", "Failed")
-    assert too_big["reason"] == "AdapterRankTooLarge" and "max_lora_rank 8" in too_big["message"], too_big
+    assert too_big["reason"] == "AdapterRankTooLarge" and "maxLoraRank 8" in too_big["message"], too_big
     # Trained on another base model, as its FineTuneJob reports: refused before vLLM is asked.
     serving.report_adapter(api, scene.ns, "other-base", base_model="pvc://models/other")
     serving.resume(api, scene.ns, "other-base")
@@ -195,6 +219,63 @@ def test_bad_adapters_are_refused_with_the_reason_in_status(api: Api, scene: Sce
     # Taken out of the spec, the refused adapter leaves the status.
     api.kubectl("patch", "msrv", SERVER, "-n", scene.ns, "--type=merge", "-p", '{"spec":{"adapters":[]}}')
     wait_for(lambda: serving.adapter_status(api, scene.ns, SERVER, "too-big") is None, 30, "too-big to leave")
+
+
+def test_s3_adapters_are_fetched_into_the_pod_and_checked(api: Api, scene: Scene, bucket: s3server.S3Server) -> None:
+    (address,) = addresses(api, scene)
+    # The job's adapter is in the bucket (uploaded as the trainer does: the same files, kubetune.json with them).
+    trained = scene.root / "adapters" / "capitals" / "adapter"
+    uri = upload(bucket, trained, "runs/s3-job/adapter")
+    serving.report_adapter(api, scene.ns, "s3-job", uri=uri)
+    serving.resume(api, scene.ns, "s3-job")
+    seconds = serving.seconds_to_serve(api, scene.ns, "s3-job", "s3-job", [address])
+    print(f"\ns3-job: fetched from S3 and served {seconds:.2f} s after its FineTuneJob succeeded")
+    loaded = serving.wait_adapter(api, scene.ns, SERVER, "s3-job", "Loaded", loadedReplicas=1)
+    assert loaded["uri"] == uri and loaded["source"] == "adapterSelector/s3-job"
+    assert serving.served_models(address)["s3-job"] == SERVER
+    # The same weights as the pvc:// copy: the same greedy answer.
+    answers = [
+        serving.chat(address, m, max_tokens=16)[1]["choices"][0]["message"]["content"] for m in ("s3-job", "capitals")
+    ]
+    assert answers[0] == answers[1], answers
+
+    # By uri: a good s3:// adapter, and adapters trained on another base (as their own files say), refused
+    # before vLLM is asked.
+    other = json.loads((trained / "kubetune.json").read_text())
+    other["baseModel"]["uri"] = "pvc://models/other"
+    wrong_s3 = upload(bucket, trained, "foreign/wrong-base")
+    bucket.client().put_object(Bucket=BUCKET, Key="foreign/wrong-base/kubetune.json", Body=json.dumps(other).encode())
+    wrong_pvc = scene.root / "adapters" / "wrong-base" / "adapter"
+    wrong_pvc.mkdir(parents=True, exist_ok=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (wrong_pvc / name).write_bytes((trained / name).read_bytes())
+    config = json.loads((trained / "adapter_config.json").read_text())
+    (wrong_pvc / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "Qwen/Qwen2.5-7B"}))
+    s3 = {"secretName": S3_SECRET, "endpoint": bucket.endpoint}
+    adapters = [
+        {"name": "s3-uri", "uri": f"s3://{BUCKET}/runs/s3-job/adapter", "s3": s3},
+        {"name": "s3-wrong-base", "uri": wrong_s3, "s3": s3},
+        {"name": "pvc-wrong-base", "uri": "pvc://adapters/wrong-base/adapter"},
+        {"name": "s3-missing", "uri": f"s3://{BUCKET}/nothing/here", "s3": s3},
+    ]
+    api.kubectl(
+        "patch", "msrv", SERVER, "-n", scene.ns, "--type=merge", "-p", json.dumps({"spec": {"adapters": adapters}})
+    )
+    serving.wait_adapter(api, scene.ns, SERVER, "s3-uri", "Loaded", loadedReplicas=1)
+    assert serving.chat(address, "s3-uri")[0] == 200
+    s3_wrong = serving.wait_adapter(api, scene.ns, SERVER, "s3-wrong-base", "Failed")
+    assert s3_wrong["reason"] == "AdapterBaseMismatch" and "pvc://models/other" in s3_wrong["message"], s3_wrong
+    pvc_wrong = serving.wait_adapter(api, scene.ns, SERVER, "pvc-wrong-base", "Failed")
+    assert pvc_wrong["reason"] == "AdapterBaseMismatch" and "Qwen/Qwen2.5-7B" in pvc_wrong["message"], pvc_wrong
+    missing = serving.wait_adapter(api, scene.ns, SERVER, "s3-missing", "Failed")
+    assert missing["reason"] == "AdapterNotFound", missing
+    assert not {"s3-wrong-base", "pvc-wrong-base", "s3-missing"} & set(serving.served_models(address))
+    # A missing adapter that appears is loaded by the operator's own retry, without any event.
+    upload(bucket, trained, "nothing/here")
+    serving.wait_adapter(api, scene.ns, SERVER, "s3-missing", "Loaded", timeout=60, loadedReplicas=1)
+    assert serving.replica_addresses(api, scene.ns, SERVER) == [address]  # no restart for any of it
+    api.kubectl("patch", "msrv", SERVER, "-n", scene.ns, "--type=merge", "-p", '{"spec":{"adapters":[]}}')
+    wait_for(lambda: "s3-uri" not in serving.served_models(address), 30, "the uri adapters to be unloaded")
 
 
 def test_new_replica_gets_every_adapter_and_new_ones_reach_all(api: Api, scene: Scene) -> None:

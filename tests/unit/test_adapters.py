@@ -17,11 +17,16 @@ from kubetune.adapters import (
     ReplicaReport,
     adapter_states,
     check_adapter,
+    check_adapter_files,
+    next_failure,
+    next_retry,
     plan_actions,
     reason_for_load_error,
+    retry_delay,
 )
 from kubetune.adapters.checks import same_model
 from kubetune.api.v1alpha1 import ModelServer
+from kubetune.s3 import Access
 from kubetune.status import adapters as resolution
 from kubetune.status import modelserver as ms
 from tests.rejections import EXAMPLES
@@ -80,6 +85,25 @@ def test_resolve_named_selected_waiting_and_refused() -> None:
     assert "pvc://adapters/unlabelled/adapter" not in res.locations
 
 
+def test_resolve_s3_adapters_and_their_secrets() -> None:
+    s3_job = ftj("s3-job", "Succeeded", {"serve-on": "qwen-7b"}, baseModel=BASE, rank=8)
+    s3_job["spec"]["output"] = {"uri": "s3://bucket/runs/s3-job", "s3": {"secretName": "job-creds"}}
+    s3_job["status"]["adapter"]["uri"] = "s3://bucket/runs/s3-job/adapter"
+    training = ftj("s3-training", "Running", {"serve-on": "qwen-7b"})
+    training["spec"]["output"] = {"uri": "s3://bucket/runs/next", "s3": {"secretName": "next-creds"}}
+    uri = {"name": "from-s3", "uri": "s3://bucket/foreign", "s3": {"secretName": "minio", "endpoint": "http://m:9000"}}
+    res = resolution.resolve(server(adapters=[uri]), {"s3-job": s3_job, "s3-training": training})
+    by_name = {a.name: a for a in res.serve}
+    assert by_name["from-s3"].s3 == Access("minio", "http://m:9000", "")
+    assert by_name["from-s3"].needs_fetcher and by_name["from-s3"].checked_by_files
+    assert by_name["s3-job"].s3 == Access("job-creds") and by_name["s3-job"].path.endswith(
+        "/s3/bucket/runs/s3-job/adapter"
+    )
+    assert by_name["s3-job"].needs_fetcher and not by_name["s3-job"].checked_by_files  # its job reported it
+    # Every Secret the fetcher may need, also of a job still training: no restart when it succeeds.
+    assert res.secrets == ["job-creds", "minio", "next-creds"]
+
+
 def test_views_follow_the_status_order() -> None:
     res = resolution.resolve(server(adapterSelector=None), {})
     views = res.views([], {})
@@ -97,7 +121,7 @@ def test_views_follow_the_status_order() -> None:
     [
         (Adapter("a", "pvc://adapters/a/adapter", "uri"), None),
         (Adapter("a", "hf://org/adapter", "uri"), None),
-        (Adapter("a", "s3://bucket/a/adapter", "uri"), "AdapterStorageUnsupported"),
+        (Adapter("a", "s3://bucket/a/adapter", "uri"), None),
         (Adapter("a", "pvc://x/a", "f", base_model="hf://Qwen/Qwen2.5-7B@abc"), None),
         (Adapter("a", "pvc://x/a", "f", base_model="pvc://models/other"), "AdapterBaseMismatch"),
         (Adapter("a", "pvc://x/a", "f", base_model=BASE, rank=64), None),
@@ -110,6 +134,40 @@ def test_check_adapter(adapter: Adapter, reason: str | None) -> None:
     assert (refusal.reason if refusal else None) == reason
     if refusal:
         assert refusal.message
+
+
+KUBETUNE_META = {"baseModel": {"uri": BASE, "revision": None}}
+
+
+@pytest.mark.parametrize(
+    "config, metadata, reason",
+    [
+        ({"base_model_name_or_path": "/var/cache/x", "r": 8, "target_modules": ["q_proj"]}, KUBETUNE_META, None),
+        ({"r": 8, "target_modules": ["q_proj"]}, {"baseModel": {"uri": "pvc://models/other"}}, "AdapterBaseMismatch"),
+        ({"base_model_name_or_path": "Qwen/Qwen2.5-7B", "r": 16, "target_modules": ["v_proj", "q_proj"]}, None, None),
+        ({"base_model_name_or_path": "meta-llama/Llama-3.1-8B", "r": 8}, None, "AdapterBaseMismatch"),
+        ({"base_model_name_or_path": "Qwen/Qwen2.5-7B", "r": 128}, None, "AdapterRankTooLarge"),
+        ({"r": 8, "rank_pattern": {"layers.0.q_proj": 128}}, None, "AdapterRankTooLarge"),
+        (
+            {"r": 8, "target_modules": ["model.layers.0.self_attn.q_proj", "lm_head"]},
+            None,
+            "AdapterTargetModulesUnsupported",
+        ),
+        ({"r": 8, "target_modules": ".*proj"}, None, None),  # a PEFT regex: left to vLLM
+    ],
+)
+def test_check_adapter_files(config: dict[str, Any], metadata: dict[str, Any] | None, reason: str | None) -> None:
+    adapter = Adapter("a", "s3://bucket/a", "uri")
+    refusal = check_adapter_files(adapter, config, metadata, BASE, 64)
+    assert (refusal.reason if refusal else None) == reason
+
+
+def test_adapter_files_may_name_a_mounted_base_by_its_path() -> None:
+    adapter = Adapter("a", "pvc://adapters/a", "uri")
+    config = {"base_model_name_or_path": "/mnt/pvc/models/tiny/", "r": 8}
+    assert check_adapter_files(adapter, config, None, "pvc://models/tiny", 8) is None
+    refusal = check_adapter_files(adapter, config, None, "pvc://models/other", 8)
+    assert refusal is not None and refusal.reason == "AdapterBaseMismatch" and "/mnt/pvc/models/tiny" in refusal.message
 
 
 def test_same_model_ignores_a_missing_revision_only() -> None:
@@ -155,12 +213,45 @@ def test_plan_loads_what_is_missing_and_unloads_what_is_not_wanted() -> None:
 
 def test_plan_reloads_a_moved_adapter_skips_unreachable_and_waits_after_a_refusal() -> None:
     reports = [ReplicaReport(R1, {"a": "/elsewhere"}), ReplicaReport(R2, None, "connection refused")]
-    failures = {"b": Failure(B.path, "AdapterRankTooLarge", "rank", at=100.0)}
-    assert plan_actions([A, B], reports, failures, now=130.0, retry_after=60) == [
+    failures = {"b": Failure(B.path, "AdapterRankTooLarge", "rank", at=100.0, retry_at=160.0)}
+    assert plan_actions([A, B], reports, failures, now=130.0) == [
         Action(R1, "unload", "a"),
         Action(R1, "load", "a", A.path),
     ]
-    assert Action(R1, "load", "b", B.path) in plan_actions([A, B], reports, failures, now=161.0, retry_after=60)
+    assert Action(R1, "load", "b", B.path) in plan_actions([A, B], reports, failures, now=160.0)
+    moved = {"b": Failure("/old/path", "AdapterNotFound", "gone", at=100.0, retry_at=1000.0)}
+    assert Action(R1, "load", "b", B.path) in plan_actions([A, B], reports, moved, now=130.0)  # a new path: at once
+
+
+# --- retries of refused loads ------------------------------------------------------------------------
+
+
+def test_retry_delay_doubles_to_five_minutes_for_transient_refusals() -> None:
+    delays = [retry_delay("AdapterNotFound", n) for n in range(1, 9)]
+    assert delays == [10, 20, 40, 80, 160, 300, 300, 300]
+    assert retry_delay("AdapterFetchFailed", 1) == retry_delay("AdapterLoadFailed", 1) == 10
+
+
+@pytest.mark.parametrize(
+    "reason",
+    ["AdapterRankTooLarge", "AdapterBaseMismatch", "AdapterTargetModulesUnsupported", "AdapterUnsupported"],
+)
+def test_refusals_the_adapter_decides_are_not_hammered(reason: str) -> None:
+    assert retry_delay(reason, 1) == retry_delay(reason, 10) == 300
+
+
+def test_next_failure_counts_refusals_in_a_row_at_one_path() -> None:
+    first = next_failure(None, "/p", "AdapterNotFound", "no", now=100.0)
+    assert (first.attempts, first.retry_at) == (1, 110.0)
+    second = next_failure(first, "/p", "AdapterNotFound", "no", now=111.0)
+    assert (second.attempts, second.retry_at) == (2, 131.0)
+    third = next_failure(second, "/p", "AdapterFetchFailed", "store down", now=132.0)
+    assert (third.attempts, third.retry_at, third.reason) == (3, 172.0, "AdapterFetchFailed")
+    elsewhere = next_failure(third, "/q", "AdapterNotFound", "no", now=200.0)
+    assert (elsewhere.attempts, elsewhere.retry_at) == (1, 210.0)  # another path starts afresh
+    assert next_retry({}, 0.0) is None
+    assert next_retry({"a": third, "b": elsewhere}, now=150.0) == 22.0
+    assert next_retry({"a": third}, now=500.0) is None  # due: tried at this look, if a replica is there
 
 
 def test_adapter_states() -> None:

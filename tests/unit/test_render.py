@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.api.v1alpha1 import FineTuneJob, ModelServer, Plan
+from kubetune.api.v1alpha1 import FineTuneJob, ModelServer, Plan, S3Access
 from kubetune.config import OperatorConfig
 from kubetune.render import finetunejob, modelserver
 from kubetune.render.common import ANNOTATION_SPEC_HASH
@@ -116,6 +116,31 @@ def test_unknown_gpu_type_still_tolerates_gpu_nodes() -> None:
 def test_modelserver_children_match_golden() -> None:
     locations = ["pvc://adapters/qwen-sft/adapter"]
     check_golden("modelserver.yaml", modelserver.children(load_server(), locations, CONFIG))
+
+
+def test_s3_secrets_go_to_the_fetcher_only_and_an_s3_model_is_downloaded_first() -> None:
+    server = load_server()
+    model = server.spec.base_model.model_copy(
+        update={"uri": "s3://models/qwen", "secret_ref": None, "s3": S3Access(secret_name="model-creds")}
+    )
+    server = server.model_copy(update={"spec": server.spec.model_copy(update={"base_model": model})})
+    (deployment, *_) = modelserver.children(server, ["s3://bucket/a"], CONFIG, ["adapter-creds"])
+    pod = deployment["spec"]["template"]["spec"]
+    vllm, fetcher = pod["containers"]
+    mounts = {
+        c["name"]: {m["mountPath"] for m in c["volumeMounts"]} for c in [*pod["containers"], *pod["initContainers"]]
+    }
+    assert "/var/run/secrets/kubetune/s3/adapter-creds" in mounts["fetcher"]
+    assert not any(path.startswith("/var/run/secrets/kubetune") for path in mounts["vllm"])
+    assert "/var/run/secrets/kubetune/s3/model-creds" in mounts["model"]
+    assert "/var/cache/kubetune" in mounts["vllm"] & mounts["fetcher"] & mounts["model"]  # the shared downloads
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["s3-adapter-creds"]["secret"] == {"secretName": "adapter-creds", "optional": True}
+    assert volumes["s3-model-creds"]["secret"] == {"secretName": "model-creds"}
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["kubetune", "fetcher", "--download", "s3://models/qwen", "--secret-name", "model-creds"]
+    assert vllm["args"][:2] == ["--model", "/var/cache/kubetune/s3/models/qwen"]
+    assert fetcher["command"][:2] == ["kubetune", "fetcher"]
 
 
 def test_vllm_arguments() -> None:

@@ -8,15 +8,32 @@ it gets every current adapter; an adapter taken out of the spec is unloaded ever
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from kubetune.s3 import Access
 from kubetune.status.modelserver import AdapterView
 from kubetune.storage import local_path, parse
 
+# Refused loads are tried again after RETRY_FIRST_S, then twice as long each time up to RETRY_MAX_S, so a
+# transient failure (a store or volume not reachable yet, an adapter still being copied) heals by itself. A
+# refusal that the adapter's own files decide comes back only every RETRY_MAX_S (the files may be replaced).
+RETRY_FIRST_S = 10.0
+RETRY_MAX_S = 300.0
+PERMANENT_REASONS = frozenset(
+    {
+        "AdapterBaseMismatch",
+        "AdapterRankTooLarge",
+        "AdapterTargetModulesUnsupported",
+        "AdapterUnsupported",
+        "AdapterNameConflict",
+    }
+)
+
 
 def lora_path(uri: str) -> str:
-    """What vLLM's load_lora_adapter gets as lora_path: a path inside the pod, or ORG/NAME for hf://."""
+    """What vLLM's load_lora_adapter gets as lora_path: a path inside the pod (an s3:// adapter is fetched into
+    the cache volume first), or ORG/NAME for hf://."""
     loc = parse(uri)
     if loc.scheme == "hf":
         return f"{loc.root}/{loc.path}"
@@ -33,10 +50,24 @@ class Adapter:
     base_model: str = ""
     rank: int = 0
     target_modules: tuple[str, ...] = ()
+    s3: Access = field(default_factory=Access)
+    """How the fetcher reaches an s3:// adapter (the Secret's name, never its contents)."""
 
     @property
     def path(self) -> str:
         return lora_path(self.uri)
+
+    @property
+    def needs_fetcher(self) -> bool:
+        """Whether the replica's fetcher must prepare it before the load: s3:// adapters are downloaded, and
+        pvc:// adapters by uri are checked from their adapter_config.json (a job's adapter was reported)."""
+        scheme = parse(self.uri).scheme
+        return scheme == "s3" or (scheme == "pvc" and self.source == "uri")
+
+    @property
+    def checked_by_files(self) -> bool:
+        """Whether its own files decide the checks (nothing was reported about an adapter by uri)."""
+        return self.source == "uri" and self.needs_fetcher
 
 
 @dataclass(frozen=True)
@@ -46,6 +77,8 @@ class Replica:
     pod: str
     address: str
     """host:port"""
+    fetcher: str = ""
+    """host:port of the pod's adapter fetcher"""
 
 
 @dataclass(frozen=True)
@@ -69,25 +102,46 @@ class Action:
 
 @dataclass(frozen=True)
 class Failure:
-    """A load that vLLM refused. It is not retried for the same path until `retry_after` has passed."""
+    """A refused load (by vLLM, the fetcher or the checks). It is not retried for the same path before `retry_at`."""
 
     path: str
     reason: str
     message: str
     at: float
     """time.monotonic() of the refusal"""
+    attempts: int = 1
+    """Refusals in a row at this path."""
+    retry_at: float = 0.0
+    """time.monotonic() from which a load is tried again"""
+
+
+def retry_delay(reason: str, attempts: int) -> float:
+    """Seconds until a refused load is tried again: 10, 20, 40, ... up to 300 after `attempts` refusals in a
+    row; always 300 for refusals that the adapter itself decides (PERMANENT_REASONS)."""
+    if reason in PERMANENT_REASONS:
+        return RETRY_MAX_S
+    return min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** max(0, attempts - 1))
+
+
+def next_failure(previous: Failure | None, path: str, reason: str, message: str, now: float) -> Failure:
+    """The record of a refusal: one more attempt when the last one at the same path was refused too."""
+    attempts = previous.attempts + 1 if previous is not None and previous.path == path else 1
+    return Failure(path, reason, message, now, attempts, now + retry_delay(reason, attempts))
+
+
+def next_retry(failures: dict[str, Failure], now: float) -> float | None:
+    """Seconds until the earliest refused load that is not due yet may be tried again; None when there is none.
+    (One already due waits for a replica to try it on: the look that just ran had none.)"""
+    waits = [f.retry_at - now for f in failures.values() if f.retry_at > now]
+    return min(waits) if waits else None
 
 
 def plan_actions(
-    adapters: list[Adapter],
-    reports: list[ReplicaReport],
-    failures: dict[str, Failure],
-    now: float,
-    retry_after: float = 60.0,
+    adapters: list[Adapter], reports: list[ReplicaReport], failures: dict[str, Failure], now: float
 ) -> list[Action]:
     """Per replica: unload what should not be there (or sits at another path), then load what is missing.
 
-    Unreachable replicas get nothing; an adapter whose last load failed at the same path waits `retry_after`.
+    Unreachable replicas get nothing; an adapter whose last load failed at the same path waits until `retry_at`.
     """
     desired = {a.name: a.path for a in adapters}
     actions: list[Action] = []
@@ -101,7 +155,7 @@ def plan_actions(
             if report.loaded.get(name) == path:
                 continue
             failure = failures.get(name)
-            if failure and failure.path == path and now - failure.at < retry_after:
+            if failure and failure.path == path and now < failure.retry_at:
                 continue
             actions.append(Action(report.replica, "load", name, path))
     return actions

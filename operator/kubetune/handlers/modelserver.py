@@ -15,11 +15,20 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from kubetune.adapters import Replica, ReplicaReport, plan_actions
+from kubetune.adapters import (
+    Action,
+    Adapter,
+    Replica,
+    ReplicaReport,
+    check_adapter_files,
+    next_failure,
+    next_retry,
+    plan_actions,
+)
 from kubetune.api.v1alpha1 import ModelServer
 from kubetune.handlers import metrics
 from kubetune.handlers.context import Context, handle_object_event, slim
-from kubetune.k8s import vllm
+from kubetune.k8s import fetcher, vllm
 from kubetune.k8s.client import ApiError
 from kubetune.render import modelserver as render
 from kubetune.render.common import LABEL_MODELSERVER, content_hash
@@ -82,7 +91,7 @@ def reconcile(ctx: Context, key: Key) -> None:
             log.error("invalid ModelServer %s/%s: %s", *key, err)
             return
         adapters = adapter_status.resolve(server, _jobs_in(ctx, key[0]))
-        children = render.children(server, adapters.locations, ctx.config)
+        children = render.children(server, adapters.locations, ctx.config, adapters.secrets)
         wanted = content_hash(children)
         if ctx.applied.get(uid) != wanted:
             try:
@@ -93,13 +102,19 @@ def reconcile(ctx: Context, key: Key) -> None:
                 outcome.failed(err)
                 log.warning("applying %s/%s failed, retrying: %s", *key, err)
                 ctx.later(5.0, reconcile, ctx, key)
-        reports = sync_adapters(ctx, key, uid, adapters)
+        reports = sync_adapters(ctx, key, server, adapters)
         views = adapters.views(reports, ctx.adapter_failures.get(uid, {}))
         sync_status(ctx, key, body, server, views)
         if any(v.state == "Pending" and v.reason != "WaitingForFineTuneJob" for v in views) or any(
             r.loaded is None for r in reports
         ):
             ctx.later_once(("modelserver", *key), ctx.config.server.adapter_resync_seconds, reconcile, ctx, key)
+        # A refused load is tried again by itself when its back-off ends, without waiting for an event. One
+        # timer per due time (a later, shorter back-off is not hidden behind a longer one already waiting).
+        delay = next_retry(ctx.adapter_failures.get(uid, {}), time.monotonic())
+        if delay is not None:
+            due = f"{time.monotonic() + delay:.0f}"
+            ctx.later_once(("modelserver-retry", *key, due), delay + 0.5, reconcile, ctx, key)
 
 
 def ready_replicas(ctx: Context, key: Key) -> list[Replica]:
@@ -109,12 +124,17 @@ def ready_replicas(ctx: Context, key: Key) -> list[Replica]:
         status = pod.get("status") or {}
         ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
         if ready and status.get("podIP") and not pod["metadata"].get("deletionTimestamp"):
-            replicas.append(Replica(pod["metadata"]["name"], f"{status['podIP']}:{ctx.config.server_port}"))
+            ip, name = status["podIP"], pod["metadata"]["name"]
+            fetcher_address = f"{ip}:{ctx.config.server.fetcher_port}"
+            replicas.append(Replica(name, f"{ip}:{ctx.config.server_port}", fetcher_address))
     return sorted(replicas, key=lambda r: r.pod)
 
 
-def sync_adapters(ctx: Context, key: Key, uid: str, adapters: adapter_status.Resolution) -> list[ReplicaReport]:
+def sync_adapters(
+    ctx: Context, key: Key, server: ModelServer, adapters: adapter_status.Resolution
+) -> list[ReplicaReport]:
     """Load and unload adapters on every ready replica until each has exactly the ones to serve."""
+    uid = server.metadata.uid
     replicas = ready_replicas(ctx, key)
     reports = vllm.reports(replicas)
     failures = ctx.adapter_failures.setdefault(uid, {})
@@ -123,14 +143,35 @@ def sync_adapters(ctx: Context, key: Key, uid: str, adapters: adapter_status.Res
     actions = plan_actions(adapters.serve, reports, failures, time.monotonic())
     if not actions:
         return reports
-    outcomes = vllm.perform_all(actions)
+    serve = {a.name: a for a in adapters.serve}
+    outcomes = vllm.perform_all(actions, lambda action: prepare_load(server, serve[action.adapter], action))
     metrics.count_adapter_loads(outcomes)
-    failures.update(vllm.failures_of(outcomes))
+    for name, refused in vllm.failures_of(outcomes).items():
+        failures[name] = next_failure(failures.get(name), refused.path, refused.reason, refused.message, refused.at)
     for outcome in outcomes:
         if outcome.ok and outcome.action.verb == "load":
             failures.pop(outcome.action.adapter, None)
     changed = {o.action.replica for o in outcomes}
     return [vllm.report(r.replica) if r.replica in changed else r for r in reports]
+
+
+def prepare_load(server: ModelServer, adapter: Adapter, action: Action) -> vllm.Outcome | None:
+    """Before vLLM loads a pvc:// or s3:// adapter by uri, or an s3:// one of a FineTuneJob: the replica's fetcher
+    makes it visible (downloads it) and returns its files, which are checked like a job's report. An Outcome
+    when the load must not go ahead (not found, not fetched, refused by the checks); None when it may."""
+    if not adapter.needs_fetcher:
+        return None
+    answer = fetcher.prepare(action.replica.fetcher, adapter)
+    if answer.status != 200:
+        return vllm.Outcome(action, answer.status, answer.message, answer.reason)
+    if adapter.checked_by_files:
+        spec = server.spec
+        refusal = check_adapter_files(
+            adapter, answer.adapter_config, answer.metadata, spec.base_model.uri, spec.max_lora_rank
+        )
+        if refusal is not None:
+            return vllm.Outcome(action, 422, refusal.message, refusal.reason)
+    return None
 
 
 def sync_status(

@@ -11,6 +11,7 @@ import logging
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -25,11 +26,13 @@ LOAD_TIMEOUT_S = 120.0
 
 @dataclass(frozen=True)
 class Outcome:
-    """The answer to one action: the HTTP status (0 when there was none) and vLLM's message."""
+    """The answer to one action: the HTTP status (0 when there was none) and vLLM's message. `reason` is set
+    when the load was refused before vLLM was asked (by the fetcher or the checks of the adapter's files)."""
 
     action: Action
     status: int
     message: str
+    reason: str = ""
 
     @property
     def ok(self) -> bool:
@@ -94,15 +97,24 @@ def perform(action: Action) -> Outcome:
     return outcome
 
 
-def perform_all(actions: list[Action]) -> list[Outcome]:
-    """The actions, one replica's in order, replicas in parallel."""
+Prepare = Callable[[Action], Outcome | None]
+
+
+def perform_all(actions: list[Action], prepare: Prepare | None = None) -> list[Outcome]:
+    """The actions, one replica's in order, replicas in parallel. `prepare` runs before each load; when it
+    returns an Outcome (a refusal), that is the load's outcome and vLLM is not asked."""
     by_replica: dict[Replica, list[Action]] = {}
     for action in actions:
         by_replica.setdefault(action.replica, []).append(action)
     if not by_replica:
         return []
+
+    def run(action: Action) -> Outcome:
+        refused = prepare(action) if prepare is not None and action.verb == "load" else None
+        return refused or perform(action)
+
     with ThreadPoolExecutor(max_workers=min(16, len(by_replica))) as pool:
-        results = pool.map(lambda items: [perform(a) for a in items], by_replica.values())
+        results = pool.map(lambda items: [run(a) for a in items], by_replica.values())
         return [outcome for items in results for outcome in items]
 
 
@@ -110,7 +122,7 @@ def failures_of(outcomes: list[Outcome]) -> dict[str, Failure]:
     """Refused loads by adapter name (not unreachable replicas: those are retried on the next look)."""
     now = time.monotonic()
     return {
-        o.action.adapter: Failure(o.action.path, reason_for_load_error(o.status, o.message), o.message, now)
+        o.action.adapter: Failure(o.action.path, o.reason or reason_for_load_error(o.status, o.message), o.message, now)
         for o in outcomes
         if o.action.verb == "load" and not o.ok and o.status != 0
     }

@@ -2,7 +2,9 @@
 
 Adapters are not part of the Deployment: the operator loads them into the running replicas through vLLM's
 runtime LoRA API, so a new adapter never restarts the server. The Deployment only makes their storage
-visible: every claim an adapter is or will be written to is mounted read-only.
+visible: every claim an adapter is or will be written to is mounted read-only, and the adapter fetcher beside
+vLLM (`kubetune fetcher`) gets the Secrets of s3:// adapters and downloads those into the cache volume that
+both containers share. An s3:// base model is downloaded by an init container before vLLM starts.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from kubetune.render.common import (
     merge_parts,
     metadata,
     resource_limits,
+    s3_secret_parts,
     storage_parts,
     user_env,
 )
 from kubetune.storage import CACHE_ROOT, local_path, parse
 
 SERVER_CONTAINER = "vllm"
+FETCHER_CONTAINER = "fetcher"
+MODEL_INIT_CONTAINER = "model"
 
 
 def served_name(server: ModelServer) -> str:
@@ -95,10 +100,12 @@ def _meta(server: ModelServer, name: str, component: str) -> dict[str, Any]:
     return metadata(name, server.metadata.namespace, server, labels(LABEL_MODELSERVER, server.metadata.name, component))
 
 
-def children(server: ModelServer, adapter_locations: list[str], config: OperatorConfig) -> list[Manifest]:
+def children(
+    server: ModelServer, adapter_locations: list[str], config: OperatorConfig, adapter_secrets: list[str] | None = None
+) -> list[Manifest]:
     """Every object the operator applies for a ModelServer; `adapter_locations` are the URIs of its adapters,
-    present and future (pvc:// ones are mounted)."""
-    objects = [deployment(server, adapter_locations, config), service(server, config)]
+    present and future (pvc:// ones are mounted), `adapter_secrets` the Secrets of its s3:// adapters."""
+    objects = [deployment(server, adapter_locations, config, adapter_secrets or []), service(server, config)]
     if server.spec.ui.enabled:
         objects += [ui_deployment(server, config), ui_service(server, config)]
     return objects
@@ -124,19 +131,63 @@ def _model_cache_parts(config: OperatorConfig) -> PodParts:
     )
 
 
-def deployment(server: ModelServer, adapter_locations: list[str], config: OperatorConfig) -> Manifest:
+def fetcher_container(image: str, storage: PodParts, secrets: PodParts, config: OperatorConfig) -> Manifest:
+    """The adapter fetcher: the same cache and claims as vLLM, and the s3:// adapters' Secrets, which vLLM lacks."""
+    port = config.server.fetcher_port
+    return {
+        "name": FETCHER_CONTAINER,
+        "image": image,
+        "command": ["kubetune", "fetcher", "--host", "0.0.0.0", "--port", str(port)],
+        "ports": [{"name": "fetcher", "containerPort": port}],
+        "volumeMounts": [dict(m) for m in merge_parts([storage, secrets]).mounts if m["mountPath"] != "/dev/shm"],
+        "readinessProbe": _probe("/health", port, 10, 3),
+        "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+    }
+
+
+def model_init_container(server: ModelServer, image: str, mounts: list[Manifest]) -> Manifest:
+    """Downloads an s3:// base model to the path vLLM's --model names, before vLLM starts."""
+    model = server.spec.base_model
+    access = model.s3
+    args = [model.uri]
+    if access and access.secret_name:
+        args += ["--secret-name", access.secret_name]
+    if access and access.endpoint:
+        args += ["--endpoint", access.endpoint]
+    if access and access.region:
+        args += ["--region", access.region]
+    return {
+        "name": MODEL_INIT_CONTAINER,
+        "image": image,
+        "command": ["kubetune", "fetcher", "--download", *args],
+        "volumeMounts": [dict(m) for m in mounts],
+    }
+
+
+def deployment(
+    server: ModelServer, adapter_locations: list[str], config: OperatorConfig, adapter_secrets: list[str] | None = None
+) -> Manifest:
     spec = server.spec
     name = server.metadata.name
-    parts = merge_parts(
+    image = spec.image or config.images.server
+    storage = merge_parts(
         [
             _model_cache_parts(config),
             cache_and_shm_parts(),
             storage_parts([(spec.base_model.uri, False), *((uri, False) for uri in adapter_locations)]),
+        ]
+    )
+    parts = merge_parts(
+        [
+            storage,
             credential_parts(spec.base_model.uri, spec.base_model.secret_ref),
             PodParts(env=[{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}]),
             PodParts(env=user_env(spec.env)),
         ]
     )
+    # Adapters may arrive before their Secret: optional, so that the server starts anyway.
+    adapter_secret_parts = s3_secret_parts(adapter_secrets or [], optional=True)
+    model_secret = s3_secret_parts([spec.base_model.s3.secret_name if spec.base_model.s3 else None])
     gpu = config.gpu_type(spec.gpu_type)
     pod_labels = labels(LABEL_MODELSERVER, name, "server")
     annotations = {
@@ -149,7 +200,7 @@ def deployment(server: ModelServer, adapter_locations: list[str], config: Operat
         annotations |= spec.pod_metadata.annotations
     container = {
         "name": SERVER_CONTAINER,
-        "image": spec.image or config.images.server,
+        "image": image,
         "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
         "args": server_arguments(server, config),
         "env": parts.env,
@@ -166,9 +217,11 @@ def deployment(server: ModelServer, adapter_locations: list[str], config: Operat
     }
     pod_spec: dict[str, Any] = {
         "terminationGracePeriodSeconds": config.server.termination_grace_seconds,
-        "containers": [container],
-        "volumes": parts.volumes,
+        "containers": [container, fetcher_container(image, storage, adapter_secret_parts, config)],
+        "volumes": merge_parts([parts, adapter_secret_parts, model_secret]).volumes,
     }
+    if parse(spec.base_model.uri).scheme == "s3":
+        pod_spec["initContainers"] = [model_init_container(server, image, merge_parts([storage, model_secret]).mounts)]
     if gpu.node_selector:
         pod_spec["nodeSelector"] = dict(gpu.node_selector)
     if gpu.tolerations:

@@ -8,6 +8,7 @@ from typing import Any
 from kubetune.adapters import Adapter, adapter_states, check_adapter
 from kubetune.adapters.sync import Failure, ReplicaReport
 from kubetune.api.v1alpha1 import LabelSelector, ModelServer
+from kubetune.s3 import Access
 from kubetune.status.modelserver import AdapterView
 from kubetune.storage import join
 
@@ -24,6 +25,8 @@ class Resolution:
     """Every adapter name in status order: spec.adapters first, then the selected FineTuneJobs by name."""
     locations: list[str] = field(default_factory=list)
     """Where every adapter is or will be, so that the pods can see them before they exist (no restart later)."""
+    secrets: list[str] = field(default_factory=list)
+    """The Secrets of s3:// adapters, present and future, for the fetcher to mount."""
 
     def views(self, reports: list[ReplicaReport], failures: dict[str, Failure]) -> list[AdapterView]:
         """Every adapter's view, the served ones with their state on the replicas."""
@@ -36,6 +39,10 @@ def _output_adapter_uri(ftj: dict[str, Any]) -> str:
     return join(output, "adapter") if output else ""
 
 
+def _output_access(ftj: dict[str, Any]) -> Access:
+    return Access.of(((ftj.get("spec") or {}).get("output") or {}).get("s3"))
+
+
 def _adapter_of(name: str, source: str, ftj: dict[str, Any]) -> Adapter:
     reported = (ftj.get("status") or {}).get("adapter") or {}
     return Adapter(
@@ -45,6 +52,7 @@ def _adapter_of(name: str, source: str, ftj: dict[str, Any]) -> Adapter:
         base_model=str(reported.get("baseModel") or ""),
         rank=int(reported.get("rank") or 0),
         target_modules=tuple(reported.get("targetModules") or ()),
+        s3=_output_access(ftj),
     )
 
 
@@ -57,15 +65,17 @@ def resolve(server: ModelServer, finetunejobs: dict[str, dict[str, Any]]) -> Res
     candidates: list[Adapter] = []
     settled: dict[str, AdapterView] = {}
     locations: list[str] = []
+    secrets: list[str] = []
     for entry in server.spec.adapters:
         if entry.uri:
-            candidates.append(Adapter(entry.name, entry.uri, "uri"))
+            candidates.append(Adapter(entry.name, entry.uri, "uri", s3=Access.of(entry.s3)))
             continue
         ref = str(entry.from_fine_tune_job)
         source = f"fromFineTuneJob/{ref}"
         ftj = finetunejobs.get(ref)
         if ftj is not None and (location := _output_adapter_uri(ftj)):
             locations.append(location)
+            secrets.append(_output_access(ftj).secret_name)
         if ftj is None:
             settled[entry.name] = _waiting(entry.name, source, f"FineTuneJob {ref} does not exist")
         elif not _succeeded(ftj):
@@ -84,11 +94,13 @@ def resolve(server: ModelServer, finetunejobs: dict[str, dict[str, Any]]) -> Res
                 continue
             if location := _output_adapter_uri(ftj):
                 locations.append(location)
+                secrets.append(_output_access(ftj).secret_name)
             if _succeeded(ftj):
                 candidates.append(_adapter_of(name, f"adapterSelector/{name}", ftj))
     serve = []
     for adapter in candidates:
         locations.append(adapter.uri)
+        secrets.append(adapter.s3.secret_name)
         refusal = check_adapter(adapter, server.spec.base_model.uri, server.spec.max_lora_rank)
         if refusal is None:
             serve.append(adapter)
@@ -99,7 +111,7 @@ def resolve(server: ModelServer, finetunejobs: dict[str, dict[str, Any]]) -> Res
     names = [a.name for a in server.spec.adapters] + sorted(
         {a.name for a in candidates} - {a.name for a in server.spec.adapters}
     )
-    return Resolution(serve, settled, names, sorted(set(locations)))
+    return Resolution(serve, settled, names, sorted(set(locations)), sorted(set(secrets) - {""}))
 
 
 def _waiting(name: str, source: str, message: str) -> AdapterView:
