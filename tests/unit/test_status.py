@@ -68,6 +68,12 @@ def test_unschedulable_copies_the_schedulers_message() -> None:
     assert (running["status"], running["reason"], running["message"]) == ("False", "Unschedulable", message)
 
 
+def test_a_finished_pod_keeps_the_job_running_until_the_job_is_complete() -> None:
+    running = fs.derive(observed(job(), [pod("x-0", "Running")]), NOW)
+    finishing = fs.derive(observed(job(), [pod("x-0", "Succeeded")], status=running), NOW)
+    assert fs.changed(running, finishing) == {}  # no write, no Event until the Job controller says Complete
+
+
 def test_running_then_succeeded_sets_times_and_adapter() -> None:
     p = pod("x-0", "Running", startTime="2026-11-29T07:01:00Z")
     running = fs.derive(observed(job(), [p]), NOW)

@@ -116,7 +116,9 @@ def outcome(obs: Observed) -> Outcome | None:
     if obs.suspend or _job_condition(job, "Suspended") is not None:
         return Outcome("Suspended", "Suspended", "spec.suspend is true: training pods are stopped")
     active = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
-    running = [p for p in active if (p.get("status") or {}).get("phase") == "Running"]
+    # A pod that has finished counts as running until the Job controller marks the Job Complete, moments
+    # later: the job does not fall back to Pending (with a status write and an Event) in between.
+    running = [p for p in pods if (p.get("status") or {}).get("phase") in ("Running", "Succeeded")]
     wanted = int(((job.get("spec") or {}).get("parallelism")) or 1)
     if running and len(running) >= wanted:
         return Outcome("Running", "PodsRunning", f"{len(running)}/{wanted} training pods running")
