@@ -238,3 +238,13 @@ def test_dockerignore_keeps_what_the_images_copy() -> None:
             if s["instruction"] == "COPY" and not s["value"].startswith("--from"):
                 sources = s["value"].split()[:-1]
                 assert set(sources) <= kept, f"{name}: {s['content']}"
+
+
+@pytest.mark.parametrize("name", ["trainer", "server"])
+def test_every_resolving_install_takes_the_overrides(name: str) -> None:
+    """hack/overrides.txt must win in every install that resolves, as it does in hack/setup.sh."""
+    commands = [c.strip() for run in expanded_runs(dockerfile(name)) for c in run.split("&&")]
+    installs = [c for c in commands if "uv pip install" in c and "--no-deps" not in c]
+    assert installs
+    assert all("--override /src/overrides.txt" in c for c in installs), installs
+    assert not [c for c in commands if re.search(r"\bpip check\b", c)], "pip check reports the overridden cap"
