@@ -18,7 +18,15 @@ from kubetune.k8s.client import Kube
 from kubetune.k8s.status_writer import StatusWriter
 
 log = logging.getLogger(__name__)
-INDEXES = ("finetunejobs", "training_jobs", "training_pods", "modelservers", "server_deployments", "server_pods")
+INDEXES = (
+    "finetunejobs",
+    "finetunejobs_waiting",
+    "training_jobs",
+    "training_pods",
+    "modelservers",
+    "server_deployments",
+    "server_pods",
+)
 
 
 _KEPT_METADATA = (

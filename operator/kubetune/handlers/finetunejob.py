@@ -70,6 +70,13 @@ async def training_pods(
     return {(namespace or "", labels[LABEL_FINETUNEJOB]): slim(body, spec=False)}
 
 
+@kopf.index(FTJ)
+async def finetunejobs_waiting(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> dict[Key, str]:
+    """DPO jobs by the job they start from (a success looks up only its own dependents)."""
+    ref = spec.get("fromFineTuneJob")
+    return {(namespace or "", ref): name} if ref else {}
+
+
 def latest(ctx: Context, key: Key) -> dict[str, Any] | None:
     bodies = list(ctx.indexes["finetunejobs"].get(key, []))
     return bodies[0] if bodies else None
@@ -243,11 +250,9 @@ def _observed(ctx: Context, key: Key, body: dict[str, Any], job: dict[str, Any])
 
 def _after_success(ctx: Context, key: Key, body: dict[str, Any]) -> None:
     """Start the DPO jobs that wait for this one, and serve its adapter where it is named or selected."""
-    namespace, name = key
-    for (ns, other), store in ctx.indexes["finetunejobs"].items():
-        waiting = [b for b in store if (b.get("spec") or {}).get("fromFineTuneJob") == name]
-        if ns == namespace and waiting:
-            ctx.later(0, reconcile, ctx, (ns, other), True)
+    namespace, _ = key
+    for other in set(ctx.indexes["finetunejobs_waiting"].get(key, [])):
+        ctx.later(0, reconcile, ctx, (namespace, other), True)
     for server in modelserver.servers_using(ctx, namespace, body):
         ctx.later(0, modelserver.reconcile, ctx, (namespace, server["metadata"]["name"]))
 

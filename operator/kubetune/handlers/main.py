@@ -30,7 +30,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     no finalizers); the operator posts its own Events."""
     settings.posting.enabled = False
     settings.persistence.diffbase_storage = _NoDiffBase()
-    settings.execution.max_workers = 16
+    # Handlers wait on the API server most of the time; admissions of many jobs at once need threads.
+    settings.execution.max_workers = 32
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     # Only the operator's own children are watched among pods, Jobs and Deployments.

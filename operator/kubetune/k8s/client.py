@@ -22,9 +22,10 @@ log = logging.getLogger(__name__)
 # Kept-alive connections to the API server. The client's default (5 per CPU) is fewer than the threads that
 # send requests at once (kopf's workers and the concurrent applies); urllib3 then closes the surplus
 # connections after each request, and every new one costs a TLS handshake on both sides.
-CONNECTIONS = 64
-# Manifests applied at once by `apply_all`.
-APPLY_CONCURRENCY = 8
+CONNECTIONS = 128
+# Requests `apply_all` has in flight at once, for all callers together: enough that concurrent admissions
+# do not queue behind one another (the threads start only when needed).
+APPLY_CONCURRENCY = 64
 
 # kind -> (API path prefix, plural)
 RESOURCES: dict[str, tuple[str, str]] = {
