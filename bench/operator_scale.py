@@ -320,7 +320,7 @@ def main() -> int:
         operator_kubeconfig.write_text(yaml.safe_dump(kubeconfig_dict(server, plane.pki_dir, OPERATOR.file_stem)))
         log = open(state / "operator.log", "wb")  # noqa: SIM115
         operator = subprocess.Popen(
-            [sys.executable, "-m", "kubetune", "operator", "--liveness", ""],
+            [sys.executable, "-m", "kubetune", "operator", "--liveness", "", "--metrics-address", ""],
             env={**os.environ, "KUBECONFIG": str(operator_kubeconfig)},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -328,6 +328,8 @@ def main() -> int:
         admin = Kube.from_kubeconfig(str(plane.kubeconfig), field_manager="bench")
         kubectl = [str(cluster.kubectl_path), "--kubeconfig", str(plane.kubeconfig)]
         time.sleep(3)
+        if operator.poll() is not None:
+            raise SystemExit(f"the operator exited with code {operator.returncode}: see {state / 'operator.log'}")
         for n in sizes:
             result = run_size(n, admin, kubectl, operator.pid, plane.pids(), args.timeout)
             results.append(result)
