@@ -78,6 +78,20 @@ class ServerConfig(_Config):
     or s3:// adapter by uri, or an s3:// adapter of a FineTuneJob)."""
 
 
+def _restricted_pod() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "fsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _restricted_container() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
 class OperatorConfig(_Config):
     """Settings of one operator installation."""
 
@@ -97,6 +111,12 @@ class OperatorConfig(_Config):
     """Time the trainer gets after SIGTERM to write its final checkpoint."""
     server: ServerConfig = Field(default_factory=ServerConfig)
     """ModelServer settings."""
+    pod_security_context: dict[str, Any] = Field(default_factory=_restricted_pod)
+    """securityContext of every pod the operator creates. The default meets the "restricted" Pod Security
+    Standard with kubetune's images (UID 65532; fsGroup makes claims and caches writable); set {} for images
+    that must run as root."""
+    container_security_context: dict[str, Any] = Field(default_factory=_restricted_container)
+    """securityContext of every container in those pods."""
 
     def gpu_type(self, name: str | None) -> GpuTypeConfig:
         """Scheduling for a GPU type; any GPU node (just the GPU toleration) when unknown or unset."""

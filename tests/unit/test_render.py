@@ -226,3 +226,29 @@ def test_multi_node_job_rendezvous_through_a_headless_service() -> None:
     assert pod["subdomain"] == service["metadata"]["name"] == "qwen-sft"
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["MASTER_ADDR"]["value"] == "qwen-sft-0.qwen-sft.team-a.svc" and env["NNODES"]["value"] == "2"
+
+
+def test_every_pod_meets_the_restricted_standard_unless_the_installation_says_otherwise() -> None:
+    ftj = load_ftj("finetunejob-sft.yaml")
+    server = load_server()
+
+    def pod_specs(config: OperatorConfig) -> list[dict]:
+        job = finetunejob.children(ftj, PLAN, config)[-1]
+        return [
+            job["spec"]["template"]["spec"],
+            modelserver.deployment(server, [], config)["spec"]["template"]["spec"],
+            modelserver.ui_deployment(server, config)["spec"]["template"]["spec"],
+        ]
+
+    for pod in pod_specs(CONFIG):
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            assert container["securityContext"] == {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+            }
+    rootful = OperatorConfig.model_validate({"podSecurityContext": {}, "containerSecurityContext": {}})
+    for pod in pod_specs(rootful):
+        assert "securityContext" not in pod
+        assert all("securityContext" not in c for c in pod["containers"])

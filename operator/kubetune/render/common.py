@@ -69,6 +69,16 @@ def volume_name(prefix: str, name: str) -> str:
     return f"{full[:54]}-{content_hash(name)[:8]}"
 
 
+def secured(pod_spec: Manifest, pod_context: dict[str, Any], container_context: dict[str, Any]) -> Manifest:
+    """The pod spec with the installation's security contexts on the pod and on every (init) container."""
+    for container in [*pod_spec.get("initContainers", []), *pod_spec["containers"]]:
+        if container_context:
+            container["securityContext"] = dict(container_context)
+    if pod_context:
+        pod_spec["securityContext"] = dict(pod_context)
+    return pod_spec
+
+
 @dataclass
 class PodParts:
     """Pieces of a pod spec that several concerns contribute to, combined with `+`."""

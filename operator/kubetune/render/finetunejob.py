@@ -28,6 +28,7 @@ from kubetune.render.common import (
     metadata,
     resource_limits,
     s3_secret_parts,
+    secured,
     storage_parts,
     user_env,
 )
@@ -247,6 +248,7 @@ def pod_template(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfi
         pod_spec["nodeSelector"] = dict(gpu.node_selector)
     if gpu.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in gpu.tolerations]
+    secured(pod_spec, config.pod_security_context, config.container_security_context)
     return {"metadata": {"labels": pod_labels, "annotations": pod_annotations}, "spec": pod_spec}
 
 

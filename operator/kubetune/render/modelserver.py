@@ -25,6 +25,7 @@ from kubetune.render.common import (
     metadata,
     resource_limits,
     s3_secret_parts,
+    secured,
     storage_parts,
     user_env,
 )
@@ -226,6 +227,7 @@ def deployment(
         pod_spec["nodeSelector"] = dict(gpu.node_selector)
     if gpu.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in gpu.tolerations]
+    secured(pod_spec, config.pod_security_context, config.container_security_context)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -269,6 +271,7 @@ def ui_deployment(server: ModelServer, config: OperatorConfig) -> Manifest:
         pod_spec["nodeSelector"] = dict(config.ui_scheduling.node_selector)
     if config.ui_scheduling.tolerations:
         pod_spec["tolerations"] = list(config.ui_scheduling.tolerations)
+    secured(pod_spec, config.pod_security_context, config.container_security_context)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
