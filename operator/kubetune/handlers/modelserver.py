@@ -88,7 +88,15 @@ def reconcile(ctx: Context, key: Key) -> None:
             server = ModelServer.model_validate(body)
         except ValidationError as err:
             outcome.failed(err)
-            log.error("invalid ModelServer %s/%s: %s", *key, err)
+            message = spec_errors(err)
+            log.error("invalid ModelServer %s/%s: %s", *key, message)
+            generation = body["metadata"].get("generation")
+            current = dict(body.get("status") or {})
+            _, diff = ctx.status.update(
+                KIND, body["metadata"], current, lambda now: server_status.invalid(now, generation, message)
+            )
+            if diff:
+                ctx.event(KIND, body["metadata"], True, "InvalidSpec", message)
             return
         adapters = adapter_status.resolve(server, _jobs_in(ctx, key[0]))
         children = render.children(server, adapters.locations, ctx.config, adapters.secrets)
@@ -115,6 +123,11 @@ def reconcile(ctx: Context, key: Key) -> None:
         if delay is not None:
             due = f"{time.monotonic() + delay:.0f}"
             ctx.later_once(("modelserver-retry", *key, due), delay + 0.5, reconcile, ctx, key)
+
+
+def spec_errors(err: ValidationError) -> str:
+    """A validation error as one line per problem: `spec.field: what is wrong`."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
 
 
 def ready_replicas(ctx: Context, key: Key) -> list[Replica]:

@@ -86,6 +86,15 @@ def _adapters_condition(adapters: list[AdapterView]) -> tuple[bool, str, str]:
     return True, "AdaptersLoaded", f"{len(adapters)} adapter(s) loaded"
 
 
+def invalid(status: dict[str, Any], generation: int | None, message: str, now: str | None = None) -> dict[str, Any]:
+    """The status of a ModelServer whose spec the operator cannot use (it passed the API server's schema but
+    not the operator's models): Failed, with the reason in the Ready condition. Nothing is created."""
+    conditions = set_condition(
+        list(status.get("conditions") or []), "Ready", False, "InvalidSpec", message, generation=generation, now=now
+    )
+    return {"state": "Failed", "conditions": conditions}
+
+
 def derive(obs: ServerObserved, now: str | None = None) -> dict[str, Any]:
     now = now or now_iso()
     result = server_outcome(obs)
