@@ -192,3 +192,15 @@ def test_adapters_condition_summarises() -> None:
     cond = next(c for c in patch["conditions"] if c["type"] == "AdaptersReady")
     assert cond["status"] == "False" and cond["reason"] == "WaitingForFineTuneJob"
     assert patch["loadedAdapters"] == "1/2"
+
+
+def test_a_failed_run_started_again_is_no_longer_failed() -> None:
+    failed = fs.derive(observed(job("Failed"), [pod("x-0", "Failed", **terminated("OOMKilled", 137))]), NOW)
+    assert failed["completionTime"] == NOW
+    # spec changed (e.g. a smaller micro-batch): a new Job, its pod running
+    again = fs.derive(observed(job(), [pod("x-1", "Running")], status=failed), NOW)
+    assert again["state"] == "Running"
+    condition = next(c for c in again["conditions"] if c["type"] == "Failed")
+    assert (condition["status"], condition["reason"]) == ("False", "Retrying")
+    assert "OOMKilled" in condition["message"]
+    assert again["completionTime"] is None

@@ -164,6 +164,10 @@ def derive(obs: Observed, now: str | None = None) -> dict[str, Any]:
         )
     if state == "Failed":
         conditions = set_condition(conditions, "Failed", True, result.reason, result.message, generation=gen, now=now)
+    elif (failed := get(conditions, "Failed")) is not None and failed.get("status") == "True":
+        # A failed run whose spec was changed runs again in a new Job: the old failure is history.
+        message = f"running again after the spec changed; the previous run failed: {failed.get('message', '')}"
+        conditions = set_condition(conditions, "Failed", False, "Retrying", message, generation=gen, now=now)
     job_status = (obs.job or {}).get("status") or {}
     patch = {
         "state": state,
@@ -175,6 +179,8 @@ def derive(obs: Observed, now: str | None = None) -> dict[str, Any]:
         patch["startTime"] = start
     if state in ("Succeeded", "Failed"):
         patch["completionTime"] = obs.status.get("completionTime") or job_status.get("completionTime") or now
+    elif obs.status.get("completionTime"):
+        patch["completionTime"] = None  # merge patch: removed, the run is not complete any more
     if state == "Succeeded" and not (obs.status.get("adapter") or {}).get("uri"):
         # The trainer reports sha256 and metrics itself; the location follows from the output layout.
         patch["adapter"] = {"uri": join(obs.output_uri, "adapter")}
