@@ -136,7 +136,8 @@ class Watcher:
         self.done = done
         self.expected = 0
         self.all_done = threading.Event()
-        cmd = [
+        self.restarts = 0
+        self.cmd = [
             *kubectl,
             "get",
             resource,
@@ -147,27 +148,38 @@ class Watcher:
             "-o",
             f"jsonpath={template}",
         ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.stopping = False
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
     def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            now = time.monotonic()
-            parts = line.split()
-            if not parts:
-                continue
-            self.first_seen.setdefault(parts[0], now)
-            state = self.state[parts[0]] = parts[1] if len(parts) > 1 else ""
-            if state and self.done in (state, "*") and parts[0] not in self.done_at:
-                self.done_at[parts[0]] = now
-                if self.expected and len(self.done_at) >= self.expected:
-                    self.all_done.set()
+        while True:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self._line(line, time.monotonic())
+            self.proc.wait()
+            if self.stopping:
+                return
+            # The watch ended (the API server closed it): list and watch again; nothing seen is lost.
+            self.restarts += 1
+            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def _line(self, line: str, now: float) -> None:
+        parts = line.split()
+        if not parts:
+            return
+        self.first_seen.setdefault(parts[0], now)
+        state = self.state[parts[0]] = parts[1] if len(parts) > 1 else ""
+        if state and self.done in (state, "*") and parts[0] not in self.done_at:
+            self.done_at[parts[0]] = now
+            if self.expected and len(self.done_at) >= self.expected:
+                self.all_done.set()
 
     def stop(self) -> None:
+        self.stopping = True
         self.proc.terminate()
-        self.proc.wait(timeout=10)
+        self.thread.join(timeout=10)
 
 
 def process_stats(pid: int) -> tuple[float, float]:
@@ -281,6 +293,7 @@ def run_size(
             **{k: round(components_after[k] - components_before[k], 1) for k in components},
             "bench": round(own_cpu, 1),
         },
+        "watch_restarts": jobs.restarts + ftjs.restarts,
         "load_average_before": load_before,
         "load_average_after": load_average(),
     }
