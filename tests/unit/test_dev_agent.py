@@ -273,6 +273,27 @@ def test_bind_shim_binds_all_addresses_to_the_pod_ip(tmp_path: Path) -> None:
     assert out.split() == [ip, ip, f"::ffff:{ip}"]
 
 
+def test_bind_shim_sends_localhost_to_the_processs_own_servers_on_the_pod_ip(tmp_path: Path) -> None:
+    shutil.copyfile(bindshim.__file__, tmp_path / "sitecustomize.py")
+    ip = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}.{random.randint(1, 250)}"
+    code = (
+        "import socket, urllib.request, threading, http.server\n"
+        "server = http.server.HTTPServer(('0.0.0.0', 0), http.server.SimpleHTTPRequestHandler)\n"
+        "port = server.server_address[1]\n"
+        "threading.Thread(target=server.serve_forever, daemon=True).start()\n"
+        "print(urllib.request.urlopen(f'http://localhost:{port}/', timeout=5).status)\n"
+        "print(urllib.request.urlopen(f'http://127.0.0.1:{port}/', timeout=5).status)\n"
+        "other = socket.socket(); other.bind(('127.0.0.1', 0)); other.listen()\n"
+        "probe = socket.socket(); probe.connect(('127.0.0.1', other.getsockname()[1]))\n"
+        "print(probe.getpeername()[0])\n"
+    )
+    env = {"PYTHONPATH": str(tmp_path), "KUBETUNE_POD_IP": ip, "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # Its own server is reached through localhost; a server bound to 127.0.0.1 itself stays there.
+    assert result.stdout.split() == ["200", "200", "127.0.0.1"]
+
+
 # --- node ------------------------------------------------------------------------------------------------
 
 
