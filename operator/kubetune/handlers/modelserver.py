@@ -8,6 +8,7 @@ recomputes the status. While an adapter is not loaded everywhere it looks again 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -256,13 +257,20 @@ def server_changed(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None
 
 
 @kopf.on.event(FTJ)
-def finetunejob_for_servers(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
-    """A FineTuneJob that has succeeded (or is gone) may change what the servers that use it serve."""
+async def finetunejob_for_servers(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+    """A FineTuneJob that has succeeded (or is gone) may change what the servers that use it serve.
+
+    Async so that the common case, any other FineTuneJob event, is dismissed on the event loop without
+    a hand-off to a worker thread; the servers are reconciled on one."""
     ctx: Context = memo.context
     ctx.capture_indexes(kwargs)
-    ftj: dict[str, Any] = dict(event["object"])
+    ftj = event["object"]
     if event["type"] != "DELETED" and (ftj.get("status") or {}).get("state") != "Succeeded":
         return
+    await asyncio.to_thread(reconcile_servers_using, ctx, dict(ftj))
+
+
+def reconcile_servers_using(ctx: Context, ftj: dict[str, Any]) -> None:
     for server in servers_using(ctx, ftj["metadata"]["namespace"], ftj):
         reconcile(ctx, (server["metadata"]["namespace"], server["metadata"]["name"]))
 
