@@ -286,7 +286,12 @@ class ControlPlane:
             if status.healthy:
                 return
             if not status.running:
-                raise RuntimeError(f"{name} is not running ({status.detail}); {self.log_tail(name)}")
+                # Looked at again before giving up: a cold start once saw a running etcd as exited.
+                time.sleep(0.5)
+                status = self.component_status(name, self.read_state())
+                if not status.running:
+                    raise RuntimeError(f"{name} is not running ({status.detail}); {self.log_tail(name)}")
+                continue
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name} not healthy after {timeout:.0f}s: {status.detail}")
             time.sleep(0.1)

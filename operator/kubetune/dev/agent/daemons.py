@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,8 +107,11 @@ def agent_ready(state_dir: Path, pid: int) -> bool:
 
 def exit_report(state_dir: Path, daemon: Daemon) -> str | None:
     """None while the daemon runs; else why not: the end of its log."""
-    if running_pid(state_dir, daemon.name, daemon.marker) is not None:
-        return None
+    # Looked at twice: a cold `make demo` once saw a starting agent as gone while it was running.
+    for pause in (0.5, 0.0):
+        if running_pid(state_dir, daemon.name, daemon.marker) is not None:
+            return None
+        time.sleep(pause)
     log = log_file(state_dir, daemon.name)
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log.exists() else ""
     return f"{daemon.name} exited; end of {log}:\n{tail}"
