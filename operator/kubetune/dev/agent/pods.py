@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -32,7 +33,7 @@ from kubetune.dev.agent.status import (
     pod_phase,
     pod_status,
 )
-from kubetune.dev.agent.volumes import Mount, PodVolumes, VolumeError
+from kubetune.dev.agent.volumes import Mount, PodVolumes, VolumeError, hiding_nothing
 from kubetune.k8s.client import ApiError
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,12 @@ class AgentContext:
     @property
     def pods_dir(self) -> Path:
         return self.state_dir / "pods"
+
+    @property
+    def protected_paths(self) -> list[Path]:
+        """What containers run from and the agent keeps its pods in: volumes must not be mounted over them."""
+        project = Path(__file__).resolve().parents[4]
+        return [self.venv, Path(sys.base_prefix).resolve(), project, self.state_dir]
 
     @property
     def logs_dir(self) -> Path:
@@ -298,11 +305,14 @@ class PodWorker(threading.Thread):
             argv = container_argv(c.spec, env)
             if not self.host_network:
                 argv = bind_any_rewritten(argv, self.pod_ip)
-            mounts = [
-                *self.volumes.mounts(c.spec, env),
+            mounts, left_out = hiding_nothing(self.volumes.mounts(c.spec, env), self.ctx.protected_paths)
+            mounts += [
                 Mount(str(self.hosts_file), "/etc/hosts"),
                 Mount(str(self.dir / "etc" / "hostname"), "/etc/hostname"),
             ]
+            for mount in left_out:
+                message = f"volume not mounted at {mount.target}: it would hide the agent's Python or state"
+                self.event("Warning", "MountLeftOut", message, once=f"{c.name}:{mount.target}")
         except (ConfigError, VolumeError) as error:
             c.record.state, c.record.reason, c.record.message = "waiting", "CreateContainerConfigError", str(error)
             self.event("Warning", "Failed", f"Error: {error}", once=f"{c.name}:{error}")

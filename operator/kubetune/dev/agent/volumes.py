@@ -91,6 +91,19 @@ def selected_items(
     return out
 
 
+def hiding_nothing(mounts: list[Mount], protected: list[Path]) -> tuple[list[Mount], list[Mount]]:
+    """(the mounts to make, the ones left out): a mount onto a folder that holds the agent's own files (its
+    Python environment, the interpreter, the project, its state) would hide them from the container, which
+    a real image never has to fear; e.g. an emptyDir on /tmp when the project was cloned under /tmp."""
+    kept: list[Mount] = []
+    left_out: list[Mount] = []
+    for mount in mounts:
+        target = Path(mount.target)
+        hides = any(path == target or target in path.parents for path in protected)
+        (left_out if hides else kept).append(mount)
+    return kept, left_out
+
+
 class PodVolumes:
     """The volumes of one pod, materialised under ``<pod dir>/volumes``."""
 
