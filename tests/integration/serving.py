@@ -158,11 +158,19 @@ def post(address: str, path: str, body: dict[str, Any], timeout: float = 60) -> 
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
+            return response.status, _json_or_text(response.read())
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
+        return err.code, _json_or_text(err.read())
     except OSError as err:
         return 0, {"error": str(err)}
+
+
+def _json_or_text(body: bytes) -> dict[str, Any]:
+    """A JSON answer, or the text of one that is not (a plain "Internal Server Error"), for the assertion."""
+    try:
+        return dict(json.loads(body or b"{}"))
+    except ValueError:
+        return {"text": body.decode(errors="replace")}
 
 
 def served_models(address: str) -> dict[str, str | None]:
