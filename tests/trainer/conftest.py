@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -186,6 +187,26 @@ def run_subprocess(pvc: Path, config: dict[str, Any], timeout: float = 600, **en
     run = Run(proc.returncode, parse_events(proc.stdout), pvc / "out" / config["job"]["name"], proc.stdout)
     run.extra["stderr"] = proc.stderr
     return run
+
+
+def run_until_sigterm(pvc: Path, config: dict[str, Any], at_step: int, **env: str) -> list[dict[str, Any]]:
+    """Run the trainer in a subprocess, send SIGTERM once it reports step `at_step`, expect the exit code of a
+    clean stop after its final checkpoint (143), and return its events."""
+    proc = subprocess.Popen(
+        kubetune_command(write_config(pvc, config)),
+        env=subprocess_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if '"event": "progress"' in line and f'"step": {at_step},' in line:
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 143, "".join(lines)
+    return parse_events("".join(lines))
 
 
 @pytest.fixture(scope="package")

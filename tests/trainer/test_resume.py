@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from kubetune.trainer.checkpoints import MARKER, checkpoints, latest_complete
 
-from .conftest import kubetune_command, parse_events, run_in_process, subprocess_env, trainer_config, write_config
+from .conftest import (
+    run_in_process,
+    run_until_sigterm,
+    trainer_config,
+)
 
 pytestmark = pytest.mark.trainer
 
@@ -21,21 +23,7 @@ def test_sigterm_checkpoint_then_resume(pvc: Path, tiny_model: str) -> None:
     config = trainer_config(
         "resume", tiny_model, hyperparameters={"maxSteps": MAX_STEPS}, checkpointing={"everySteps": 3, "keep": 2}
     )
-    proc = subprocess.Popen(
-        kubetune_command(write_config(pvc, config)),
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if '"event": "progress"' in line and '"step": 4,' in line:  # checkpoint-3 is complete by now
-            proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 143, "".join(lines)
-    events = parse_events("".join(lines))
+    events = run_until_sigterm(pvc, config, 4)  # checkpoint-3 is complete by the time step 4 is reported
     (stopped,) = [e for e in events if e["event"] == "stopped"]
     stop_step = stopped["step"]
     assert 4 <= stop_step < MAX_STEPS

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from kubetune.trainer.checkpoints import MARKER
 from kubetune.trainer.remote import checkpoint_index
 from tests import s3server
 
-from .conftest import kubetune_command, parse_events, run_in_process, subprocess_env, trainer_config, write_config
+from .conftest import run_in_process, run_until_sigterm, trainer_config
 
 pytest.importorskip("moto", reason="needs moto's server: the dev extra")
 pytestmark = pytest.mark.trainer
@@ -63,21 +61,8 @@ def test_s3_run_resumes_from_the_bucket(
     pvc: Path, bucket: s3server.S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = s3_config(bucket)
-    proc = subprocess.Popen(
-        kubetune_command(write_config(pvc, config)),
-        env=subprocess_env(KUBETUNE_CACHE_ROOT=str(tmp_path / "pod-1")),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if '"event": "progress"' in line and '"step": 4,' in line:  # checkpoint-3 is in the bucket by now
-            proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 143, "".join(lines)
-    first = parse_events("".join(lines))
+    # checkpoint-3 is in the bucket by the time step 4 is reported
+    first = run_until_sigterm(pvc, config, 4, KUBETUNE_CACHE_ROOT=str(tmp_path / "pod-1"))
     (stopped,) = [e for e in first if e["event"] == "stopped"]
     stop_step = stopped["step"]
     assert 4 <= stop_step < MAX_STEPS
