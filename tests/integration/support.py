@@ -245,6 +245,19 @@ AGENT_LABEL = ("kubetune.io/test-node", "serving")
 AGENT_TAINT = "kubetune.io/serving-test=true:NoSchedule"
 
 
+def cpu_agent(cluster: Cluster, state_dir: Path, name: str, pod_cidr: str) -> Iterator[AgentProcess]:
+    """A node agent with two "GPUs" (everything runs on CPU) that takes only pods of gpuType cpu-agent."""
+    yield from running_agent(
+        cluster,
+        state_dir,
+        node=f"{name}-{uuid.uuid4().hex[:6]}",
+        pod_cidr=pod_cidr,
+        gpus=2,
+        taint=AGENT_TAINT,
+        labels=("=".join(AGENT_LABEL),),
+    )
+
+
 def operator_config_for_tests() -> dict[str, Any]:
     """The operator's configuration in the tests: the defaults, plus what real vLLM servers on CPU need."""
     config = OperatorConfig()

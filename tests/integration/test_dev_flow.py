@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +26,11 @@ import pytest
 from tests.integration import serving
 from tests.integration.support import (
     AGENT_GPU_TYPE,
-    AGENT_LABEL,
-    AGENT_TAINT,
     AgentProcess,
     Api,
     OperatorProcess,
+    cpu_agent,
     dump,
-    running_agent,
     wait_for,
 )
 
@@ -64,15 +61,7 @@ class Scene:
 @pytest.fixture(scope="module")
 def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     """A node agent with two "GPUs" that takes only pods of gpuType cpu-agent."""
-    yield from running_agent(
-        cluster,
-        tmp_path_factory.mktemp("dev-flow-agent"),
-        node=f"dev-flow-{uuid.uuid4().hex[:6]}",
-        pod_cidr="127.98.0.0/16",
-        gpus=2,
-        taint=AGENT_TAINT,
-        labels=("=".join(AGENT_LABEL),),
-    )
+    yield from cpu_agent(cluster, tmp_path_factory.mktemp("dev-flow-agent"), "dev-flow", "127.98.0.0/16")
 
 
 @pytest.fixture(scope="module")

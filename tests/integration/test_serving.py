@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +27,10 @@ import pytest
 from tests import browser, s3server
 from tests.integration import serving
 from tests.integration.support import (
-    AGENT_LABEL,
-    AGENT_TAINT,
     AgentProcess,
     Api,
     OperatorProcess,
-    running_agent,
+    cpu_agent,
     wait_for,
 )
 
@@ -70,15 +67,7 @@ class Scene:
 @pytest.fixture(scope="module")
 def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     """A node agent whose Node has two "GPUs" (vLLM runs on CPU) and takes only the servers' pods."""
-    yield from running_agent(
-        cluster,
-        tmp_path_factory.mktemp("serving-agent"),
-        node=f"serving-{uuid.uuid4().hex[:6]}",
-        pod_cidr="127.99.0.0/16",
-        gpus=2,
-        taint=AGENT_TAINT,
-        labels=("=".join(AGENT_LABEL),),
-    )
+    yield from cpu_agent(cluster, tmp_path_factory.mktemp("serving-agent"), "serving", "127.99.0.0/16")
 
 
 @pytest.fixture(scope="module")
