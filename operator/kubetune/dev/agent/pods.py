@@ -66,7 +66,7 @@ class AgentContext:
 
     @property
     def protected_paths(self) -> list[Path]:
-        """What containers run from and the agent keeps its pods in: volumes must not be mounted over them."""
+        """What containers run from and the agent keeps its pods in: volumes must not hide them."""
         project = Path(__file__).resolve().parents[4]
         return [self.venv, Path(sys.base_prefix).resolve(), project, self.state_dir]
 
@@ -305,14 +305,11 @@ class PodWorker(threading.Thread):
             argv = container_argv(c.spec, env)
             if not self.host_network:
                 argv = bind_any_rewritten(argv, self.pod_ip)
-            mounts, left_out = hiding_nothing(self.volumes.mounts(c.spec, env), self.ctx.protected_paths)
+            mounts = hiding_nothing(self.volumes.mounts(c.spec, env), self.ctx.protected_paths)
             mounts += [
                 Mount(str(self.hosts_file), "/etc/hosts"),
                 Mount(str(self.dir / "etc" / "hostname"), "/etc/hostname"),
             ]
-            for mount in left_out:
-                message = f"volume not mounted at {mount.target}: it would hide the agent's Python or state"
-                self.event("Warning", "MountLeftOut", message, once=f"{c.name}:{mount.target}")
         except (ConfigError, VolumeError) as error:
             c.record.state, c.record.reason, c.record.message = "waiting", "CreateContainerConfigError", str(error)
             self.event("Warning", "Failed", f"Error: {error}", once=f"{c.name}:{error}")

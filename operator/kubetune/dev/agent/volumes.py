@@ -91,17 +91,18 @@ def selected_items(
     return out
 
 
-def hiding_nothing(mounts: list[Mount], protected: list[Path]) -> tuple[list[Mount], list[Mount]]:
-    """(the mounts to make, the ones left out): a mount onto a folder that holds the agent's own files (its
-    Python environment, the interpreter, the project, its state) would hide them from the container, which
-    a real image never has to fear; e.g. an emptyDir on /tmp when the project was cloned under /tmp."""
-    kept: list[Mount] = []
-    left_out: list[Mount] = []
-    for mount in mounts:
-        target = Path(mount.target)
-        hides = any(path == target or target in path.parents for path in protected)
-        (left_out if hides else kept).append(mount)
-    return kept, left_out
+def hiding_nothing(mounts: list[Mount], protected: list[Path]) -> list[Mount]:
+    """The mounts, plus a bind mount of each protected folder (the agent's Python environment, the
+    interpreter, the project, its state) onto itself where a volume would cover it: a real image never
+    shares its filesystem with its host, but here an emptyDir on /tmp would hide a project cloned under /tmp.
+    The bootstrap opens every source before mounting and mounts shallow targets first, so the folder shows
+    through the volume as it is on the host."""
+    covered = [
+        path
+        for path in protected
+        if any(path == Path(m.target) or Path(m.target) in path.parents for m in mounts)
+    ]
+    return [*mounts, *(Mount(str(path), str(path)) for path in covered)]
 
 
 class PodVolumes:
