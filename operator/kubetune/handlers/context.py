@@ -3,9 +3,11 @@ way to look at an object again later."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,9 @@ INDEXES = (
     "server_pods",
 )
 
+
+# Handlers wait on the API server most of the time; admissions of many jobs at once need threads.
+WORKERS = 32
 
 _KEPT_METADATA = (
     "name",
@@ -68,6 +73,10 @@ class Context:
     """UID -> hash of the children last applied for it (skips identical server-side applies)."""
     adapter_failures: dict[str, dict[str, Failure]] = field(default_factory=dict)
     """ModelServer UID -> adapter name -> the load vLLM refused last (not retried at once)."""
+    workers: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(WORKERS, thread_name_prefix="reconcile"), repr=False
+    )
+    """Threads for the handlers that are coroutines (started when needed)."""
     _scheduled: set[tuple[str, ...]] = field(default_factory=set)
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
@@ -125,6 +134,11 @@ class Context:
 
     def event(self, kind: str, meta: dict[str, Any], warning: bool, reason: str, message: str) -> None:
         events.post(self.kube, kind, meta, "Warning" if warning else "Normal", reason, message)
+
+
+async def in_worker(ctx: Context, work: Callable[..., None], *args: Any) -> None:
+    """Run blocking work (API requests, locks) on a worker thread and wait for it."""
+    await asyncio.get_running_loop().run_in_executor(ctx.workers, work, *args)
 
 
 def handle_object_event(

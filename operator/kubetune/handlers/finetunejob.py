@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.handlers import metrics, modelserver
-from kubetune.handlers.context import Context, handle_object_event, slim
+from kubetune.handlers.context import Context, handle_object_event, in_worker, slim
 from kubetune.k8s.client import ApiError
 from kubetune.planner import PlanInfeasible, plan_job
 from kubetune.render import finetunejob as render
@@ -146,9 +146,12 @@ def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
     key = (ftj.metadata.namespace, ftj.metadata.name)
     existing = next(iter(ctx.indexes["training_jobs"].get(key, [])), None)
     _replace_changed_job(ctx, job, existing)
-    # The Job comes last: its pods need the ServiceAccount. The others do not depend on one another.
-    ctx.kube.apply_all(support)
-    applied = ctx.kube.apply(job)
+    # Only the ServiceAccount must exist before the Job: the API server admits its pods against it. The rest
+    # goes out together with the Job, one round trip: the ConfigMap is mounted and the Role used only once a
+    # pod runs (a trainer retries a refused status patch at its next report).
+    account, *rest = support
+    ctx.kube.apply(account)
+    *_, applied = ctx.kube.apply_all([*rest, job])
     summary = (
         f"ZeRO-{plan.zero_stage}, micro-batch {plan.micro_batch_size} x {plan.gradient_accumulation_steps} "
         f"accumulation on {plan.world_size} GPU(s)"
@@ -258,19 +261,42 @@ def _after_success(ctx: Context, key: Key, body: dict[str, Any]) -> None:
 
 
 # --- watch events ------------------------------------------------------------------------------------
+# The handlers are coroutines: most watch events change nothing (the echo of the operator's own status
+# patch, a pod's finalizer removed, a Job's `active` count), and those are dismissed on the event loop.
+# Only an event that needs work goes to a worker thread, where the API requests block.
 
 
 @kopf.on.event(FTJ)
-def finetunejob_changed(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
-    handle_object_event(memo, event, kwargs, reconcile)
+async def finetunejob_changed(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+    ctx: Context = memo.context
+    meta = event["object"]["metadata"]
+    if event["type"] != "DELETED" and ctx.status.is_echo(meta["uid"], meta.get("resourceVersion")):
+        return  # the operator's own status patch shown back: nothing changed since it was computed
+    await in_worker(ctx, handle_object_event, memo, event, kwargs, reconcile)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
 @kopf.on.event("pods", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
-def child_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
+async def child_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
     ctx: Context = memo.context
     ctx.capture_indexes(kwargs)
     key = (namespace or "", labels[LABEL_FINETUNEJOB])
+    body = latest(ctx, key)
+    if body is not None and status_would_change(ctx, key, body):
+        await in_worker(ctx, sync_status_locked, ctx, key)
+
+
+def status_would_change(ctx: Context, key: Key, body: dict[str, Any]) -> bool:
+    """Whether `sync_status` would write anything now (pure computation, no locks, no requests)."""
+    jobs = list(ctx.indexes["training_jobs"].get(key, []))
+    if not jobs:
+        return False
+    observed = _observed(ctx, key, body, jobs[0])
+    current = ctx.status.current(body["metadata"]["uid"], observed.status)
+    return bool(job_status.changed(current, job_status.derive(replace(observed, status=current))))
+
+
+def sync_status_locked(ctx: Context, key: Key) -> None:
     body = latest(ctx, key)
     if body is not None:
         with ctx.lock(body["metadata"]["uid"]), metrics.reconciling(CONTROLLER):

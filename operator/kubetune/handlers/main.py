@@ -10,7 +10,7 @@ import kopf
 
 from kubetune import config as operator_config
 from kubetune.handlers import finetunejob, metrics, modelserver  # noqa: F401  (registers the handlers)
-from kubetune.handlers.context import Context
+from kubetune.handlers.context import WORKERS, Context
 from kubetune.render.common import MANAGED_BY
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     no finalizers); the operator posts its own Events."""
     settings.posting.enabled = False
     settings.persistence.diffbase_storage = _NoDiffBase()
-    # Handlers wait on the API server most of the time; admissions of many jobs at once need threads.
-    settings.execution.max_workers = 32
+    settings.execution.max_workers = WORKERS  # the ModelServer handlers that are plain functions
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     # Only the operator's own children are watched among pods, Jobs and Deployments.

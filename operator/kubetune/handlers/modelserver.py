@@ -8,7 +8,6 @@ recomputes the status. While an adapter is not loaded everywhere it looks again 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -28,7 +27,7 @@ from kubetune.adapters import (
 )
 from kubetune.api.v1alpha1 import ModelServer
 from kubetune.handlers import metrics
-from kubetune.handlers.context import Context, handle_object_event, slim
+from kubetune.handlers.context import Context, handle_object_event, in_worker, slim
 from kubetune.k8s import fetcher, vllm
 from kubetune.k8s.client import ApiError
 from kubetune.render import modelserver as render
@@ -267,7 +266,7 @@ async def finetunejob_for_servers(event: kopf.RawEvent, memo: kopf.Memo, **kwarg
     ftj = event["object"]
     if event["type"] != "DELETED" and (ftj.get("status") or {}).get("state") != "Succeeded":
         return
-    await asyncio.to_thread(reconcile_servers_using, ctx, dict(ftj))
+    await in_worker(ctx, reconcile_servers_using, ctx, dict(ftj))
 
 
 def reconcile_servers_using(ctx: Context, ftj: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,18 +151,18 @@ class Kube:
             content_type="application/apply-patch+yaml",
         )
 
-    def apply_all(self, manifests: Iterable[dict[str, Any]]) -> None:
+    def apply_all(self, manifests: Iterable[dict[str, Any]]) -> Sequence[dict[str, Any]]:
         """Apply manifests that do not depend on one another, concurrently (one round trip instead of one
-        per manifest). Raises the first error after all have been tried."""
+        per manifest), and return the applied objects in the same order. Raises the first error after all
+        have been tried."""
         manifests = list(manifests)
         if len(manifests) < 2:
-            for manifest in manifests:
-                self.apply(manifest)
-            return
+            return [self.apply(manifest) for manifest in manifests]
         futures = [self._appliers.submit(self.apply, m) for m in manifests]
         errors = [err for f in futures if (err := f.exception()) is not None]
         if errors:
             raise errors[0]
+        return [f.result() for f in futures]
 
     def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         """JSON merge patch of the status subresource (other writers' fields are left alone)."""
