@@ -14,11 +14,16 @@ fresh namespace and prints:
   bench itself (its watches and creates), so that it shows where the two cores went;
 - API requests per job: the operator's requests counted by the API server (a FlowSchema matching its user,
   `apiserver_flowcontrol_dispatched_requests_total`), watches included, divided by N;
-- the load average before and after.
+- the load average before and after;
+- stage by stage (FineTuneJob -> Job -> pod -> bound -> Running -> pod Succeeded -> Job complete ->
+  FineTuneJob Succeeded): how long each step took (p50/p99) and when the last job got through it, so that
+  the stage that holds the others up shows.
 
-Everything is observed through watches (no polling of the API server). `--controller-qps` raises the
-kube-controller-manager's client rate limit (20 requests/s by default, which alone bounds how fast 1000 Jobs
-can complete); the value is recorded with the results.
+Everything is observed through watches (no polling of the API server). Three cluster settings can be raised,
+and are recorded with the results: `--controller-qps` (the kube-controller-manager's client rate limit, 20
+requests/s by default), `--job-syncs` (its Job controller's workers, 5 by default) and `--kwok-parallelism`
+(the pod stages kwok plays at once for all its simulated kubelets, 4 by default). `--profile-apiserver FILE`
+writes a CPU profile of the API server during the largest size (`go tool pprof -top kube-apiserver FILE`).
 
 Targets (issue 3): p50 < 0.3 s, 1000 jobs converge in < 60 s, RSS < 250 MB. Timings are reported, never
 asserted. Results go to stdout and bench/results/operator_scale.json.
@@ -27,6 +32,7 @@ asserted. Results go to stdout and bench/results/operator_scale.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -52,6 +58,7 @@ from kubetune.dev.controlplane import ControlPlane, kubeconfig_dict  # noqa: E40
 from kubetune.dev.nodes import create_simulated_nodes, parse_pools, wait_nodes_ready  # noqa: E402
 from kubetune.dev.pki import CLIENT_EXTENSIONS, ClientIdentity, signed_cert  # noqa: E402
 from kubetune.k8s.client import Kube  # noqa: E402
+from kubetune.render.common import LABEL_FINETUNEJOB  # noqa: E402
 
 # Not in system:masters: that group is matched by the built-in "exempt" FlowSchema first.
 OPERATOR = ClientIdentity("bench-operator", "kubetune-operator-bench", ("kubetune-bench",))
@@ -115,6 +122,24 @@ def operator_requests(kube: Kube) -> float:
     return sum(float(m.group(1)) for line in response.data.decode().splitlines() if (m := pattern.match(line)))
 
 
+def apiserver_profile(kube: Kube, seconds: int, path: Path) -> threading.Thread:
+    """Fetch a CPU profile of the API server over the next `seconds` in the background (read it with
+    `go tool pprof -top kube-apiserver PATH`)."""
+
+    def fetch() -> None:
+        response = kube.api.call_api(
+            "GET",
+            f"{kube.api.configuration.host}/debug/pprof/profile?seconds={seconds}",
+            _request_timeout=seconds + 60,
+        )
+        response.read()
+        path.write_bytes(response.data or b"")
+
+    thread = threading.Thread(target=fetch, daemon=True)
+    thread.start()
+    return thread
+
+
 def cluster_admin_binding() -> dict[str, Any]:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -132,6 +157,8 @@ class Watcher:
     def __init__(self, kubectl: list[str], resource: str, namespace: str, template: str, done: str = "") -> None:
         self.first_seen: dict[str, float] = {}
         self.state: dict[str, str] = {}
+        self.reached: dict[str, dict[str, float]] = {}
+        """state -> object -> when it was first seen in that state"""
         self.done_at: dict[str, float] = {}
         self.done = done
         self.expected = 0
@@ -171,6 +198,7 @@ class Watcher:
             return
         self.first_seen.setdefault(parts[0], now)
         state = self.state[parts[0]] = parts[1] if len(parts) > 1 else ""
+        self.reached.setdefault(state, {}).setdefault(parts[0], now)
         if state and self.done in (state, "*") and parts[0] not in self.done_at:
             self.done_at[parts[0]] = now
             if self.expected and len(self.done_at) >= self.expected:
@@ -218,18 +246,90 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def first_reached(watcher: Watcher, matches: Any) -> dict[str, float]:
+    """Per object, when it was first seen in a state for which `matches(state)` holds."""
+    found: dict[str, float] = {}
+    for state, seen in watcher.reached.items():
+        if matches(state):
+            for name, at in seen.items():
+                found[name] = min(at, found.get(name, at))
+    return found
+
+
+def stages(
+    start: float, created: dict[str, float], jobs: Watcher, pods: Watcher, ftjs: Watcher
+) -> list[dict[str, Any]]:
+    """The pipeline of one job, stage by stage: how long each step took (p50/p99 over the jobs) and when the
+    last job got through it (seconds after the first create), so that the slowest stage shows."""
+    points = [
+        ("created", created),
+        ("Job (operator)", jobs.first_seen),
+        ("pod (Job controller)", pods.first_seen),
+        ("bound (scheduler)", first_reached(pods, lambda s: not s.endswith("/"))),
+        ("Running (kwok)", first_reached(pods, lambda s: s.startswith("Running"))),
+        ("pod Succeeded (kwok, 1 s delay)", first_reached(pods, lambda s: s.startswith("Succeeded"))),
+        ("Job complete (Job controller)", jobs.done_at),
+        ("Succeeded (operator)", ftjs.done_at),
+    ]
+    rows = []
+    for (_, before), (name, after) in itertools.pairwise(points):
+        steps = [after[k] - before[k] for k in after if k in before]
+        rows.append(
+            {
+                "stage": name,
+                "p50_s": round(statistics.median(steps), 3) if steps else None,
+                "p99_s": round(percentile(steps, 0.99), 3) if steps else None,
+                "last_at_s": round(max(after.values()) - start, 1) if after else None,
+                "count": len(after),
+            }
+        )
+    return rows
+
+
 class BenchControlPlane(ControlPlane):
     """The local control plane, with the controller-manager's client rate limit raised when asked."""
 
-    def __init__(self, state_dir: Path, controller_qps: int) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        controller_qps: int,
+        job_syncs: int = 0,
+        kwok_parallelism: int = 0,
+        profiling: bool = False,
+    ) -> None:
         super().__init__(state_dir, ensure_binaries())
         self.controller_qps = controller_qps
+        self.job_syncs = job_syncs
+        self.kwok_parallelism = kwok_parallelism
+        self.profiling = profiling
 
     def component_argv(self, binaries: Any, ports: dict[str, int]) -> dict[str, list[str]]:
         argv = super().component_argv(binaries, ports)
+        if self.profiling:
+            apiserver = argv["kube-apiserver"]
+            argv["kube-apiserver"] = [a.replace("--profiling=false", "--profiling=true") for a in apiserver]
         if self.controller_qps:
             qps = self.controller_qps
             argv["kube-controller-manager"] += [f"--kube-api-qps={qps}", f"--kube-api-burst={2 * qps}"]
+        if self.job_syncs:
+            argv["kube-controller-manager"].append(f"--concurrent-job-syncs={self.job_syncs}")
+        if self.kwok_parallelism:
+            # kwok plays 4 pod stages at a time by default (one worker pool for every simulated kubelet)
+            # (a configuration file replaces kwok's defaults: the other pools keep their default sizes here)
+            options = {
+                "podPlayStageParallelism": self.kwok_parallelism,
+                "nodePlayStageParallelism": 4,
+                "nodeLeaseParallelism": 4,
+                "podsOnNodeSyncParallelism": 1,
+                "enablePodsOnNodeSyncListPager": True,
+            }
+            config = self.state_dir / "kwok-options.yaml"
+            config.write_text(
+                yaml.safe_dump(
+                    {"apiVersion": "config.kwok.x-k8s.io/v1alpha1", "kind": "KwokConfiguration", "options": options}
+                )
+            )
+            argv["kwok"].append(f"--config={config}")
         return argv
 
     def pids(self) -> dict[str, int]:
@@ -238,7 +338,13 @@ class BenchControlPlane(ControlPlane):
 
 
 def run_size(
-    n: int, admin: Kube, kubectl: list[str], operator_pid: int, components: dict[str, int], timeout: float
+    n: int,
+    admin: Kube,
+    kubectl: list[str],
+    operator_pid: int,
+    components: dict[str, int],
+    timeout: float,
+    profile: tuple[Path, int] | None = None,
 ) -> dict[str, Any]:
     namespace = f"bench-{n}-{int(time.time()) % 100000}"
     admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
@@ -246,7 +352,10 @@ def run_size(
     own_before = time.process_time() + children_cpu_seconds()
     jobs = Watcher(kubectl, "jobs", namespace, "{.metadata.name} {.status.completionTime}{'\\n'}", "*")
     ftjs = Watcher(kubectl, "finetunejobs", namespace, "{.metadata.name} {.status.state}{'\\n'}", "Succeeded")
-    ftjs.expected = n
+    ftjs.expected = jobs.expected = n
+    label = LABEL_FINETUNEJOB.replace(".", "\\.")
+    template = f"{{.metadata.labels.{label}}} {{.status.phase}}/{{.spec.nodeName}}{{'\\n'}}"
+    pods = Watcher(kubectl, "pods", namespace, template)
     time.sleep(1.0)  # let the watches start
     requests_before = operator_requests(admin)
     _, cpu_before = process_stats(operator_pid)
@@ -258,6 +367,7 @@ def run_size(
         admin.create(finetunejob(name, namespace))
         created[name] = time.monotonic()
 
+    profiling = apiserver_profile(admin, profile[1], profile[0]) if profile else None
     start = time.monotonic()
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(create, range(n)))
@@ -265,8 +375,12 @@ def run_size(
     ftjs.all_done.wait(max(0.0, start + timeout - time.monotonic()))
     converged = time.monotonic() - start
     succeeded = len(ftjs.done_at)
+    jobs.all_done.wait(15.0)  # its kubectl may still be printing what it received before the last Succeeded
     jobs.stop()
     ftjs.stop()
+    pods.stop()
+    if profiling is not None:
+        profiling.join()
     latencies = [jobs.first_seen[name] - t for name, t in created.items() if name in jobs.first_seen]
     completed = jobs.done_at
     lags = [ftjs.done_at[name] - t for name, t in completed.items() if name in ftjs.done_at]
@@ -293,7 +407,8 @@ def run_size(
             **{k: round(components_after[k] - components_before[k], 1) for k in components},
             "bench": round(own_cpu, 1),
         },
-        "watch_restarts": jobs.restarts + ftjs.restarts,
+        "stages": stages(start, created, jobs, pods, ftjs),
+        "watch_restarts": jobs.restarts + ftjs.restarts + pods.restarts,
         "load_average_before": load_before,
         "load_average_after": load_average(),
     }
@@ -307,12 +422,28 @@ def main() -> int:
     parser.add_argument(
         "--controller-qps", type=int, default=0, help="kube-controller-manager --kube-api-qps (0: its default, 20)"
     )
+    parser.add_argument(
+        "--job-syncs", type=int, default=0, help="kube-controller-manager --concurrent-job-syncs (0: its default, 5)"
+    )
+    parser.add_argument(
+        "--kwok-parallelism", type=int, default=0, help="kwok's podPlayStageParallelism (0: its default, 4)"
+    )
+    parser.add_argument(
+        "--profile-apiserver",
+        type=Path,
+        help="write a CPU profile of the API server during the largest size to this file",
+    )
+    parser.add_argument("--profile-seconds", type=int, default=120, help="how long the profile lasts")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "operator_scale.json")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
+    # Stopped with SIGTERM, still stop the control plane and the operator (the finally clause below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     state = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
-    plane = BenchControlPlane(state, args.controller_qps)
+    plane = BenchControlPlane(
+        state, args.controller_qps, args.job_syncs, args.kwok_parallelism, profiling=args.profile_apiserver is not None
+    )
     operator: subprocess.Popen[bytes] | None = None
     results: list[dict[str, Any]] = []
     try:
@@ -344,7 +475,9 @@ def main() -> int:
         if operator.poll() is not None:
             raise SystemExit(f"the operator exited with code {operator.returncode}: see {state / 'operator.log'}")
         for n in sizes:
-            result = run_size(n, admin, kubectl, operator.pid, plane.pids(), args.timeout)
+            wanted = args.profile_apiserver and n == max(sizes)
+            profile = (args.profile_apiserver, args.profile_seconds) if wanted else None
+            result = run_size(n, admin, kubectl, operator.pid, plane.pids(), args.timeout, profile)
             results.append(result)
             print(json.dumps(result), flush=True)
     finally:
@@ -361,7 +494,12 @@ def main() -> int:
 
     machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
     qps = args.controller_qps or "default (20)"
-    print(f"\nmachine: {machine}, {args.gpu_nodes} kwok GPU nodes (4 GPUs each), controller-manager QPS {qps}")
+    syncs = args.job_syncs or "default (5)"
+    kwok = args.kwok_parallelism or "default (4)"
+    print(
+        f"\nmachine: {machine}, {args.gpu_nodes} kwok GPU nodes (4 GPUs each), "
+        f"controller-manager QPS {qps}, concurrent Job syncs {syncs}, kwok pod stage parallelism {kwok}"
+    )
     print(
         "| jobs | create->Job p50 | p99 | all Jobs complete | all Succeeded | Job complete->Succeeded p50/p99 "
         "| operator peak RSS | operator CPU | API requests/job | load before/after |"
@@ -375,8 +513,18 @@ def main() -> int:
             f"| {r['operator_peak_rss_mib']} MiB | {r['operator_cpu_s']} s | {r['api_requests_per_job']} "
             f"| {r['load_average_before']} / {r['load_average_after']} |"
         )
+    for r in results:
+        print(f"\n{r['jobs']} jobs, stage by stage | p50 | p99 | last one through it (s after the first create)")
+        for row in r["stages"]:
+            print(f"| {row['stage']} | {row['p50_s']} s | {row['p99_s']} s | {row['last_at_s']} s |")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    summary = {"machine": machine, "gpu_nodes": args.gpu_nodes, "controller_qps": args.controller_qps or None}
+    summary = {
+        "machine": machine,
+        "gpu_nodes": args.gpu_nodes,
+        "controller_qps": args.controller_qps or None,
+        "concurrent_job_syncs": args.job_syncs or None,
+        "kwok_pod_stage_parallelism": args.kwok_parallelism or None,
+    }
     args.output.write_text(json.dumps({**summary, "results": results}, indent=2) + "\n")
     return 0
 
