@@ -11,7 +11,7 @@ from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.status import finetunejob as fs
 from kubetune.status import modelserver as ms
 from kubetune.status.admission import Admitted, Blocked, check_reference
-from kubetune.status.conditions import set_condition
+from kubetune.status.conditions import changed, set_condition
 from tests.rejections import EXAMPLES
 
 NOW = "2026-11-29T08:00:00Z"
@@ -71,7 +71,7 @@ def test_unschedulable_copies_the_schedulers_message() -> None:
 def test_a_finished_pod_keeps_the_job_running_until_the_job_is_complete() -> None:
     running = fs.derive(observed(job(), [pod("x-0", "Running")]), NOW)
     finishing = fs.derive(observed(job(), [pod("x-0", "Succeeded")], status=running), NOW)
-    assert fs.changed(running, finishing) == {}  # no write, no Event until the Job controller says Complete
+    assert changed(running, finishing) == {}  # no write, no Event until the Job controller says Complete
 
 
 def test_running_then_succeeded_sets_times_and_adapter() -> None:

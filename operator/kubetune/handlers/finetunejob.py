@@ -230,13 +230,16 @@ def sync_status(ctx: Context, key: Key, body: dict[str, Any]) -> None:
         return  # no Job yet: admission owns the status until it exists
     observed = _observed(ctx, key, body, jobs[0])
     result = job_status.outcome(observed)
-    before, diff = ctx.status.update(
-        KIND, body["metadata"], observed.status, lambda current: job_status.derive(replace(observed, status=current))
-    )
+    before, diff = ctx.status.update(KIND, body["metadata"], observed.status, _derived(observed))
     if result and "state" in diff and diff["state"] != before.get("state"):
         ctx.event(KIND, body["metadata"], result.state == "Failed", result.reason, result.message)
         if result.state == "Succeeded":
             _after_success(ctx, key, body)
+
+
+def _derived(observed: job_status.Observed) -> Callable[[Status], Status]:
+    """The operator's part of the status for what it observes, given the status as it currently is."""
+    return lambda current: job_status.derive(replace(observed, status=current))
 
 
 def _observed(ctx: Context, key: Key, body: dict[str, Any], job: dict[str, Any]) -> job_status.Observed:
@@ -292,8 +295,7 @@ def status_would_change(ctx: Context, key: Key, body: dict[str, Any]) -> bool:
     if not jobs:
         return False
     observed = _observed(ctx, key, body, jobs[0])
-    current = ctx.status.current(body["metadata"]["uid"], observed.status)
-    return bool(job_status.changed(current, job_status.derive(replace(observed, status=current))))
+    return ctx.status.would_change(body["metadata"]["uid"], observed.status, _derived(observed))
 
 
 def sync_status_locked(ctx: Context, key: Key) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.k8s.client import ApiError, Kube
+from kubetune.status.conditions import changed
 
 Status = dict[str, Any]
 
@@ -40,6 +41,11 @@ class StatusWriter:
         """The object is exactly as this writer's last status patch left it."""
         return resource_version is not None and self._versions.get(uid) == resource_version
 
+    def would_change(self, uid: str, observed: Status, desired: Callable[[Status], Status]) -> bool:
+        """Whether `update` would write anything now (no lock, no request: a cheap look before the real one)."""
+        current = self.current(uid, observed)
+        return bool(changed(current, desired(current)))
+
     def update(
         self, kind: str, meta: dict[str, Any], observed: Status, desired: Callable[[Status], Status]
     ) -> tuple[Status, Status]:
@@ -49,9 +55,8 @@ class StatusWriter:
         """
         uid = meta["uid"]
         with self._lock(uid):
-            current = {**observed, **self._written.get(uid, {})}
-            wanted = desired(current)
-            diff = {k: v for k, v in wanted.items() if current.get(k) != v}
+            current = self.current(uid, observed)
+            diff = changed(current, desired(current))
             if diff:
                 try:
                     patched = self.kube.patch_status(kind, meta["namespace"], meta["name"], diff)

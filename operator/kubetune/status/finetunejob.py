@@ -185,8 +185,3 @@ def derive(obs: Observed, now: str | None = None) -> dict[str, Any]:
         # The trainer reports sha256 and metrics itself; the location follows from the output layout.
         patch["adapter"] = {"uri": join(obs.output_uri, "adapter")}
     return patch
-
-
-def changed(status: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    """The entries of `patch` that differ from `status` (an empty dict means nothing to write)."""
-    return {k: v for k, v in patch.items() if status.get(k) != v}
