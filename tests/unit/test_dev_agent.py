@@ -260,22 +260,28 @@ def test_hosts_file_resolves_self_peers_services_and_the_api_server() -> None:
     assert len(names) == len(set(names)), "every name appears once"
 
 
-def test_bind_shim_binds_all_addresses_to_the_pod_ip(tmp_path: Path) -> None:
+def run_with_bind_shim(tmp_path: Path, code: str) -> tuple[str, list[str]]:
+    """Run `code` in a Python whose sitecustomize is the agent's bind shim, at a random pod IP; (IP, the words
+    it printed). Fails with its stderr when it fails."""
     shutil.copyfile(bindshim.__file__, tmp_path / "sitecustomize.py")
     ip = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}.{random.randint(1, 250)}"
+    env = {"PYTHONPATH": str(tmp_path), "KUBETUNE_POD_IP": ip, "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return ip, result.stdout.split()
+
+
+def test_bind_shim_binds_all_addresses_to_the_pod_ip(tmp_path: Path) -> None:
     code = (
         "import socket\n"
         "for family, host in ((socket.AF_INET, '0.0.0.0'), (socket.AF_INET, ''), (socket.AF_INET6, '::')):\n"
         "    s = socket.socket(family); s.bind((host, 0)); print(s.getsockname()[0]); s.close()\n"
     )
-    env = {"PYTHONPATH": str(tmp_path), "KUBETUNE_POD_IP": ip, "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == [ip, ip, f"::ffff:{ip}"]
+    ip, printed = run_with_bind_shim(tmp_path, code)
+    assert printed == [ip, ip, f"::ffff:{ip}"]
 
 
 def test_bind_shim_sends_localhost_to_the_processs_own_servers_on_the_pod_ip(tmp_path: Path) -> None:
-    shutil.copyfile(bindshim.__file__, tmp_path / "sitecustomize.py")
-    ip = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}.{random.randint(1, 250)}"
     code = (
         "import socket, urllib.request, threading, http.server\n"
         "server = http.server.HTTPServer(('0.0.0.0', 0), http.server.SimpleHTTPRequestHandler)\n"
@@ -287,11 +293,9 @@ def test_bind_shim_sends_localhost_to_the_processs_own_servers_on_the_pod_ip(tmp
         "probe = socket.socket(); probe.connect(('127.0.0.1', other.getsockname()[1]))\n"
         "print(probe.getpeername()[0])\n"
     )
-    env = {"PYTHONPATH": str(tmp_path), "KUBETUNE_POD_IP": ip, "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    _, printed = run_with_bind_shim(tmp_path, code)
     # Its own server is reached through localhost; a server bound to 127.0.0.1 itself stays there.
-    assert result.stdout.split() == ["200", "200", "127.0.0.1"]
+    assert printed == ["200", "200", "127.0.0.1"]
 
 
 # --- node ------------------------------------------------------------------------------------------------
