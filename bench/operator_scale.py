@@ -13,7 +13,8 @@ fresh namespace and prints:
 - operator peak RSS and CPU seconds, and the CPU seconds of every control-plane component and of the
   bench itself (its watches and creates), so that it shows where the two cores went;
 - API requests per job: the operator's requests counted by the API server (a FlowSchema matching its user,
-  `apiserver_flowcontrol_dispatched_requests_total`), watches included, divided by N;
+  `apiserver_flowcontrol_dispatched_requests_total`), watches included, divided by N; the same for all
+  clients together, and the API server's CPU milliseconds per request;
 - the load average before and after;
 - stage by stage (FineTuneJob -> Job -> pod -> bound -> Running -> pod Succeeded -> Job complete ->
   FineTuneJob Succeeded): how long each step took (p50/p99) and when the last job got through it, so that
@@ -24,6 +25,10 @@ and are recorded with the results: `--controller-qps` (the kube-controller-manag
 requests/s by default), `--job-syncs` (its Job controller's workers, 5 by default) and `--kwok-parallelism`
 (the pod stages kwok plays at once for all its simulated kubelets, 4 by default). `--profile-apiserver FILE`
 writes a CPU profile of the API server during the largest size (`go tool pprof -top kube-apiserver FILE`).
+
+`--without-operator` leaves the operator out and creates the N training Jobs themselves (the Job the operator
+would render, without an owner): what the control plane alone needs for them on this machine, the floor
+under any operator.
 
 Targets (issue 3): p50 < 0.3 s, 1000 jobs converge in < 60 s, RSS < 250 MB. Timings are reported, never
 asserted. Results go to stdout and bench/results/operator_scale.json.
@@ -37,6 +42,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -53,11 +59,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "operator"))
 
+from kubetune.api.v1alpha1 import FineTuneJob  # noqa: E402
+from kubetune.config import OperatorConfig  # noqa: E402
 from kubetune.dev.binaries import ensure_binaries  # noqa: E402
 from kubetune.dev.controlplane import ControlPlane, kubeconfig_dict  # noqa: E402
 from kubetune.dev.nodes import create_simulated_nodes, parse_pools, wait_nodes_ready  # noqa: E402
 from kubetune.dev.pki import CLIENT_EXTENSIONS, ClientIdentity, signed_cert  # noqa: E402
 from kubetune.k8s.client import Kube  # noqa: E402
+from kubetune.planner import plan_job  # noqa: E402
+from kubetune.render import finetunejob as render  # noqa: E402
 from kubetune.render.common import LABEL_FINETUNEJOB  # noqa: E402
 
 # Not in system:masters: that group is matched by the built-in "exempt" FlowSchema first.
@@ -80,6 +90,21 @@ def finetunejob(name: str, namespace: str) -> dict[str, Any]:
             "podMetadata": {"annotations": {"pod-complete.stage.kwok.x-k8s.io/delay": "1s"}},
         },
     }
+
+
+def bare_job(name: str, namespace: str) -> dict[str, Any]:
+    """The training Job the operator would render for `finetunejob(name, namespace)`, standing alone: no
+    owner, and the namespace's default ServiceAccount (the operator's per-job one is not created)."""
+    body = finetunejob(name, namespace)
+    body["metadata"]["uid"] = "00000000-0000-0000-0000-000000000000"
+    ftj = FineTuneJob.model_validate(body)
+    config = OperatorConfig()
+    gpu = config.gpu_type(ftj.spec.resources.gpu_type)
+    plan = plan_job(ftj.spec, gpu_memory_gib=gpu.memory_gib, gpu_type=ftj.spec.resources.gpu_type)
+    job = render.training_job(ftj, render.trainer_config(ftj, plan, None), config)
+    del job["metadata"]["ownerReferences"]
+    job["spec"]["template"]["spec"]["serviceAccountName"] = "default"
+    return job
 
 
 def flow_schema() -> dict[str, Any]:
@@ -110,16 +135,20 @@ def flow_schema() -> dict[str, Any]:
     }
 
 
-def operator_requests(kube: Kube) -> float:
-    """Requests the API server dispatched for the operator's user so far."""
+def dispatched_requests(kube: Kube) -> tuple[float, float]:
+    """Requests the API server has dispatched so far: (the operator's user's, everyone's)."""
     response = kube.api.call_api(
         "GET", kube.api.configuration.host + "/metrics", header_params={"Accept": "text/plain"}
     )
     response.read()
-    pattern = re.compile(
-        r'^apiserver_flowcontrol_dispatched_requests_total\{[^}]*flow_schema="' + FLOW_SCHEMA + r'"[^}]*\} (\S+)$'
-    )
-    return sum(float(m.group(1)) for line in response.data.decode().splitlines() if (m := pattern.match(line)))
+    pattern = re.compile(r"^apiserver_flowcontrol_dispatched_requests_total\{([^}]*)\} (\S+)$")
+    operator = everyone = 0.0
+    for line in response.data.decode().splitlines():
+        if m := pattern.match(line):
+            everyone += float(m.group(2))
+            if f'flow_schema="{FLOW_SCHEMA}"' in m.group(1):
+                operator += float(m.group(2))
+    return operator, everyone
 
 
 def apiserver_profile(kube: Kube, seconds: int, path: Path) -> threading.Thread:
@@ -237,6 +266,11 @@ def children_cpu_seconds() -> float:
     return usage.children_user + usage.children_system
 
 
+def show(value: float | None, unit: str = " s") -> str:
+    """A figure for the printed table; "-" for one that does not apply (no operator)."""
+    return "-" if value is None else f"{value}{unit}"
+
+
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -257,19 +291,20 @@ def first_reached(watcher: Watcher, matches: Any) -> dict[str, float]:
 
 
 def stages(
-    start: float, created: dict[str, float], jobs: Watcher, pods: Watcher, ftjs: Watcher
+    start: float, created: dict[str, float], jobs: Watcher, pods: Watcher, ftjs: Watcher | None
 ) -> list[dict[str, Any]]:
     """The pipeline of one job, stage by stage: how long each step took (p50/p99 over the jobs) and when the
-    last job got through it (seconds after the first create), so that the slowest stage shows."""
+    last job got through it (seconds after the first create), so that the slowest stage shows. Without
+    FineTuneJobs (`ftjs` None: the bench created the Jobs) the pipeline starts at the Job."""
     points = [
         ("created", created),
-        ("Job (operator)", jobs.first_seen),
+        *([("Job (operator)", jobs.first_seen)] if ftjs else []),
         ("pod (Job controller)", pods.first_seen),
         ("bound (scheduler)", first_reached(pods, lambda s: not s.endswith("/"))),
         ("Running (kwok)", first_reached(pods, lambda s: s.startswith("Running"))),
         ("pod Succeeded (kwok, 1 s delay)", first_reached(pods, lambda s: s.startswith("Succeeded"))),
         ("Job complete (Job controller)", jobs.done_at),
-        ("Succeeded (operator)", ftjs.done_at),
+        *([("Succeeded (operator)", ftjs.done_at)] if ftjs else []),
     ]
     rows = []
     for (_, before), (name, after) in itertools.pairwise(points):
@@ -341,30 +376,40 @@ def run_size(
     n: int,
     admin: Kube,
     kubectl: list[str],
-    operator_pid: int,
+    operator_pid: int | None,
     components: dict[str, int],
     timeout: float,
     profile: tuple[Path, int] | None = None,
 ) -> dict[str, Any]:
+    """Create N FineTuneJobs and measure them; without an operator (`operator_pid` None) create the N
+    training Jobs themselves, which measures the control plane's own part."""
+    with_operator = operator_pid is not None
     namespace = f"bench-{n}-{int(time.time()) % 100000}"
     admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    if not with_operator:
+        wait_for_default_service_account(admin, namespace)
     load_before = load_average()
     own_before = time.process_time() + children_cpu_seconds()
     jobs = Watcher(kubectl, "jobs", namespace, "{.metadata.name} {.status.completionTime}{'\\n'}", "*")
-    ftjs = Watcher(kubectl, "finetunejobs", namespace, "{.metadata.name} {.status.state}{'\\n'}", "Succeeded")
-    ftjs.expected = jobs.expected = n
+    ftjs = None
+    if with_operator:
+        ftjs = Watcher(kubectl, "finetunejobs", namespace, "{.metadata.name} {.status.state}{'\\n'}", "Succeeded")
+        ftjs.expected = n
+    jobs.expected = n
     label = LABEL_FINETUNEJOB.replace(".", "\\.")
     template = f"{{.metadata.labels.{label}}} {{.status.phase}}/{{.spec.nodeName}}{{'\\n'}}"
     pods = Watcher(kubectl, "pods", namespace, template)
+    watchers = [w for w in (jobs, ftjs, pods) if w is not None]
     time.sleep(1.0)  # let the watches start
-    requests_before = operator_requests(admin)
-    _, cpu_before = process_stats(operator_pid)
+    requests_before = dispatched_requests(admin)
+    cpu_before = process_stats(operator_pid)[1] if operator_pid else 0.0
     components_before = cpu_seconds(components)
     created: dict[str, float] = {}
+    render = finetunejob if with_operator else bare_job
 
     def create(i: int) -> None:
         name = f"job-{i:04d}"
-        admin.create(finetunejob(name, namespace))
+        admin.create(render(name, namespace))
         created[name] = time.monotonic()
 
     profiling = apiserver_profile(admin, profile[1], profile[0]) if profile else None
@@ -372,46 +417,60 @@ def run_size(
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(create, range(n)))
     create_seconds = time.monotonic() - start
-    ftjs.all_done.wait(max(0.0, start + timeout - time.monotonic()))
+    last = ftjs if ftjs is not None else jobs
+    last.all_done.wait(max(0.0, start + timeout - time.monotonic()))
     converged = time.monotonic() - start
-    succeeded = len(ftjs.done_at)
+    succeeded = len(last.done_at)
     jobs.all_done.wait(15.0)  # its kubectl may still be printing what it received before the last Succeeded
-    jobs.stop()
-    ftjs.stop()
-    pods.stop()
+    for watcher in watchers:
+        watcher.stop()
     if profiling is not None:
         profiling.join()
     latencies = [jobs.first_seen[name] - t for name, t in created.items() if name in jobs.first_seen]
     completed = jobs.done_at
-    lags = [ftjs.done_at[name] - t for name, t in completed.items() if name in ftjs.done_at]
+    lags = [ftjs.done_at[name] - t for name, t in completed.items() if name in ftjs.done_at] if ftjs else []
     time.sleep(2.0)  # let trailing requests land before counting
-    requests = operator_requests(admin) - requests_before
-    rss, cpu_after = process_stats(operator_pid)
+    requests = [after - before for after, before in zip(dispatched_requests(admin), requests_before, strict=True)]
+    rss, cpu_after = process_stats(operator_pid) if operator_pid else (0.0, 0.0)
     components_after = cpu_seconds(components)
     own_cpu = time.process_time() + children_cpu_seconds() - own_before
     return {
         "jobs": n,
+        "operator": with_operator,
         "create_seconds": round(create_seconds, 2),
-        "create_to_job_p50_s": round(statistics.median(latencies), 3) if latencies else None,
-        "create_to_job_p99_s": round(percentile(latencies, 0.99), 3) if latencies else None,
+        "create_to_job_p50_s": round(statistics.median(latencies), 3) if latencies and with_operator else None,
+        "create_to_job_p99_s": round(percentile(latencies, 0.99), 3) if latencies and with_operator else None,
         "jobs_created": len(latencies),
         "succeeded": succeeded,
         "all_succeeded_s": round(converged, 1) if succeeded >= n else None,
         "all_jobs_complete_s": round(max(completed.values()) - start, 1) if len(completed) >= n else None,
         "job_complete_to_succeeded_p50_s": round(statistics.median(lags), 3) if lags else None,
         "job_complete_to_succeeded_p99_s": round(percentile(lags, 0.99), 3) if lags else None,
-        "operator_peak_rss_mib": round(rss, 1),
-        "operator_cpu_s": round(cpu_after - cpu_before, 1),
-        "api_requests_per_job": round(requests / n, 1),
+        "operator_peak_rss_mib": round(rss, 1) if with_operator else None,
+        "operator_cpu_s": round(cpu_after - cpu_before, 1) if with_operator else None,
+        "api_requests_per_job": round(requests[0] / n, 1) if with_operator else None,
+        "api_requests_per_job_all_clients": round(requests[1] / n, 1),
+        "kube_apiserver_cpu_ms_per_request": round(
+            1000 * (components_after["kube-apiserver"] - components_before["kube-apiserver"]) / max(requests[1], 1), 2
+        ),
         "cpu_s": {
             **{k: round(components_after[k] - components_before[k], 1) for k in components},
             "bench": round(own_cpu, 1),
         },
         "stages": stages(start, created, jobs, pods, ftjs),
-        "watch_restarts": jobs.restarts + ftjs.restarts + pods.restarts,
+        "watch_restarts": sum(w.restarts for w in watchers),
         "load_average_before": load_before,
         "load_average_after": load_average(),
     }
+
+
+def wait_for_default_service_account(kube: Kube, namespace: str, timeout: float = 60.0) -> None:
+    """The controller-manager creates a namespace's default ServiceAccount; pods are refused until then."""
+    deadline = time.monotonic() + timeout
+    while kube.get("ServiceAccount", namespace, "default") is None:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no default ServiceAccount in {namespace} after {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def main() -> int:
@@ -434,6 +493,11 @@ def main() -> int:
         help="write a CPU profile of the API server during the largest size to this file",
     )
     parser.add_argument("--profile-seconds", type=int, default=120, help="how long the profile lasts")
+    parser.add_argument(
+        "--without-operator",
+        action="store_true",
+        help="no operator: create the N training Jobs directly (the control plane's own time for them)",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "operator_scale.json")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -462,22 +526,24 @@ def main() -> int:
         server = yaml.safe_load(plane.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
         operator_kubeconfig = state / "operator.kubeconfig"
         operator_kubeconfig.write_text(yaml.safe_dump(kubeconfig_dict(server, plane.pki_dir, OPERATOR.file_stem)))
-        log = open(state / "operator.log", "wb")  # noqa: SIM115
-        operator = subprocess.Popen(
-            [sys.executable, "-m", "kubetune", "operator", "--liveness", "", "--metrics-address", ""],
-            env={**os.environ, "KUBECONFIG": str(operator_kubeconfig)},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        if not args.without_operator:
+            log = open(state / "operator.log", "wb")  # noqa: SIM115
+            operator = subprocess.Popen(
+                [sys.executable, "-m", "kubetune", "operator", "--liveness", "", "--metrics-address", ""],
+                env={**os.environ, "KUBECONFIG": str(operator_kubeconfig)},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            time.sleep(3)
+            if operator.poll() is not None:
+                raise SystemExit(f"the operator exited with code {operator.returncode}: see {state / 'operator.log'}")
         admin = Kube.from_kubeconfig(str(plane.kubeconfig), field_manager="bench")
         kubectl = [str(cluster.kubectl_path), "--kubeconfig", str(plane.kubeconfig)]
-        time.sleep(3)
-        if operator.poll() is not None:
-            raise SystemExit(f"the operator exited with code {operator.returncode}: see {state / 'operator.log'}")
+        operator_pid = operator.pid if operator is not None else None
         for n in sizes:
             wanted = args.profile_apiserver and n == max(sizes)
             profile = (args.profile_apiserver, args.profile_seconds) if wanted else None
-            result = run_size(n, admin, kubectl, operator.pid, plane.pids(), args.timeout, profile)
+            result = run_size(n, admin, kubectl, operator_pid, plane.pids(), args.timeout, profile)
             results.append(result)
             print(json.dumps(result), flush=True)
     finally:
@@ -491,6 +557,8 @@ def main() -> int:
                     operator.wait()
         finally:
             plane.stop()
+    # Kept only when the run failed (the operator's log is there); etcd's data is a few hundred MB.
+    shutil.rmtree(state, ignore_errors=True)
 
     machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
     qps = args.controller_qps or "default (20)"
@@ -499,6 +567,7 @@ def main() -> int:
     print(
         f"\nmachine: {machine}, {args.gpu_nodes} kwok GPU nodes (4 GPUs each), "
         f"controller-manager QPS {qps}, concurrent Job syncs {syncs}, kwok pod stage parallelism {kwok}"
+        + (", WITHOUT the operator (the bench created the Jobs)" if args.without_operator else "")
     )
     print(
         "| jobs | create->Job p50 | p99 | all Jobs complete | all Succeeded | Job complete->Succeeded p50/p99 "
@@ -507,14 +576,20 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
-            f"| {r['jobs']} | {r['create_to_job_p50_s']} s | {r['create_to_job_p99_s']} s "
-            f"| {r['all_jobs_complete_s']} s | {r['all_succeeded_s']} s "
-            f"| {r['job_complete_to_succeeded_p50_s']}/{r['job_complete_to_succeeded_p99_s']} s "
-            f"| {r['operator_peak_rss_mib']} MiB | {r['operator_cpu_s']} s | {r['api_requests_per_job']} "
-            f"| {r['load_average_before']} / {r['load_average_after']} |"
+            f"| {r['jobs']} | {show(r['create_to_job_p50_s'])} | {show(r['create_to_job_p99_s'])} "
+            f"| {show(r['all_jobs_complete_s'])} | {show(r['all_succeeded_s'])} "
+            f"| {show(r['job_complete_to_succeeded_p50_s'])} / {show(r['job_complete_to_succeeded_p99_s'])} "
+            f"| {show(r['operator_peak_rss_mib'], ' MiB')} | {show(r['operator_cpu_s'])} "
+            f"| {show(r['api_requests_per_job'], '')} | {r['load_average_before']} / {r['load_average_after']} |"
         )
     for r in results:
-        print(f"\n{r['jobs']} jobs, stage by stage | p50 | p99 | last one through it (s after the first create)")
+        cpu = ", ".join(f"{name} {seconds}" for name, seconds in r["cpu_s"].items())
+        print(f"\n{r['jobs']} jobs, CPU seconds of the others: {cpu}")
+        print(
+            f"{r['jobs']} jobs, API requests per job from all clients: {r['api_requests_per_job_all_clients']}, "
+            f"kube-apiserver CPU per request: {r['kube_apiserver_cpu_ms_per_request']} ms"
+        )
+        print(f"{r['jobs']} jobs, stage by stage | p50 | p99 | last one through it (s after the first create)")
         for row in r["stages"]:
             print(f"| {row['stage']} | {row['p50_s']} s | {row['p99_s']} s | {row['last_at_s']} s |")
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -524,6 +599,7 @@ def main() -> int:
         "controller_qps": args.controller_qps or None,
         "concurrent_job_syncs": args.job_syncs or None,
         "kwok_pod_stage_parallelism": args.kwok_parallelism or None,
+        "operator": not args.without_operator,
     }
     args.output.write_text(json.dumps({**summary, "results": results}, indent=2) + "\n")
     return 0
