@@ -220,7 +220,7 @@ def reconcile(ctx: Context, key: Key, retry: bool = False) -> None:
                 outcome.failed(err)
                 log.warning("admission of %s/%s failed, retrying: %s", *key, err)
                 ctx.later(RETRY_ERROR_S, reconcile, ctx, key, True)
-        sync_status(ctx, key, body)
+        sync_status_or_retry(ctx, key, body, outcome)
 
 
 def sync_status(ctx: Context, key: Key, body: dict[str, Any]) -> None:
@@ -301,5 +301,16 @@ def status_would_change(ctx: Context, key: Key, body: dict[str, Any]) -> bool:
 def sync_status_locked(ctx: Context, key: Key) -> None:
     body = latest(ctx, key)
     if body is not None:
-        with ctx.lock(body["metadata"]["uid"]), metrics.reconciling(CONTROLLER):
-            sync_status(ctx, key, body)
+        with ctx.lock(body["metadata"]["uid"]), metrics.reconciling(CONTROLLER) as outcome:
+            sync_status_or_retry(ctx, key, body, outcome)
+
+
+def sync_status_or_retry(ctx: Context, key: Key, body: dict[str, Any], outcome: metrics.Reconciliation) -> None:
+    """`sync_status`, tried again a little later when the API server refused or did not answer: the watch
+    event that led here (a Job completing, say) will not come again."""
+    try:
+        sync_status(ctx, key, body)
+    except ApiError as err:
+        outcome.failed(err)
+        log.warning("status of %s/%s not written, retrying: %s", *key, err)
+        ctx.later_once(("finetunejob-status", *key), RETRY_ERROR_S, sync_status_locked, ctx, key)

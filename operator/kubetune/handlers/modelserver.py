@@ -112,7 +112,12 @@ def reconcile(ctx: Context, key: Key) -> None:
                 ctx.later(5.0, reconcile, ctx, key)
         reports = sync_adapters(ctx, key, server, adapters)
         views = adapters.views(reports, ctx.adapter_failures.get(uid, {}))
-        sync_status(ctx, key, body, server, views)
+        try:
+            sync_status(ctx, key, body, server, views)
+        except ApiError as err:
+            outcome.failed(err)
+            log.warning("status of %s/%s not written, retrying: %s", *key, err)
+            ctx.later_once(("modelserver-status", *key), 5.0, reconcile, ctx, key)
         if any(v.state == "Pending" and v.reason != "WaitingForFineTuneJob" for v in views) or any(
             r.loaded is None for r in reports
         ):

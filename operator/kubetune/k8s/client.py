@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import urllib3
 from kubernetes import client, config
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,9 @@ class Kube:
             response.read()
         except client.ApiException as err:
             raise _api_error(err.status or 0, err.reason or "", err.body) from None
+        except urllib3.exceptions.HTTPError as err:
+            # No answer (a timeout, a dropped connection): callers retry it like a refusal.
+            raise ApiError(0, "Unreachable", f"{type(err).__name__}: {err}") from err
         data = response.data or b"{}"
         if not 200 <= response.status < 300:
             raise _api_error(response.status, response.reason or "", data)
