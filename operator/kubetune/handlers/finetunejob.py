@@ -146,12 +146,14 @@ def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
     key = (ftj.metadata.namespace, ftj.metadata.name)
     existing = next(iter(ctx.indexes["training_jobs"].get(key, [])), None)
     _replace_changed_job(ctx, job, existing)
-    # Only the ServiceAccount must exist before the Job: the API server admits its pods against it. The rest
-    # goes out together with the Job, one round trip: the ConfigMap is mounted and the Role used only once a
-    # pod runs (a trainer retries a refused status patch at its next report).
+    # Only the ServiceAccount must exist before the Job: the API server admits its pods against it. The Job
+    # goes next, alone: the pods, the scheduler and all after them wait for it. The rest is applied while the
+    # status is written: the ConfigMap is mounted and the Role used only once a pod runs (a trainer retries
+    # a refused status patch at its next report).
     account, *rest = support
     ctx.kube.apply(account)
-    *_, applied = ctx.kube.apply_all([*rest, job])
+    applied = ctx.kube.apply(job)
+    supporting = ctx.kube.start_applies(rest)
     summary = (
         f"ZeRO-{plan.zero_stage}, micro-batch {plan.micro_batch_size} x {plan.gradient_accumulation_steps} "
         f"accumulation on {plan.world_size} GPU(s)"
@@ -177,6 +179,7 @@ def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
         plan=plan.to_wire(),
         observedGeneration=generation,
     )
+    supporting()  # raises the first refused apply: the admission is retried, and every apply is idempotent
 
 
 def _replace_changed_job(ctx: Context, job: dict[str, Any], existing: dict[str, Any] | None) -> None:

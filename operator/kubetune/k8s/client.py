@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # send requests at once (kopf's workers and the concurrent applies); urllib3 then closes the surplus
 # connections after each request, and every new one costs a TLS handshake on both sides.
 CONNECTIONS = 128
-# Requests `apply_all` has in flight at once, for all callers together: enough that concurrent admissions
+# Requests `start_applies` has in flight at once, for all callers together: enough that concurrent admissions
 # do not queue behind one another (the threads start only when needed).
 APPLY_CONCURRENCY = 64
 
@@ -155,18 +155,19 @@ class Kube:
             content_type="application/apply-patch+yaml",
         )
 
-    def apply_all(self, manifests: Iterable[dict[str, Any]]) -> Sequence[dict[str, Any]]:
-        """Apply manifests that do not depend on one another, concurrently (one round trip instead of one
-        per manifest), and return the applied objects in the same order. Raises the first error after all
-        have been tried."""
-        manifests = list(manifests)
-        if len(manifests) < 2:
-            return [self.apply(manifest) for manifest in manifests]
+    def start_applies(self, manifests: Iterable[dict[str, Any]]) -> Callable[[], Sequence[dict[str, Any]]]:
+        """Start applying manifests that do not depend on one another, concurrently (one round trip instead of
+        one per manifest), and return at once a function that waits for them: it returns the applied objects in
+        order, or raises the first error after all have been tried. The caller's own requests go out meanwhile."""
         futures = [self._appliers.submit(self.apply, m) for m in manifests]
-        errors = [err for f in futures if (err := f.exception()) is not None]
-        if errors:
-            raise errors[0]
-        return [f.result() for f in futures]
+
+        def wait() -> Sequence[dict[str, Any]]:
+            errors = [err for f in futures if (err := f.exception()) is not None]
+            if errors:
+                raise errors[0]
+            return [f.result() for f in futures]
+
+        return wait
 
     def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         """JSON merge patch of the status subresource (other writers' fields are left alone)."""
