@@ -266,6 +266,20 @@ def children_cpu_seconds() -> float:
     return usage.children_user + usage.children_system
 
 
+def log_problems(log: Path) -> dict[str, int]:
+    """How often the operator logged each warning or error (its message up to the first colon), so that a
+    result shows the retries and failures behind it even when the log itself is gone."""
+    found: dict[str, int] = {}
+    if not log.exists():
+        return found
+    for line in log.read_text(errors="replace").splitlines():
+        if match := re.match(r"\S+ \S+ (WARNING|ERROR) (\S+): ([^:]*)", line):
+            message = re.sub(r"[\w.-]+/[\w.-]+", "NAMESPACE/NAME", match.group(3))  # one count for all jobs
+            key = f"{match.group(1)} {match.group(2)}: {message}"
+            found[key] = found.get(key, 0) + 1
+    return found
+
+
 def show(value: float | None, unit: str = " s") -> str:
     """A figure for the printed table; "-" for one that does not apply (no operator)."""
     return "-" if value is None else f"{value}{unit}"
@@ -557,8 +571,13 @@ def main() -> int:
                     operator.wait()
         finally:
             plane.stop()
-    # Kept only when the run failed (the operator's log is there); etcd's data is a few hundred MB.
-    shutil.rmtree(state, ignore_errors=True)
+    problems = log_problems(state / "operator.log")
+    # Kept when the run failed or a size did not converge (the operator's log is there); etcd's data is a few
+    # hundred MB.
+    if all(r["succeeded"] >= r["jobs"] for r in results):
+        shutil.rmtree(state, ignore_errors=True)
+    else:
+        print(f"not every job converged: the operator's log is in {state / 'operator.log'}")
 
     machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
     qps = args.controller_qps or "default (20)"
@@ -600,7 +619,10 @@ def main() -> int:
         "concurrent_job_syncs": args.job_syncs or None,
         "kwok_pod_stage_parallelism": args.kwok_parallelism or None,
         "operator": not args.without_operator,
+        "operator_log_problems": problems,
     }
+    if problems:
+        print(f"\nthe operator logged warnings or errors: {problems}")
     args.output.write_text(json.dumps({**summary, "results": results}, indent=2) + "\n")
     return 0
 

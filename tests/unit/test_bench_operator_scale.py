@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -79,3 +80,56 @@ def test_stages_without_finetunejobs_start_at_the_pod() -> None:
     with_operator = bench.stages(0.0, created, jobs, pods, ftjs)
     assert with_operator[0]["stage"] == "Job (operator)" and with_operator[-1]["stage"] == "Succeeded (operator)"
     assert len(with_operator) == len(without) + 2
+
+
+def test_admission_burst_reads_each_step_from_the_audit_log(tmp_path: Path) -> None:
+    load_bench()
+    spec = importlib.util.spec_from_file_location("admission_burst", ROOT / "bench" / "admission_burst.py")
+    assert spec and spec.loader
+    burst = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(burst)
+
+    def entry(resource: str, name: str, user: str, received: str, answered: str, **ref: str) -> str:
+        return json.dumps(
+            {
+                "objectRef": {"resource": resource, "namespace": "bench-10-1", "name": name, **ref},
+                "user": {"username": user},
+                "requestReceivedTimestamp": f"2026-11-29T16:00:{received}Z",
+                "stageTimestamp": f"2026-11-29T16:00:{answered}Z",
+            }
+        )
+
+    operator = burst.scale.OPERATOR.user
+    log = tmp_path / "audit.log"
+    log.write_text(
+        "\n".join(
+            [
+                entry("finetunejobs", "job-0001", "admin", "00.000000", "00.010000"),
+                entry("serviceaccounts", "job-0001-trainer", operator, "00.060000", "00.080000"),
+                entry("jobs", "job-0001", operator, "00.095000", "00.140000"),
+                entry("finetunejobs", "job-0001", operator, "00.150000", "00.170000", subresource="status"),
+                entry("configmaps", "job-0001-trainer", operator, "00.141000", "00.160000"),
+                entry("finetunejobs", "job-0002", "admin", "01.000000", "01.010000"),  # never admitted
+            ]
+        )
+    )
+    [steps] = burst.steps_per_job(log)
+    assert [round(s, 3) for s in steps] == [0.05, 0.02, 0.015, 0.045, 0.13]
+
+
+def test_log_problems_counts_each_kind_of_warning_once_for_all_jobs(tmp_path: Path) -> None:
+    bench = load_bench()
+    log = tmp_path / "operator.log"
+    log.write_text(
+        "2026-11-29 16:33:28,301 INFO kopf.activities.startup: Activity 'configure' succeeded.\n"
+        "2026-11-29 16:33:29,301 WARNING kubetune.handlers.finetunejob: status of bench-1000-1/job-0001 not "
+        "written, retrying: 0 Unreachable: ReadTimeoutError: read timed out\n"
+        "2026-11-29 16:33:30,301 WARNING kubetune.handlers.finetunejob: status of bench-1000-1/job-0977 not "
+        "written, retrying: 0 Unreachable: ReadTimeoutError: read timed out\n"
+        "2026-11-29 16:33:31,301 ERROR kopf.objects: [bench-1000-1/job-0002] Handler 'x' failed with an exception\n"
+    )
+    assert bench.log_problems(log) == {
+        "WARNING kubetune.handlers.finetunejob: status of NAMESPACE/NAME not written, retrying": 2,
+        "ERROR kopf.objects: [NAMESPACE/NAME] Handler 'x' failed with an exception": 1,
+    }
+    assert bench.log_problems(tmp_path / "missing.log") == {}
