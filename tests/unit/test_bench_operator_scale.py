@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -13,17 +11,11 @@ from kubetune.config import OperatorConfig
 from kubetune.planner import plan_job
 from kubetune.render import finetunejob as render
 from kubetune.render.common import LABEL_FINETUNEJOB
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests import bench as bench_modules
 
 
 def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("operator_scale", ROOT / "bench" / "operator_scale.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["operator_scale"] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_modules.load("operator_scale")
 
 
 def test_bare_job_is_the_operators_job_without_owner_or_its_service_account() -> None:
@@ -83,11 +75,7 @@ def test_stages_without_finetunejobs_start_at_the_pod() -> None:
 
 
 def test_admission_burst_reads_each_step_from_the_audit_log(tmp_path: Path) -> None:
-    load_bench()
-    spec = importlib.util.spec_from_file_location("admission_burst", ROOT / "bench" / "admission_burst.py")
-    assert spec and spec.loader
-    burst = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(burst)
+    burst = bench_modules.load("admission_burst")
 
     def entry(resource: str, name: str, user: str, received: str, answered: str, **ref: str) -> str:
         return json.dumps(

@@ -4,7 +4,6 @@ plan list."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from kubetune.planner.models import (
 from kubetune.planner.plan import quantity_gib
 from kubetune.planner.throughput import tokens_per_second
 from kubetune.planner.workload import Setup, Workload
+from tests import bench as bench_modules
 from tests.rejections import EXAMPLES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -417,12 +417,7 @@ def test_kubetune_plan_dispatches_to_the_planner(capsys: pytest.CaptureFixture[s
 
 
 def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("planner_gpu", ROOT / "bench" / "planner_gpu.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["planner_gpu"] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_modules.load("planner_gpu")
 
 
 def test_bench_has_six_distinct_plans_that_build() -> None:
