@@ -8,7 +8,7 @@ import pytest
 from kubernetes import client
 
 from kubetune.config import OperatorConfig
-from kubetune.handlers import finetunejob, metrics
+from kubetune.handlers import finetunejob
 from kubetune.handlers.context import Context
 from kubetune.k8s.client import ApiError, Kube
 from kubetune.k8s.status_writer import StatusWriter
@@ -65,11 +65,19 @@ def test_a_completed_job_whose_status_write_failed_is_written_on_the_retry() -> 
     scheduled: list[tuple[Any, ...]] = []
     ctx.later_once = lambda token, delay, work, *args: scheduled.append((token, work, *args))  # type: ignore[method-assign]
 
-    finetunejob.sync_status_or_retry(ctx, KEY, body, metrics.Reconciliation())
+    finetunejob.sync_status_locked(ctx, KEY)  # the Job's completion event arrived
     assert kube.patches == []
-    assert scheduled == [(("finetunejob-status", *KEY), finetunejob.sync_status_locked, ctx, KEY)]
+    token = ("kubetune.handlers.finetunejob", "sync_status_locked", *KEY)
+    assert scheduled == [(token, finetunejob.sync_status_locked, ctx, KEY)]
 
     _, work, *args = scheduled.pop()
     work(*args)
     assert [p.get("state") for p in kube.patches] == ["Succeeded"]
     assert scheduled == []
+
+
+def test_every_reconciliation_started_by_a_watch_event_is_retried() -> None:
+    from kubetune.handlers import modelserver
+
+    for work in (finetunejob.reconcile, finetunejob.sync_status_locked, modelserver.reconcile):
+        assert getattr(work, "__wrapped__", None) is not None, f"{work.__name__} is not @retried"

@@ -4,19 +4,20 @@ way to look at an object again later."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import kopf
 
 from kubetune.adapters import Failure
 from kubetune.config import OperatorConfig
 from kubetune.k8s import events
-from kubetune.k8s.client import Kube
+from kubetune.k8s.client import ApiError, Kube
 from kubetune.k8s.status_writer import StatusWriter
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,9 @@ INDEXES = (
 
 # Handlers wait on the API server most of the time; admissions of many jobs at once need threads.
 WORKERS = 32
+# Work that the API server refused or did not answer runs again after this many seconds.
+RETRY_API_ERROR_S = 5.0
+Work = TypeVar("Work", bound=Callable[..., None])
 
 _KEPT_METADATA = (
     "name",
@@ -134,6 +138,22 @@ class Context:
 
     def event(self, kind: str, meta: dict[str, Any], warning: bool, reason: str, message: str) -> None:
         events.post(self.kube, kind, meta, "Warning" if warning else "Normal", reason, message)
+
+
+def retried(work: Work) -> Work:
+    """Handler work `work(ctx, key, ...)` that fails on the API server (a refusal, no answer) runs again
+    RETRY_API_ERROR_S later: kopf never calls a watch-event handler again, and the event that asked for the
+    work (a Job completing, say) does not come back."""
+
+    @functools.wraps(work)
+    def run(ctx: Context, key: tuple[str, str], *args: Any) -> None:
+        try:
+            work(ctx, key, *args)
+        except ApiError as err:
+            log.warning("%s of %s/%s failed, retrying: %s", work.__name__, *key, err)
+            ctx.later_once((work.__module__, work.__name__, *key), RETRY_API_ERROR_S, run, ctx, key, *args)
+
+    return cast(Work, run)
 
 
 async def in_worker(ctx: Context, work: Callable[..., None], *args: Any) -> None:

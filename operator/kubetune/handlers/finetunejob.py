@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.handlers import metrics, modelserver
-from kubetune.handlers.context import Context, handle_object_event, in_worker, slim
+from kubetune.handlers.context import Context, handle_object_event, in_worker, retried, slim
 from kubetune.k8s.client import ApiError
 from kubetune.planner import PlanInfeasible, plan_job
 from kubetune.render import finetunejob as render
@@ -199,6 +199,7 @@ def _replace_changed_job(ctx: Context, job: dict[str, Any], existing: dict[str, 
 # --- reconciliation --------------------------------------------------------------------------------
 
 
+@retried
 def reconcile(ctx: Context, key: Key, retry: bool = False) -> None:
     """Admit the current generation if needed (or when `retry`: it waited for something), then bring the
     status up to date."""
@@ -223,7 +224,7 @@ def reconcile(ctx: Context, key: Key, retry: bool = False) -> None:
                 outcome.failed(err)
                 log.warning("admission of %s/%s failed, retrying: %s", *key, err)
                 ctx.later(RETRY_ERROR_S, reconcile, ctx, key, True)
-        sync_status_or_retry(ctx, key, body, outcome)
+        sync_status(ctx, key, body)
 
 
 def sync_status(ctx: Context, key: Key, body: dict[str, Any]) -> None:
@@ -301,19 +302,9 @@ def status_would_change(ctx: Context, key: Key, body: dict[str, Any]) -> bool:
     return ctx.status.would_change(body["metadata"]["uid"], observed.status, _derived(observed))
 
 
+@retried
 def sync_status_locked(ctx: Context, key: Key) -> None:
     body = latest(ctx, key)
     if body is not None:
-        with ctx.lock(body["metadata"]["uid"]), metrics.reconciling(CONTROLLER) as outcome:
-            sync_status_or_retry(ctx, key, body, outcome)
-
-
-def sync_status_or_retry(ctx: Context, key: Key, body: dict[str, Any], outcome: metrics.Reconciliation) -> None:
-    """`sync_status`, tried again a little later when the API server refused or did not answer: the watch
-    event that led here (a Job completing, say) will not come again."""
-    try:
-        sync_status(ctx, key, body)
-    except ApiError as err:
-        outcome.failed(err)
-        log.warning("status of %s/%s not written, retrying: %s", *key, err)
-        ctx.later_once(("finetunejob-status", *key), RETRY_ERROR_S, sync_status_locked, ctx, key)
+        with ctx.lock(body["metadata"]["uid"]), metrics.reconciling(CONTROLLER):
+            sync_status(ctx, key, body)

@@ -27,7 +27,7 @@ from kubetune.adapters import (
 )
 from kubetune.api.v1alpha1 import ModelServer
 from kubetune.handlers import metrics
-from kubetune.handlers.context import Context, handle_object_event, in_worker, slim
+from kubetune.handlers.context import Context, handle_object_event, in_worker, retried, slim
 from kubetune.k8s import fetcher, vllm
 from kubetune.k8s.client import ApiError
 from kubetune.render import modelserver as render
@@ -77,6 +77,7 @@ def _latest(ctx: Context, key: Key) -> dict[str, Any] | None:
     return bodies[0] if bodies else None
 
 
+@retried
 def reconcile(ctx: Context, key: Key) -> None:
     """Apply the children (when they changed), sync the replicas' adapters, then write the status."""
     body = _latest(ctx, key)
@@ -112,12 +113,7 @@ def reconcile(ctx: Context, key: Key) -> None:
                 ctx.later(5.0, reconcile, ctx, key)
         reports = sync_adapters(ctx, key, server, adapters)
         views = adapters.views(reports, ctx.adapter_failures.get(uid, {}))
-        try:
-            sync_status(ctx, key, body, server, views)
-        except ApiError as err:
-            outcome.failed(err)
-            log.warning("status of %s/%s not written, retrying: %s", *key, err)
-            ctx.later_once(("modelserver-status", *key), 5.0, reconcile, ctx, key)
+        sync_status(ctx, key, body, server, views)
         if any(v.state == "Pending" and v.reason != "WaitingForFineTuneJob" for v in views) or any(
             r.loaded is None for r in reports
         ):
