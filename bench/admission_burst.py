@@ -42,9 +42,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import operator_scale as scale  # noqa: E402
 
-from kubetune.dev.controlplane import kubeconfig_dict  # noqa: E402
-from kubetune.dev.nodes import create_simulated_nodes, parse_pools, wait_nodes_ready  # noqa: E402
-from kubetune.dev.pki import CLIENT_EXTENSIONS, signed_cert  # noqa: E402
 from kubetune.k8s.client import Kube  # noqa: E402
 
 STEPS = (
@@ -132,41 +129,17 @@ def main() -> int:
     operator: subprocess.Popen[bytes] | None = None
     p50s = []
     try:
-        plane.start()
-        plane.wait_ready()
-        nodes = create_simulated_nodes(plane.kubeconfig, parse_pools(f"gpu={args.gpu_nodes}"))
-        wait_nodes_ready(plane.kubeconfig, nodes, timeout=300)
-        cluster = plane.cluster()
-        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
-        cluster.kubectl(
-            "apply", "-f", "-", input=yaml.safe_dump_all([scale.flow_schema(), scale.cluster_admin_binding()])
-        )
-        signed_cert(plane.pki_dir, scale.OPERATOR.file_stem, scale.OPERATOR.subject(), CLIENT_EXTENSIONS)
-        server = yaml.safe_load(plane.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
-        operator_kubeconfig = state / "operator.kubeconfig"
-        operator_kubeconfig.write_text(yaml.safe_dump(kubeconfig_dict(server, plane.pki_dir, scale.OPERATOR.file_stem)))
-        operator = subprocess.Popen(
-            [sys.executable, "-m", "kubetune", "operator", "--liveness", "", "--metrics-address", ""],
-            env={**os.environ, "KUBECONFIG": str(operator_kubeconfig)},
-            stdout=open(state / "operator.log", "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-        )
+        scale.prepare_cluster(plane, args.gpu_nodes)
+        operator = scale.start_operator(plane)
         admin = Kube.from_kubeconfig(str(plane.kubeconfig), field_manager="bench")
-        kubectl = [str(cluster.kubectl_path), "--kubeconfig", str(plane.kubeconfig)]
-        time.sleep(3)
+        kubectl = [str(plane.cluster().kubectl_path), "--kubeconfig", str(plane.kubeconfig)]
         for burst in range(args.bursts):
             result = scale.run_size(args.size, admin, kubectl, operator.pid, plane.pids(), timeout=60)
             p50s.append(result["create_to_job_p50_s"])
             print(f"burst {burst + 1}: create -> Job p50 {result['create_to_job_p50_s']} s", flush=True)
             time.sleep(2)
     finally:
-        try:
-            if operator is not None:
-                operator.send_signal(signal.SIGTERM)
-                operator.wait(timeout=30)
-        finally:
-            plane.stop()
+        scale.stop(operator, plane)
     rows = steps_per_job(plane.audit_log)
     summary = {
         step: {"p50_s": round(statistics.median(v), 3), "max_s": round(max(v), 3)}

@@ -487,6 +487,52 @@ def wait_for_default_service_account(kube: Kube, namespace: str, timeout: float 
         time.sleep(0.2)
 
 
+def prepare_cluster(plane: BenchControlPlane, gpu_nodes: int) -> None:
+    """Start the control plane with its GPU nodes, the CRDs, the FlowSchema and cluster-admin binding of the
+    operator's user, and that user's client certificate."""
+    plane.start()
+    plane.wait_ready()
+    nodes = create_simulated_nodes(plane.kubeconfig, parse_pools(f"gpu={gpu_nodes}"))
+    wait_nodes_ready(plane.kubeconfig, nodes, timeout=300)
+    cluster = plane.cluster()
+    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([flow_schema(), cluster_admin_binding()]))
+    signed_cert(plane.pki_dir, OPERATOR.file_stem, OPERATOR.subject(), CLIENT_EXTENSIONS)
+
+
+def start_operator(plane: BenchControlPlane) -> subprocess.Popen[bytes]:
+    """`kubetune operator` as the operator's user, its output in operator.log of the plane's state folder."""
+    server = yaml.safe_load(plane.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+    kubeconfig = plane.state_dir / "operator.kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(kubeconfig_dict(server, plane.pki_dir, OPERATOR.file_stem)))
+    log = plane.state_dir / "operator.log"
+    operator = subprocess.Popen(
+        [sys.executable, "-m", "kubetune", "operator", "--liveness", "", "--metrics-address", ""],
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        stdout=open(log, "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+    time.sleep(3)
+    if operator.poll() is not None:
+        raise SystemExit(f"the operator exited with code {operator.returncode}: see {log}")
+    return operator
+
+
+def stop(operator: subprocess.Popen[bytes] | None, plane: BenchControlPlane) -> None:
+    """Stop the operator (killed if its backlog keeps it past 30 s), then the control plane."""
+    try:
+        if operator is not None:
+            operator.send_signal(signal.SIGTERM)
+            try:
+                operator.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                operator.kill()  # still busy with a backlog: nothing of it is measured any more
+                operator.wait()
+    finally:
+        plane.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,100,1000")
@@ -525,34 +571,11 @@ def main() -> int:
     operator: subprocess.Popen[bytes] | None = None
     results: list[dict[str, Any]] = []
     try:
-        plane.start()
-        plane.wait_ready()
-        wait_nodes_ready(
-            plane.kubeconfig,
-            create_simulated_nodes(plane.kubeconfig, parse_pools(f"gpu={args.gpu_nodes}")),
-            timeout=300,
-        )
-        cluster = plane.cluster()
-        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
-        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([flow_schema(), cluster_admin_binding()]))
-        signed_cert(plane.pki_dir, OPERATOR.file_stem, OPERATOR.subject(), CLIENT_EXTENSIONS)
-        server = yaml.safe_load(plane.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
-        operator_kubeconfig = state / "operator.kubeconfig"
-        operator_kubeconfig.write_text(yaml.safe_dump(kubeconfig_dict(server, plane.pki_dir, OPERATOR.file_stem)))
+        prepare_cluster(plane, args.gpu_nodes)
         if not args.without_operator:
-            log = open(state / "operator.log", "wb")  # noqa: SIM115
-            operator = subprocess.Popen(
-                [sys.executable, "-m", "kubetune", "operator", "--liveness", "", "--metrics-address", ""],
-                env={**os.environ, "KUBECONFIG": str(operator_kubeconfig)},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            time.sleep(3)
-            if operator.poll() is not None:
-                raise SystemExit(f"the operator exited with code {operator.returncode}: see {state / 'operator.log'}")
+            operator = start_operator(plane)
         admin = Kube.from_kubeconfig(str(plane.kubeconfig), field_manager="bench")
-        kubectl = [str(cluster.kubectl_path), "--kubeconfig", str(plane.kubeconfig)]
+        kubectl = [str(plane.cluster().kubectl_path), "--kubeconfig", str(plane.kubeconfig)]
         operator_pid = operator.pid if operator is not None else None
         for n in sizes:
             wanted = args.profile_apiserver and n == max(sizes)
@@ -561,16 +584,7 @@ def main() -> int:
             results.append(result)
             print(json.dumps(result), flush=True)
     finally:
-        try:
-            if operator is not None:
-                operator.send_signal(signal.SIGTERM)
-                try:
-                    operator.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    operator.kill()  # still busy with a backlog: nothing of it is measured any more
-                    operator.wait()
-        finally:
-            plane.stop()
+        stop(operator, plane)
     problems = log_problems(state / "operator.log")
     # Kept when the run failed or a size did not converge (the operator's log is there); etcd's data is a few
     # hundred MB.
