@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.handlers import metrics, modelserver
-from kubetune.handlers.context import Context, handle_object_event, in_worker, retried, slim
+from kubetune.handlers.context import RETRY_API_ERROR_S, Context, handle_object_event, in_worker, retried, slim
 from kubetune.k8s.client import ApiError
 from kubetune.planner import PlanInfeasible, plan_job
 from kubetune.render import finetunejob as render
@@ -31,7 +31,6 @@ FTJ = "finetunejobs.kubetune.io"
 KIND = "FineTuneJob"
 CONTROLLER = "finetunejob"  # the label of its metrics
 RETRY_WAITING_S = 10.0
-RETRY_ERROR_S = 5.0
 Key = tuple[str, str]
 Status = dict[str, Any]
 # What the status needs of a training Job's spec; the pod template is not kept in memory.
@@ -223,7 +222,7 @@ def reconcile(ctx: Context, key: Key, retry: bool = False) -> None:
             except ApiError as err:
                 outcome.failed(err)
                 log.warning("admission of %s/%s failed, retrying: %s", *key, err)
-                ctx.later(RETRY_ERROR_S, reconcile, ctx, key, True)
+                ctx.later(RETRY_API_ERROR_S, reconcile, ctx, key, True)
         sync_status(ctx, key, body)
 
 

@@ -27,7 +27,7 @@ from kubetune.adapters import (
 )
 from kubetune.api.v1alpha1 import ModelServer
 from kubetune.handlers import metrics
-from kubetune.handlers.context import Context, handle_object_event, in_worker, retried, slim
+from kubetune.handlers.context import RETRY_API_ERROR_S, Context, handle_object_event, in_worker, retried, slim
 from kubetune.k8s import fetcher, vllm
 from kubetune.k8s.client import ApiError
 from kubetune.render import modelserver as render
@@ -110,7 +110,7 @@ def reconcile(ctx: Context, key: Key) -> None:
             except ApiError as err:
                 outcome.failed(err)
                 log.warning("applying %s/%s failed, retrying: %s", *key, err)
-                ctx.later(5.0, reconcile, ctx, key)
+                ctx.later(RETRY_API_ERROR_S, reconcile, ctx, key)
         reports = sync_adapters(ctx, key, server, adapters)
         views = adapters.views(reports, ctx.adapter_failures.get(uid, {}))
         sync_status(ctx, key, body, server, views)
