@@ -30,6 +30,8 @@ class Rejection:
     server_message: str = ""
     """Text in the API server's rejection (defaults to model_message)."""
     extra: dict[str, Any] = field(default_factory=dict)
+    server_must_not_say: str = ""
+    """Text that must not appear in the API server's rejection (e.g. an evaluation error of a CEL rule)."""
 
     @property
     def expected_from_server(self) -> str:
@@ -103,6 +105,7 @@ CASES = [
         {"spec.resources.nodes": 0},
         "greater than or equal to 1",
         "should be greater than or equal to 1",
+        server_must_not_say="modulus by zero",
     ),
     Rejection(
         "gpus-17",
@@ -158,7 +161,20 @@ CASES = [
         "duplicate-adapters",
         SERVER,
         {"spec.adapters": [{"name": "a", "fromFineTuneJob": "x"}, {"name": "a", "uri": "pvc://adapters/y"}]},
-        "adapter names must be unique",
+        "adapter names must be unique: a is used more than once",
+        'spec.adapters[1]: Duplicate value: {"name":"a"}',
+    ),
+    Rejection(
+        "server-name-ui",
+        SERVER,
+        {"metadata.name": "chat-ui"},
+        "a ModelServer's name may not end in -ui or -trainer",
+    ),
+    Rejection(
+        "server-name-trainer",
+        SERVER,
+        {"metadata.name": "sft-trainer"},
+        "a ModelServer's name may not end in -ui or -trainer",
     ),
     Rejection(
         "adapter-name-not-dns",

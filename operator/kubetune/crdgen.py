@@ -121,6 +121,8 @@ def crd_for(kind: type[KubeModel]) -> dict[str, Any]:
             "status": status,
         },
     }
+    if rules := kind.__dict__.get("rules"):
+        schema["x-kubernetes-validations"] = [r.as_schema() for r in rules]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

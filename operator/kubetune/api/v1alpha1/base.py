@@ -49,6 +49,8 @@ class Rule:
     message: str
     check: Callable[[Any], bool] | None = None
     reason: str | None = None
+    explain: Callable[[Any], str] | None = None
+    """A message for the models that names what is wrong (the API server's own error may do so: list-map keys)."""
 
     def as_schema(self) -> dict[str, str]:
         rule = {"rule": self.cel, "message": self.message}
@@ -58,7 +60,7 @@ class Rule:
 
     def enforce(self, value: Any) -> Any:
         if self.check is not None and not self.check(value):
-            raise ValueError(self.message)
+            raise ValueError(self.explain(value) if self.explain else self.message)
         return value
 
 

@@ -284,7 +284,9 @@ class FineTuneJobSpec(KubeModel):
             ),
         ),
         Rule(
-            cel="self.hyperparameters.globalBatchSize % (self.resources.nodes * self.resources.gpusPerNode) == 0",
+            # Guarded: with nodes or gpusPerNode 0 (refused by their minimum) the modulus would report its own error.
+            cel="self.resources.nodes * self.resources.gpusPerNode < 1 || "
+            "self.hyperparameters.globalBatchSize % (self.resources.nodes * self.resources.gpusPerNode) == 0",
             message="hyperparameters.globalBatchSize must be a multiple of the number of GPUs "
             "(resources.nodes x resources.gpusPerNode)",
             check=lambda s: s.hyperparameters.global_batch_size % s.resources.world_size == 0,

@@ -100,10 +100,17 @@ class ModelServerResources(KubeModel):
     """Memory request and limit."""
 
 
+def _duplicate_names(adapters: list[Any]) -> list[str]:
+    names = [a.name for a in adapters]
+    return sorted({n for n in names if names.count(n) > 1})
+
+
+# The API server names a duplicate itself: adapters is a list-map keyed by name ("Duplicate value: ...").
 _adapter_name_rule = Rule(
     cel="self.all(a, self.filter(b, b.name == a.name).size() == 1)",
     message="adapter names must be unique",
-    check=lambda adapters: len({a.name for a in adapters}) == len(adapters),
+    check=lambda adapters: not _duplicate_names(adapters),
+    explain=lambda adapters: f"adapter names must be unique: {_duplicate_names(adapters)[0]} is used more than once",
 )
 
 
@@ -125,7 +132,9 @@ class ModelServerSpec(KubeModel):
     base_model: ServedBaseModel
     """The base model."""
     adapters: Annotated[list[AdapterSource], field_rules(_adapter_name_rule)] = Field(
-        default_factory=list, max_length=64
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     """Adapters served by name."""
     adapter_selector: LabelSelector | None = None
@@ -235,6 +244,17 @@ class ModelServer(KubeModel):
         {"name": "Adapters", "type": "string", "jsonPath": ".status.loadedAdapters"},
         {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    )
+
+    # Children names: <server> (Deployment, Service) and <server>-ui (the chat page); FineTuneJobs' are
+    # <job>-trainer. Reserving the suffixes keeps the names of two objects' children apart.
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!self.metadata.name.endsWith('-ui') && !self.metadata.name.endsWith('-trainer')",
+            message="a ModelServer's name may not end in -ui or -trainer: its chat page is named <name>-ui, "
+            "and FineTuneJobs name their ServiceAccount, ConfigMap and Service <job>-trainer",
+            check=lambda s: not s.metadata.name.endswith(("-ui", "-trainer")),
+        ),
     )
 
     api_version: Literal["kubetune.io/v1alpha1"] = "kubetune.io/v1alpha1"
