@@ -38,6 +38,10 @@ class GpuTypeConfig(Scheduling):
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
+class UnknownGpuType(ValueError):
+    """A gpuType that this installation does not map to nodes: refused rather than run on any GPU."""
+
+
 def _default_gpu_types() -> dict[str, GpuTypeConfig]:
     products = {
         "rtx-4090d": "NVIDIA-GeForce-RTX-4090-D",
@@ -119,11 +123,20 @@ class OperatorConfig(_Config):
     """securityContext of every container in those pods."""
 
     def gpu_type(self, name: str | None) -> GpuTypeConfig:
-        """Scheduling for a GPU type; any GPU node (just the GPU toleration) when unknown or unset."""
+        """Scheduling for a GPU type (or defaultGpuType); any GPU node when neither names one.
+
+        Raises UnknownGpuType for a name that gpuTypes does not map: a pod planned for a GPU it may not get
+        must not land on whatever GPU node is free."""
         name = name or self.default_gpu_type
-        if name and name in self.gpu_types:
-            return self.gpu_types[name]
-        return GpuTypeConfig(tolerations=[GPU_TOLERATION])
+        if not name:
+            return GpuTypeConfig(tolerations=[GPU_TOLERATION])
+        if name not in self.gpu_types:
+            known = ", ".join(sorted(self.gpu_types)) or "none"
+            raise UnknownGpuType(
+                f"gpuType {name} is not configured in this installation (configured: {known}); "
+                "ask the administrator to add it to the operator's gpuTypes, or use one of these"
+            )
+        return self.gpu_types[name]
 
 
 def load(path: str | os.PathLike[str] | None = None) -> OperatorConfig:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from kubetune.api.v1alpha1 import FineTuneJob, ModelServer, Plan, S3Access
-from kubetune.config import OperatorConfig
+from kubetune.config import OperatorConfig, UnknownGpuType
 from kubetune.render import finetunejob, modelserver
 from kubetune.render.common import ANNOTATION_SPEC_HASH
 from tests.rejections import EXAMPLES
@@ -46,14 +46,15 @@ def test_finetunejob_children_match_golden() -> None:
 def test_dpo_children_mount_the_init_adapter() -> None:
     children = finetunejob.children(load_ftj("finetunejob-dpo.yaml"), PLAN, CONFIG, "pvc://adapters/qwen-sft/adapter")
     check_golden("finetunejob-dpo.yaml", children)
-    config = yaml.safe_load(children[3]["data"]["trainer.yaml"])
+    annotations = children[-1]["spec"]["template"]["metadata"]["annotations"]
+    config = yaml.safe_load(annotations[finetunejob.ANNOTATION_TRAINER_CONFIG])
     assert config["initAdapterUri"] == "pvc://adapters/qwen-sft/adapter"
 
 
 def test_training_job_contract() -> None:
     ftj = load_ftj("finetunejob-sft.yaml")
     kinds = [c["kind"] for c in finetunejob.children(ftj, PLAN, CONFIG)]
-    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"]  # one node: no Service
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "Job"]  # one node: no Service
     job = finetunejob.children(ftj, PLAN, CONFIG)[-1]
     for child in finetunejob.children(ftj, PLAN, CONFIG):
         owner = child["metadata"]["ownerReferences"][0]
@@ -64,6 +65,13 @@ def test_training_job_contract() -> None:
     pod = spec["template"]["spec"]
     container = pod["containers"][0]
     assert container["command"] == ["kubetune", "train", "--config", "/etc/kubetune/trainer.yaml"]
+    # The trainer reads its configuration from its own pod's annotation, shown as that file (no ConfigMap).
+    config_volume = next(v for v in pod["volumes"] if v["name"] == "config")
+    (item,) = config_volume["downwardAPI"]["items"]
+    field = "metadata.annotations['kubetune.io/trainer-config']"
+    assert item == {"path": "trainer.yaml", "fieldRef": {"fieldPath": field}}
+    config = yaml.safe_load(spec["template"]["metadata"]["annotations"]["kubetune.io/trainer-config"])
+    assert config["job"]["name"] == "qwen-sft" and config["plan"]["worldSize"] == PLAN.world_size
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-GeForce-RTX-4090-D"}
     env = {e["name"]: e for e in container["env"]}
@@ -104,13 +112,33 @@ def test_suspend_does_not_change_the_job_hash_but_hyperparameters_do() -> None:
     assert job_hash(changed) != job_hash(ftj)
 
 
-def test_unknown_gpu_type_still_tolerates_gpu_nodes() -> None:
+def test_an_unknown_gpu_type_is_refused_with_the_configured_ones() -> None:
+    # A pod planned for a GPU that the installation cannot select must not land on whatever GPU node is free.
     ftj = load_ftj("finetunejob-sft.yaml")
-    res = ftj.spec.resources.model_copy(update={"gpu_type": "mystery-gpu"})
+    res = ftj.spec.resources.model_copy(update={"gpu_type": "b200"})
     odd = ftj.model_copy(update={"spec": ftj.spec.model_copy(update={"resources": res})})
-    pod = finetunejob.children(odd, PLAN, CONFIG)[-1]["spec"]["template"]["spec"]
+    with pytest.raises(UnknownGpuType, match=r"gpuType b200 is not configured .*configured: a100-40gb, .*rtx-4090d"):
+        finetunejob.children(odd, PLAN, CONFIG)
+
+
+def test_no_gpu_type_at_all_means_any_gpu_node() -> None:
+    ftj = load_ftj("finetunejob-sft.yaml")
+    res = ftj.spec.resources.model_copy(update={"gpu_type": None})
+    plain = ftj.model_copy(update={"spec": ftj.spec.model_copy(update={"resources": res})})
+    pod = finetunejob.children(plain, PLAN, CONFIG)[-1]["spec"]["template"]["spec"]
     assert "nodeSelector" not in pod
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_expected_children_name_what_children_renders() -> None:
+    ftj = load_ftj("finetunejob-sft.yaml")
+    for nodes in (1, 2):
+        res = ftj.spec.resources.model_copy(update={"nodes": nodes, "gpus_per_node": 1})
+        job = ftj.model_copy(update={"spec": ftj.spec.model_copy(update={"resources": res})})
+        rendered = [(c["kind"], c["metadata"]["name"]) for c in finetunejob.children(job, PLAN, CONFIG)]
+        meta = job.metadata
+        expected = finetunejob.expected_children(meta.namespace, meta.name, nodes)
+        assert [(c["kind"], c["metadata"]["name"]) for c in expected] == rendered
 
 
 def test_modelserver_children_match_golden() -> None:
@@ -219,13 +247,13 @@ def test_multi_node_job_rendezvous_through_a_headless_service() -> None:
         update={"spec": ftj.spec.model_copy(update={"resources": ftj.spec.resources.model_copy(update={"nodes": 2})})}
     )
     children = finetunejob.children(two_nodes, PLAN, CONFIG)
-    assert [c["kind"] for c in children] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job"]
-    service, job = children[4], children[5]
+    assert [c["kind"] for c in children] == ["ServiceAccount", "Role", "RoleBinding", "Service", "Job"]
+    service, job = children[3], children[4]
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
     pod = job["spec"]["template"]["spec"]
-    assert pod["subdomain"] == service["metadata"]["name"] == "qwen-sft"
+    assert pod["subdomain"] == service["metadata"]["name"] == "qwen-sft-trainer"
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
-    assert env["MASTER_ADDR"]["value"] == "qwen-sft-0.qwen-sft.team-a.svc" and env["NNODES"]["value"] == "2"
+    assert env["MASTER_ADDR"]["value"] == "qwen-sft-0.qwen-sft-trainer.team-a.svc" and env["NNODES"]["value"] == "2"
 
 
 def test_every_pod_meets_the_restricted_standard_unless_the_installation_says_otherwise() -> None:

@@ -1,5 +1,10 @@
-"""A FineTuneJob's children: ServiceAccount, Role, RoleBinding, ConfigMap, Indexed Job, and a headless
-Service when the job spans several nodes.
+"""A FineTuneJob's children: ServiceAccount, Role, RoleBinding, Indexed Job, and a headless Service when the
+job spans several nodes. The Job is named like the FineTuneJob, everything else `<job>-trainer`: ModelServer
+names may not end in -trainer, so the two kinds never want the same Service.
+
+The trainer's configuration travels in an annotation of the pod template, which a downwardAPI volume shows
+to the trainer as a file: no ConfigMap to create, to lose in a crash, to be taken over, or for the operator to
+be allowed to read.
 
 The training pods' ServiceAccount may only get and patch the status of its own FineTuneJob; that is
 how the trainer reports progress (docs/progress.md).
@@ -37,6 +42,7 @@ from kubetune.storage import CONFIG_DIR, parse
 TRAINER_CONTAINER = "trainer"
 SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 CONFIG_FILE = "trainer.yaml"
+ANNOTATION_TRAINER_CONFIG = "kubetune.io/trainer-config"
 # Exit code with which the trainer reports a problem no retry can fix (bad dataset, missing model).
 EXIT_PERMANENT = 3
 # Rank 0 serves its progress as Prometheus metrics; the pod's podMetadata.annotations may override these.
@@ -58,12 +64,8 @@ class Names:
         return f"{self.job}-trainer"
 
     @property
-    def config_map(self) -> str:
-        return f"{self.job}-trainer"
-
-    @property
     def service(self) -> str:
-        return self.job
+        return f"{self.job}-trainer"
 
     @property
     def training_job(self) -> str:
@@ -98,10 +100,20 @@ def children(
         service_account(ftj),
         status_role(ftj),
         status_role_binding(ftj),
-        config_map(ftj, trainer),
         *service,
         training_job(ftj, trainer, config),
     ]
+
+
+def expected_children(namespace: str, name: str, nodes: int) -> list[Manifest]:
+    """Kind and name (no content) of every child that `children` renders for a job of `nodes` nodes: what must
+    exist while the job runs, known without planning it."""
+    names = Names(name)
+    wanted = [("ServiceAccount", names.service_account), ("Role", names.service_account)]
+    wanted += [("RoleBinding", names.service_account)]
+    wanted += [("Service", names.service)] if nodes > 1 else []
+    wanted += [("Job", names.training_job)]
+    return [{"kind": kind, "metadata": {"namespace": namespace, "name": child}} for kind, child in wanted]
 
 
 def _meta(ftj: FineTuneJob, name: str) -> dict[str, Any]:
@@ -144,15 +156,14 @@ def status_role_binding(ftj: FineTuneJob) -> Manifest:
     }
 
 
-def config_map(ftj: FineTuneJob, trainer: TrainerConfig) -> Manifest:
+def config_text(trainer: TrainerConfig) -> str:
+    """The trainer's configuration as the pod reads it. suspend and the TTL are left out: they change the Job
+    in place, and a running Job's pod template (where this goes) cannot change."""
+    fixed = trainer.model_copy(
+        update={"spec": trainer.spec.model_copy(update={"suspend": False, "ttl_seconds_after_finished": None})}
+    )
     # libyaml's emitter when PyYAML has it: the same text, many times faster than the pure-Python one.
-    text = yaml.dump(trainer.to_wire(), Dumper=SAFE_DUMPER, sort_keys=False)
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(ftj, Names(ftj.metadata.name).config_map),
-        "data": {CONFIG_FILE: text},
-    }
+    return yaml.dump(fixed.to_wire(), Dumper=SAFE_DUMPER, sort_keys=False)
 
 
 def headless_service(ftj: FineTuneJob, config: OperatorConfig) -> Manifest:
@@ -194,8 +205,10 @@ def _pod_parts(ftj: FineTuneJob, trainer: TrainerConfig) -> PodParts:
     uris = [(spec.base_model.uri, False), (spec.dataset.uri, False), (spec.output.uri, True)]
     if trainer.init_adapter_uri:
         uris.append((trainer.init_adapter_uri, False))
+    field = f"metadata.annotations['{ANNOTATION_TRAINER_CONFIG}']"
+    config_file = {"path": CONFIG_FILE, "fieldRef": {"fieldPath": field}}
     config_parts = PodParts(
-        volumes=[{"name": "config", "configMap": {"name": Names(ftj.metadata.name).config_map}}],
+        volumes=[{"name": "config", "downwardAPI": {"items": [config_file]}}],
         mounts=[{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
     )
     return merge_parts(
@@ -222,6 +235,7 @@ def pod_template(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfi
     if spec.pod_metadata:
         pod_labels = {**spec.pod_metadata.labels, **pod_labels}
         pod_annotations.update(spec.pod_metadata.annotations)
+    pod_annotations[ANNOTATION_TRAINER_CONFIG] = config_text(trainer)
     container = {
         "name": TRAINER_CONTAINER,
         "image": spec.image or config.images.trainer,
@@ -252,11 +266,9 @@ def pod_template(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfi
     return {"metadata": {"labels": pod_labels, "annotations": pod_annotations}, "spec": pod_spec}
 
 
-def training_hash(trainer: TrainerConfig, template: Manifest) -> str:
-    """Hash of what a running Job cannot change. suspend and the TTL are left out: they apply in place."""
-    in_place = {"suspend": False, "ttl_seconds_after_finished": None}
-    fixed = trainer.model_copy(update={"spec": trainer.spec.model_copy(update=in_place)})
-    return content_hash([template, fixed.to_wire()])
+def training_hash(template: Manifest) -> str:
+    """Hash of what a running Job cannot change: its pod template (which carries the trainer's configuration)."""
+    return content_hash(template)
 
 
 def training_job(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfig) -> Manifest:
@@ -264,7 +276,7 @@ def training_job(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfi
     spec = ftj.spec
     template = pod_template(ftj, trainer, config)
     job_meta = _meta(ftj, Names(ftj.metadata.name).training_job)
-    job_meta["annotations"] = {ANNOTATION_SPEC_HASH: training_hash(trainer, template)}
+    job_meta["annotations"] = {ANNOTATION_SPEC_HASH: training_hash(template)}
     if spec.queue_name:
         job_meta["labels"]["kueue.x-k8s.io/queue-name"] = spec.queue_name
     job_spec: dict[str, Any] = {
