@@ -185,3 +185,17 @@ def bind_any_rewritten(argv: list[str], pod_ip: str) -> list[str]:
         elif arg.startswith("--host=") and arg.partition("=")[2] in ANY_ADDRESSES:
             out[i] = f"--host={pod_ip}"
     return out
+
+
+def pull_failure(image: str) -> str | None:
+    """Why a kubelet could not pull `image`, for the one kind of reference that fails everywhere: a registry under
+    the reserved .invalid domain (RFC 2606), which no resolver answers. None for any other image: the agent runs
+    local processes and pulls nothing."""
+    first, _, rest = image.partition("/")
+    host = first.split(":", 1)[0] if rest and ("." in first or ":" in first) else ""
+    if not host.endswith(".invalid"):
+        return None
+    return (
+        f'failed to pull and unpack image "{image}": failed to resolve reference "{image}": '
+        f'failed to do request: Head "https://{first}/v2/": dial tcp: lookup {host}: no such host'
+    )

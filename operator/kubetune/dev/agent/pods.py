@@ -18,7 +18,14 @@ from typing import Any
 from urllib.parse import quote
 
 from kubetune.dev.agent.api import AgentApi
-from kubetune.dev.agent.env import ConfigError, PodFacts, bind_any_rewritten, container_argv, container_env
+from kubetune.dev.agent.env import (
+    ConfigError,
+    PodFacts,
+    bind_any_rewritten,
+    container_argv,
+    container_env,
+    pull_failure,
+)
 from kubetune.dev.agent.logs import pod_log_dir
 from kubetune.dev.agent.network import PodRecord, pod_hostname
 from kubetune.dev.agent.probes import ProbeTarget, ProbeTracker, container_ports, run_probe
@@ -298,8 +305,19 @@ class PodWorker(threading.Thread):
         return due
 
     def start_container(self, c: Container, now: float) -> None:
-        """Start one run of a container (after a config error, try again later)."""
+        """Start one run of a container (after a config error or an image that cannot be pulled, try again later)."""
         c.start_at = None
+        image = str(c.spec.get("image") or "")
+        if (failure := pull_failure(image)) is not None:
+            # As a kubelet: ErrImagePull at the first try, ImagePullBackOff while it waits to try again.
+            if c.record.reason in ("ErrImagePull", "ImagePullBackOff"):
+                reason, message = "ImagePullBackOff", f'Back-off pulling image "{image}"'
+            else:
+                reason, message = "ErrImagePull", failure
+            c.record.state, c.record.reason, c.record.message = "waiting", reason, message
+            self.event("Warning", "Failed", f"Failed to pull image {image!r}: {failure}", once=f"{c.name}:pull")
+            c.start_at = now + RETRY_S
+            return
         try:
             env = self.environment(c.spec)
             argv = container_argv(c.spec, env)
