@@ -71,10 +71,11 @@ class OperatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
-    def start(self) -> None:
+    def start(self, **extra_env: str) -> None:
+        """Start the operator; `extra_env` adds variables (e.g. KUBETUNE_CRASH_AT, kubetune/faults.py)."""
         self.starts += 1
         log = open(self.log_dir / f"operator-{self.starts}.log", "wb")  # noqa: SIM115 (owned by the process)
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1", **extra_env}
         if self.config:
             env["KUBETUNE_OPERATOR_CONFIG"] = str(self.config)
         metrics = f"127.0.0.1:{self.metrics_port}" if self.metrics_port else ""

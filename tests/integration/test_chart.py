@@ -197,6 +197,7 @@ def test_install_upgrade_and_run_the_flow_with_the_charts_rbac_only(
         ("update", "modelservers.kubetune.io", "default"),
         ("delete", "deployments.apps", "default"),
         ("get", "configmaps", "kube-system"),
+        ("create", "configmaps", "default"),  # the trainer's configuration travels in its pod's annotation
         ("create", "pods", "default"),
     ],
 )
@@ -217,5 +218,11 @@ def test_charts_service_account_has_what_the_operator_does(api: Api) -> None:
         ("patch", "deployments.apps"),
         ("create", "roles.rbac.authorization.k8s.io"),
         ("create", "events"),
+        # The view of its own children (handlers/children.py), a look at a name someone holds, FailedMount Events.
+        ("watch", "services"),
+        ("get", "serviceaccounts"),
+        ("watch", "rolebindings.rbac.authorization.k8s.io"),
+        ("get", "jobs.batch"),
+        ("list", "events"),
     ):
         assert can_i(api, *args, "-n", "default"), args

@@ -1,4 +1,4 @@
-"""The order in which an admission sends a FineTuneJob's children: what the pods wait for goes first."""
+"""The order in which an admission sends a FineTuneJob's children: what the pods need goes first, the status last."""
 
 from __future__ import annotations
 
@@ -18,15 +18,24 @@ class RecordingKube:
 
     def __init__(self) -> None:
         self.trips: list[list[str]] = []
+        self._together: list[str] | None = None
 
-    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        self.trips.append([manifest["kind"]])
-        return {**manifest, "metadata": {**manifest["metadata"], "resourceVersion": "1"}, "status": {}}
+    def _send(self, kind: str) -> None:
+        if self._together is not None:
+            self._together.append(kind)
+        else:
+            self.trips.append([kind])
 
-    def start_applies(self, manifests: Iterable[dict[str, Any]]) -> Callable[[], list[dict[str, Any]]]:
-        manifests = list(manifests)
-        self.trips.append([m["kind"] for m in manifests])
-        return lambda: [{**m, "status": {}} for m in manifests]
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        self._send(manifest["kind"])
+        return {**manifest, "metadata": {**manifest["metadata"], "uid": "c1", "resourceVersion": "1"}, "status": {}}
+
+    def start_all(self, calls: Iterable[Callable[[], Any]]) -> Callable[[], tuple[list[Any], list[Exception]]]:
+        self._together = []
+        results = [call() for call in calls]
+        self.trips.append(self._together)
+        self._together = None
+        return lambda: (results, [])
 
     def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         self.trips.append([f"{kind}/status"])
@@ -59,16 +68,17 @@ def admit(nodes: int) -> list[list[str]]:
     return kube.trips
 
 
-def test_the_job_goes_right_after_its_service_account_and_alone() -> None:
+def test_the_job_goes_after_everything_its_pods_need_and_the_status_last() -> None:
     trips = admit(nodes=1)
-    # The API server admits the pods against the ServiceAccount; the pods, the scheduler and everything after
-    # wait for the Job; the Role, RoleBinding and ConfigMap are needed only once a pod runs.
-    # The latter go out together, and the status is written while they are in flight.
-    assert trips[:3] == [["ServiceAccount"], ["Job"], ["Role", "RoleBinding", "ConfigMap"]]
-    assert trips[3:] == [["FineTuneJob/status"], ["Event"]]
+    # A pod must never run as an object that someone else put under the name of one of the job's children: the
+    # ServiceAccount, Role and RoleBinding are all written (and found to be the job's own) first, together in one
+    # round trip, and only then the Job. The Admitted status comes after every write, so an operator killed in
+    # between admits the job again after its restart.
+    assert sorted(trips[0]) == ["Role", "RoleBinding", "ServiceAccount"]
+    assert trips[1:] == [["Job"], ["FineTuneJob/status"], ["Event"]]
 
 
-def test_a_multi_node_jobs_service_follows_the_job() -> None:
+def test_a_multi_node_jobs_service_goes_with_the_other_supporting_children() -> None:
     trips = admit(nodes=2)
-    assert trips[:2] == [["ServiceAccount"], ["Job"]]
-    assert sorted(trips[2]) == ["ConfigMap", "Role", "RoleBinding", "Service"]
+    assert sorted(trips[0]) == ["Role", "RoleBinding", "Service", "ServiceAccount"]
+    assert trips[1] == ["Job"]

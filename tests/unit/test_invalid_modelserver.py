@@ -34,7 +34,7 @@ class RecordingKube:
 
 
 def test_invalid_status_is_failed_with_the_reason() -> None:
-    status = invalid({}, 3, "spec.replicas: Input should be a valid integer", now="2026-11-29T10:00:00Z")
+    status = invalid({}, 3, "InvalidSpec", "spec.replicas: Input should be a valid integer", now="2026-11-29T10:00:00Z")
     assert status["state"] == "Failed"
     (ready,) = status["conditions"]
     assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "InvalidSpec")

@@ -105,14 +105,15 @@ def context(*bodies: dict[str, Any]) -> Context:
 
 
 def test_finetunejob_reconcile_is_counted(monkeypatch: pytest.MonkeyPatch) -> None:
-    admitted = {"conditions": [{"type": "Admitted", "status": "True", "observedGeneration": 1}]}
+    # Finished: an admitted job that still ran would have its children (none in this view) written again.
+    admitted = {"state": "Succeeded", "conditions": [{"type": "Admitted", "status": "True", "observedGeneration": 1}]}
     ctx = context(obj("admitted", admitted), obj("invalid"))
     retries: list[Any] = []
     monkeypatch.setattr(ctx, "later", lambda *args: retries.append(args))
     ok = value("kubetune_reconcile_total", controller="finetunejob", result="ok")
     errors = value("kubetune_reconcile_errors_total", controller="finetunejob", error="ApiError")
 
-    finetunejob.reconcile(ctx, ("ns", "admitted"))  # nothing to admit, no Job yet
+    finetunejob.reconcile(ctx, ("ns", "admitted"))  # nothing to admit, no Job any more
     assert value("kubetune_reconcile_total", controller="finetunejob", result="ok") == ok + 1
 
     finetunejob.reconcile(ctx, ("ns", "invalid"))  # the InvalidSpec status cannot be written: retried later

@@ -7,7 +7,7 @@ import asyncio
 import functools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -17,10 +17,20 @@ import kopf
 from kubetune.adapters import Failure
 from kubetune.config import OperatorConfig
 from kubetune.k8s import events
-from kubetune.k8s.client import ApiError, Kube
+from kubetune.k8s.children import Seen
+from kubetune.k8s.client import RESOURCES, ApiError, Kube
 from kubetune.k8s.status_writer import StatusWriter
 
 log = logging.getLogger(__name__)
+# Every kind of child the operator creates; each has an index `owned_<plural>` of the objects it labelled
+# as its own (handlers/children.py), by (namespace, name).
+CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job", "Deployment")
+
+
+def owned_index(kind: str) -> str:
+    return f"owned_{RESOURCES[kind][1]}"
+
+
 INDEXES = (
     "finetunejobs",
     "finetunejobs_waiting",
@@ -29,6 +39,7 @@ INDEXES = (
     "modelservers",
     "server_deployments",
     "server_pods",
+    *(owned_index(kind) for kind in CHILD_KINDS),
 )
 
 
@@ -36,6 +47,9 @@ INDEXES = (
 WORKERS = 32
 # Work that the API server refused or did not answer runs again after this many seconds.
 RETRY_API_ERROR_S = 5.0
+# Writes of children that the API server refuses for good reason (invalid, forbidden, a quota, a name taken) are
+# tried again after 5, 10, 20, ... seconds, up to this.
+BACKOFF_MAX_S = 300.0
 Work = TypeVar("Work", bound=Callable[..., None])
 
 _KEPT_METADATA = (
@@ -65,6 +79,43 @@ def slim(body: kopf.Body, spec: bool | tuple[str, ...]) -> dict[str, Any]:
     return kept
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why an object's children could not be written, and when to try again."""
+
+    reason: str
+    message: str
+    attempts: int
+    retry_at: float
+    """time.monotonic() from which the write is tried again"""
+
+
+@dataclass
+class Backoff:
+    """Refused writes per object UID: each refusal in a row doubles the wait before the next try."""
+
+    _refusals: dict[str, Refusal] = field(default_factory=dict)
+
+    def refused(self, uid: str, reason: str, message: str, now: float) -> Refusal:
+        previous = self._refusals.get(uid)
+        attempts = previous.attempts + 1 if previous else 1
+        delay = min(RETRY_API_ERROR_S * 2 ** (attempts - 1), BACKOFF_MAX_S)
+        refusal = self._refusals[uid] = Refusal(reason, message, attempts, now + delay)
+        return refusal
+
+    def succeeded(self, uid: str) -> None:
+        self._refusals.pop(uid, None)
+
+    def refusal(self, uid: str) -> Refusal | None:
+        """The refusal that still stands for this object (until a write succeeds)."""
+        return self._refusals.get(uid)
+
+    def due(self, uid: str, now: float) -> bool:
+        """Whether a write may be tried now: never refused, or its wait is over."""
+        refusal = self._refusals.get(uid)
+        return refusal is None or now >= refusal.retry_at
+
+
 @dataclass
 class Context:
     kube: Kube
@@ -77,6 +128,10 @@ class Context:
     """UID -> hash of the children last applied for it (skips identical server-side applies)."""
     adapter_failures: dict[str, dict[str, Failure]] = field(default_factory=dict)
     """ModelServer UID -> adapter name -> the load vLLM refused last (not retried at once)."""
+    backoff: Backoff = field(default_factory=Backoff)
+    """Children writes the API server refused, per owner UID."""
+    mount_failures: dict[str, str] = field(default_factory=dict)
+    """Pod UID -> its last FailedMount Event's message, while it waits in ContainerCreating (handlers/mounts.py)."""
     workers: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(WORKERS, thread_name_prefix="reconcile"), repr=False
     )
@@ -95,6 +150,14 @@ class Context:
         if not self.indexes:
             self.indexes = {name: kwargs[name] for name in INDEXES}
 
+    def owned(self, manifest: dict[str, Any]) -> Seen | None:
+        """What the operator's view holds of the object a manifest names, among the objects labelled as
+        kubetune's; None when there is none."""
+        meta = manifest["metadata"]
+        index: Mapping[tuple[str, str], Any] = self.indexes.get(owned_index(manifest["kind"])) or {}
+        store = index.get((meta.get("namespace") or "", meta["name"]))
+        return next(iter(store), None) if store else None
+
     def lock(self, uid: str) -> threading.Lock:
         """One reconciliation of an object at a time, whichever thread asks."""
         with self._guard:
@@ -105,6 +168,7 @@ class Context:
         self.seen.discard(uid)
         self.applied.pop(uid, None)
         self.adapter_failures.pop(uid, None)
+        self.backoff.succeeded(uid)
         with self._guard:
             self._locks.pop(uid, None)
 

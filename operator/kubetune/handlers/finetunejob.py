@@ -8,6 +8,7 @@ indexes. Nothing is stored on the object but its status, so an operator restart 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -15,9 +16,13 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
+from kubetune import faults
 from kubetune.api.v1alpha1 import FineTuneJob
-from kubetune.handlers import metrics, modelserver
+from kubetune.config import UnknownGpuType
+from kubetune.handlers import metrics, modelserver, mounts
 from kubetune.handlers.context import RETRY_API_ERROR_S, Context, handle_object_event, in_worker, retried, slim
+from kubetune.k8s import children
+from kubetune.k8s.children import NameConflict
 from kubetune.k8s.client import ApiError
 from kubetune.planner import PlanInfeasible, plan_job
 from kubetune.render import finetunejob as render
@@ -31,10 +36,11 @@ FTJ = "finetunejobs.kubetune.io"
 KIND = "FineTuneJob"
 CONTROLLER = "finetunejob"  # the label of its metrics
 RETRY_WAITING_S = 10.0
+FINISHED = ("Succeeded", "Failed")
 Key = tuple[str, str]
 Status = dict[str, Any]
 # What the status needs of a training Job's spec; the pod template is not kept in memory.
-JOB_SPEC_KEPT = ("parallelism", "completions", "suspend")
+JOB_SPEC_KEPT = ("parallelism", "completions", "suspend", "backoffLimit")
 
 
 class Retry(Exception):
@@ -84,12 +90,29 @@ def latest(ctx: Context, key: Key) -> dict[str, Any] | None:
 # --- admission -----------------------------------------------------------------------------------
 
 
+# Admissions that wait for something outside the operator's view (a referenced job, a name someone else holds,
+# the API server's consent, the operator's configuration): a restarted operator looks again at once.
+RECHECKED_AFTER_RESTART = ("WaitingForFineTuneJob", "NameConflict", "ApplyFailed", "UnknownGpuType")
+
+
 def needs_admission(status: dict[str, Any], generation: int, first_look: bool) -> bool:
-    """This generation was not admitted yet, or it waits for something and this process just started."""
+    """This generation was not admitted yet, or its admission waits for something and this process just started."""
     cond = get(status.get("conditions") or [], "Admitted")
     if cond is None or cond.get("observedGeneration") != generation:
         return True
-    return first_look and cond.get("status") == "False" and cond.get("reason") == "WaitingForFineTuneJob"
+    return first_look and cond.get("status") == "False" and cond.get("reason") in RECHECKED_AFTER_RESTART
+
+
+def children_missing(ctx: Context, body: dict[str, Any], status: Status) -> list[str]:
+    """The children of an admitted, unfinished job that the operator's view lacks (a crash between two writes,
+    or a deletion by hand), e.g. ["ConfigMap sft-trainer"]."""
+    meta = body["metadata"]
+    admitted = get(status.get("conditions") or [], "Admitted") or {}
+    if meta.get("deletionTimestamp") or admitted.get("status") != "True" or status.get("state") in FINISHED:
+        return []
+    nodes = int(((body.get("spec") or {}).get("resources") or {}).get("nodes") or 1)
+    expected = render.expected_children(meta["namespace"], meta["name"], nodes)
+    return [f"{m['kind']} {m['metadata']['name']}" for m in expected if ctx.owned(m) is None]
 
 
 def _write_admission(
@@ -135,7 +158,11 @@ def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
         if check.retry:
             raise Retry(check.message, RETRY_WAITING_S)
         return
-    gpu = ctx.config.gpu_type(ftj.spec.resources.gpu_type)
+    try:
+        gpu = ctx.config.gpu_type(ftj.spec.resources.gpu_type)
+    except UnknownGpuType as err:
+        _write_admission(ctx, body, False, "UnknownGpuType", str(err), "Failed")
+        return
     try:
         plan = plan_job(ftj.spec, gpu_memory_gib=gpu.memory_gib, gpu_type=ftj.spec.resources.gpu_type)
     except PlanInfeasible as err:
@@ -145,14 +172,11 @@ def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
     key = (ftj.metadata.namespace, ftj.metadata.name)
     existing = next(iter(ctx.indexes["training_jobs"].get(key, [])), None)
     _replace_changed_job(ctx, job, existing)
-    # Only the ServiceAccount must exist before the Job: the API server admits its pods against it. The Job
-    # goes next, alone: the pods, the scheduler and all after them wait for it. The rest is applied while the
-    # status is written: the ConfigMap is mounted and the Role used only once a pod runs (a trainer retries
-    # a refused status patch at its next report).
-    account, *rest = support
-    ctx.kube.apply(account)
-    applied = ctx.kube.apply(job)
-    supporting = ctx.kube.start_applies(rest)
+    # The pods need every supporting object: the ServiceAccount to be admitted, the ConfigMap to start, the Role
+    # to report. All are written (and found to be this job's own) before the Job, so a pod never runs as, or
+    # mounts, an object that someone else put under that name. They go together, in one round trip.
+    children.start_writes(ctx.kube, support, ctx.owned)()
+    applied = children.write(ctx.kube, job, ctx.owned(job))
     summary = (
         f"ZeRO-{plan.zero_stage}, micro-batch {plan.micro_batch_size} x {plan.gradient_accumulation_steps} "
         f"accumulation on {plan.world_size} GPU(s)"
@@ -167,6 +191,8 @@ def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
         derived = job_status.derive(replace(observed, status=current))
         return derived if derived.get("state") == "Pending" else {}
 
+    # Admitted only once every child is written: an operator that dies before this line admits the generation
+    # again after its restart (every write is idempotent), one that dies after it finds its children in place.
     _write_admission(
         ctx,
         body,
@@ -178,7 +204,19 @@ def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
         plan=plan.to_wire(),
         observedGeneration=generation,
     )
-    supporting()  # raises the first refused apply: the admission is retried, and every apply is idempotent
+    faults.point("after-admitted", f"{ftj.metadata.namespace}/{ftj.metadata.name}")
+
+
+def refused(ctx: Context, body: dict[str, Any], state: str | None, err: NameConflict | ApiError) -> float:
+    """Report children that the API server refused (or whose names someone else holds) on the FineTuneJob:
+    Admitted=False with the API server's message and a Warning Event. Returns the seconds until the next try,
+    which double with each refusal in a row."""
+    reason = "NameConflict" if isinstance(err, NameConflict) else "ApplyFailed"
+    message = err.message if isinstance(err, NameConflict) else f"{err.subject or 'a child'}: {err.message}"
+    message += " (tried again with a growing back-off)"
+    refusal = ctx.backoff.refused(body["metadata"]["uid"], reason, message, time.monotonic())
+    _write_admission(ctx, body, False, reason, message, "Pending" if state in (None, "Pending") else None)
+    return refusal.retry_at - time.monotonic()
 
 
 def _replace_changed_job(ctx: Context, job: dict[str, Any], existing: dict[str, Any] | None) -> None:
@@ -199,31 +237,47 @@ def _replace_changed_job(ctx: Context, job: dict[str, Any], existing: dict[str, 
 
 
 @retried
-def reconcile(ctx: Context, key: Key, retry: bool = False) -> None:
-    """Admit the current generation if needed (or when `retry`: it waited for something), then bring the
-    status up to date."""
+def reconcile(ctx: Context, key: Key, retry: bool = False, recheck: bool = False) -> None:
+    """Admit the current generation if needed (or when `retry`: it waited for something; or when children are
+    missing: after a restart, or with `recheck` when one was deleted), then bring the status up to date."""
     body = latest(ctx, key)
     if body is None:
         return
     meta = body["metadata"]
     uid = meta["uid"]
-    if not retry and ctx.status.is_echo(uid, meta.get("resourceVersion")):
+    if not (retry or recheck) and ctx.status.is_echo(uid, meta.get("resourceVersion")):
         return  # the watch shows the operator's own status patch back: nothing changed since it was computed
     with ctx.lock(uid), metrics.reconciling(CONTROLLER) as outcome:
         first_look = uid not in ctx.seen
         ctx.seen.add(uid)
         current = ctx.status.current(uid, dict(body.get("status") or {}))
-        if retry or needs_admission(current, int(meta.get("generation") or 0), first_look):
+        missing = children_missing(ctx, body, current) if first_look or recheck else []
+        if missing:
+            log.info("%s/%s: writing its missing children again: %s", *key, ", ".join(missing))
+        if retry or missing or needs_admission(current, int(meta.get("generation") or 0), first_look):
             try:
                 admit(ctx, body, current.get("state"))
+                ctx.backoff.succeeded(uid)
             except Retry as again:
                 outcome.result = "retry"
                 ctx.later(again.delay, reconcile, ctx, key, True)
-            except ApiError as err:
+            except (NameConflict, ApiError) as err:
                 outcome.failed(err)
-                log.warning("admission of %s/%s failed, retrying: %s", *key, err)
-                ctx.later(RETRY_API_ERROR_S, reconcile, ctx, key, True)
+                if isinstance(err, ApiError) and err.namespace_terminating:
+                    return  # the job goes with its namespace
+                if isinstance(err, ApiError) and err.transient:
+                    log.warning("admission of %s/%s failed, retrying: %s", *key, err)
+                    ctx.later(RETRY_API_ERROR_S, reconcile, ctx, key, True)
+                else:
+                    delay = refused(ctx, body, current.get("state"), err)
+                    log.warning("admission of %s/%s refused, retrying in %.0fs: %s", *key, delay, err)
+                    ctx.later_once(("finetunejob-refused", *key), delay, reconcile, ctx, key, True)
         sync_status(ctx, key, body)
+
+
+def recheck(ctx: Context, key: Key) -> None:
+    """One of the job's children was deleted: write the missing ones again (unless the job is finished)."""
+    reconcile(ctx, key, False, True)
 
 
 def sync_status(ctx: Context, key: Key, body: dict[str, Any]) -> None:
@@ -234,10 +288,35 @@ def sync_status(ctx: Context, key: Key, body: dict[str, Any]) -> None:
     observed = _observed(ctx, key, body, jobs[0])
     result = job_status.outcome(observed)
     before, diff = ctx.status.update(KIND, body["metadata"], observed.status, _derived(observed))
-    if result and "state" in diff and diff["state"] != before.get("state"):
-        ctx.event(KIND, body["metadata"], result.state == "Failed", result.reason, result.message)
-        if result.state == "Succeeded":
+    if result:
+        _post_events(ctx, body["metadata"], before, diff, result, observed)
+        if result.state == "Succeeded" and diff.get("state") == "Succeeded" != before.get("state"):
             _after_success(ctx, key, body)
+    mounts.look_later(ctx, ("finetunejob", *key), observed.pods, lambda: sync_status_locked(ctx, key))
+
+
+def _post_events(
+    ctx: Context,
+    meta: dict[str, Any],
+    before: Status,
+    diff: Status,
+    result: job_status.Outcome,
+    obs: job_status.Observed,
+) -> None:
+    """Events for what changed: the state; a reason to act while pods wait (a missing Secret, an image that
+    cannot be pulled); a trainer that died and is started again."""
+    if "state" in diff and diff["state"] != before.get("state"):
+        ctx.event(KIND, meta, result.state == "Failed", result.reason, result.message)
+    elif result.reason in job_status.WHY_NOT_RUNNING and "conditions" in diff:
+        previous = get(before.get("conditions") or [], "Running") or {}
+        if previous.get("reason") != result.reason or previous.get("message") != result.message:
+            ctx.event(KIND, meta, True, result.reason, result.message)
+    if diff.get("restarts", 0) > int(before.get("restarts") or 0) and result.state != "Failed":
+        failure = job_status.newest_failure(obs.pods)
+        why = failure[1] if failure else "a training pod failed"
+        limit = ((obs.job or {}).get("spec") or {}).get("backoffLimit")
+        count = f"restart {diff['restarts']}" + (f" of at most {limit}" if limit is not None else "")
+        ctx.event(KIND, meta, True, "TrainerRestarted", f"{why}; the Job starts it again ({count})")
 
 
 def _derived(observed: job_status.Observed) -> Callable[[Status], Status]:
@@ -254,6 +333,7 @@ def _observed(ctx: Context, key: Key, body: dict[str, Any], job: dict[str, Any])
         output_uri=str((spec.get("output") or {}).get("uri", "")),
         job=job,
         pods=list(ctx.indexes["training_pods"].get(key, [])),
+        mount_failures=ctx.mount_failures,
     )
 
 

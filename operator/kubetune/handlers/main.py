@@ -9,8 +9,8 @@ from typing import Any
 import kopf
 
 from kubetune import config as operator_config
-from kubetune.handlers import finetunejob, metrics, modelserver  # noqa: F401  (registers the handlers)
-from kubetune.handlers.context import WORKERS, Context
+from kubetune.handlers import children, finetunejob, metrics, modelserver  # noqa: F401  (registers the handlers)
+from kubetune.handlers.context import CHILD_KINDS, WORKERS, Context
 from kubetune.render.common import MANAGED_BY
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.execution.max_workers = WORKERS  # the ModelServer handlers that are plain functions
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    # Only the operator's own children are watched among pods, Jobs and Deployments.
+    # Only the operator's own children are watched among pods and the kinds of children it creates.
     managed = f"app.kubernetes.io/managed-by={MANAGED_BY}"
-    for resource in ("pods", ("batch", "jobs"), ("apps", "deployments")):
-        settings.watching.label_selectors[resource] = managed
+    settings.watching.label_selectors["pods"] = managed
+    for kind in CHILD_KINDS:
+        group, _version, plural = children.resource(kind)
+        settings.watching.label_selectors[group, plural] = managed
     if memo.get("context") is None:
         context = memo.context = Context.create(operator_config.load(memo.get("config_path")))
         metrics.REGISTRY.register(metrics.ObjectsCollector(lambda: context.indexes))

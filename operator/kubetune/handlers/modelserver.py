@@ -26,14 +26,17 @@ from kubetune.adapters import (
     plan_actions,
 )
 from kubetune.api.v1alpha1 import ModelServer
-from kubetune.handlers import metrics
+from kubetune.config import UnknownGpuType
+from kubetune.handlers import metrics, mounts
 from kubetune.handlers.context import RETRY_API_ERROR_S, Context, handle_object_event, in_worker, retried, slim
 from kubetune.k8s import fetcher, vllm
+from kubetune.k8s.children import NameConflict, write
 from kubetune.k8s.client import ApiError
 from kubetune.render import modelserver as render
 from kubetune.render.common import LABEL_MODELSERVER, content_hash
 from kubetune.status import adapters as adapter_status
 from kubetune.status import modelserver as server_status
+from kubetune.status.conditions import get
 
 log = logging.getLogger(__name__)
 MS = "modelservers.kubetune.io"
@@ -78,8 +81,9 @@ def _latest(ctx: Context, key: Key) -> dict[str, Any] | None:
 
 
 @retried
-def reconcile(ctx: Context, key: Key) -> None:
-    """Apply the children (when they changed), sync the replicas' adapters, then write the status."""
+def reconcile(ctx: Context, key: Key, recheck: bool = False) -> None:
+    """Write the children (when they changed, or with `recheck` when one is missing), sync the replicas' adapters,
+    then write the status."""
     body = _latest(ctx, key)
     if body is None:
         return
@@ -87,30 +91,23 @@ def reconcile(ctx: Context, key: Key) -> None:
     with ctx.lock(uid), metrics.reconciling(CONTROLLER) as outcome:
         try:
             server = ModelServer.model_validate(body)
-        except ValidationError as err:
+            ctx.config.gpu_type(server.spec.gpu_type)
+        except (ValidationError, UnknownGpuType) as err:
             outcome.failed(err)
-            message = spec_errors(err)
-            log.error("invalid ModelServer %s/%s: %s", *key, message)
+            reason = "UnknownGpuType" if isinstance(err, UnknownGpuType) else "InvalidSpec"
+            message = str(err) if isinstance(err, UnknownGpuType) else spec_errors(err)
+            log.error("ModelServer %s/%s refused (%s): %s", *key, reason, message)
             generation = body["metadata"].get("generation")
             current = dict(body.get("status") or {})
             _, diff = ctx.status.update(
-                KIND, body["metadata"], current, lambda now: server_status.invalid(now, generation, message)
+                KIND, body["metadata"], current, lambda now: server_status.invalid(now, generation, reason, message)
             )
             if diff:
-                ctx.event(KIND, body["metadata"], True, "InvalidSpec", message)
+                ctx.event(KIND, body["metadata"], True, reason, message)
             return
         adapters = adapter_status.resolve(server, _jobs_in(ctx, key[0]))
         children = render.children(server, adapters.locations, ctx.config, adapters.secrets)
-        wanted = content_hash(children)
-        if ctx.applied.get(uid) != wanted:
-            try:
-                for manifest in children:
-                    ctx.kube.apply(manifest)
-                ctx.applied[uid] = wanted
-            except ApiError as err:
-                outcome.failed(err)
-                log.warning("applying %s/%s failed, retrying: %s", *key, err)
-                ctx.later(RETRY_API_ERROR_S, reconcile, ctx, key)
+        write_children(ctx, key, uid, children, recheck)
         reports = sync_adapters(ctx, key, server, adapters)
         views = adapters.views(reports, ctx.adapter_failures.get(uid, {}))
         sync_status(ctx, key, body, server, views)
@@ -124,6 +121,33 @@ def reconcile(ctx: Context, key: Key) -> None:
         if delay is not None:
             due = f"{time.monotonic() + delay:.0f}"
             ctx.later_once(("modelserver-retry", *key, due), delay + 0.5, reconcile, ctx, key)
+
+
+def write_children(ctx: Context, key: Key, uid: str, children: list[dict[str, Any]], recheck: bool) -> None:
+    """Write the server's children when they differ from what was last written (or one is missing). A refusal
+    stays on the server (its status shows it) and is tried again with a growing back-off."""
+    wanted = content_hash(children)
+    if recheck and any(ctx.owned(m) is None for m in children):
+        ctx.applied.pop(uid, None)
+    if ctx.applied.get(uid) == wanted or not ctx.backoff.due(uid, time.monotonic()):
+        return
+    try:
+        for manifest in children:
+            write(ctx.kube, manifest, ctx.owned(manifest))
+    except (NameConflict, ApiError) as err:
+        if isinstance(err, ApiError) and (err.transient or err.namespace_terminating):
+            log.warning("writing the children of %s/%s failed, retrying: %s", *key, err)
+            ctx.later(RETRY_API_ERROR_S, reconcile, ctx, key)
+            return
+        reason = "NameConflict" if isinstance(err, NameConflict) else "ApplyFailed"
+        message = err.message if isinstance(err, NameConflict) else f"{err.subject or 'a child'}: {err.message}"
+        refusal = ctx.backoff.refused(uid, reason, message + " (tried again with a growing back-off)", time.monotonic())
+        delay = refusal.retry_at - time.monotonic()
+        log.warning("writing the children of %s/%s refused, retrying in %.0fs: %s", *key, delay, err)
+        ctx.later_once(("modelserver-refused", *key), delay + 0.1, reconcile, ctx, key)
+        return
+    ctx.applied[uid] = wanted
+    ctx.backoff.succeeded(uid)
 
 
 def spec_errors(err: ValidationError) -> str:
@@ -206,6 +230,8 @@ def sync_status(
         deployment=deployment,
         pods=list(ctx.indexes["server_pods"].get(key, [])),
         adapters=views,
+        refusal=(r.reason, r.message) if (r := ctx.backoff.refusal(server.metadata.uid)) else None,
+        mount_failures=ctx.mount_failures,
     )
     result = server_status.server_outcome(observed)
     before, diff = ctx.status.update(
@@ -214,9 +240,14 @@ def sync_status(
         observed.status,
         lambda current: server_status.derive(server_status.ServerObserved(**{**observed.__dict__, "status": current})),
     )
-    if "state" in diff and diff["state"] != before.get("state"):
-        ctx.event(KIND, body["metadata"], result.state in ("Failed", "Degraded"), result.reason, result.message)
+    warning = result.state in ("Failed", "Degraded") or result.reason in server_status.WARNING_REASONS
+    previous = get(before.get("conditions") or [], "Ready") or {}
+    if ("state" in diff and diff["state"] != before.get("state")) or (
+        warning and (previous.get("reason"), previous.get("message")) != (result.reason, result.message)
+    ):
+        ctx.event(KIND, body["metadata"], warning, result.reason, result.message)
     _post_adapter_events(ctx, body["metadata"], before.get("adapters") or [], views)
+    mounts.look_later(ctx, ("modelserver", *key), observed.pods, lambda: reconcile(ctx, key))
 
 
 def _post_adapter_events(

@@ -12,13 +12,14 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import urllib3
 from kubernetes import client, config
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Kept-alive connections to the API server. The client's default (5 per CPU) is fewer than the threads that
 # send requests at once (kopf's workers and the concurrent applies); urllib3 then closes the surplus
@@ -54,10 +55,27 @@ class ApiError(Exception):
         self.status = status
         self.reason = reason
         self.message = message
+        self.subject = ""
+        """The object the request wrote, e.g. "ConfigMap sft-trainer", when the caller knows it."""
 
     @property
     def not_found(self) -> bool:
         return self.status == 404
+
+    @property
+    def already_exists(self) -> bool:
+        return self.status == 409 and self.reason == "AlreadyExists"
+
+    @property
+    def namespace_terminating(self) -> bool:
+        """Refused because the namespace is being deleted (its objects, the owner included, go with it)."""
+        return self.status == 403 and "being terminated" in self.message
+
+    @property
+    def transient(self) -> bool:
+        """No answer, too many requests, or a server error: the same request may succeed later. Anything else
+        (invalid, forbidden, a quota, a webhook's refusal) needs someone to act."""
+        return self.status in (0, 429) or self.status >= 500
 
 
 def path(kind: str, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
@@ -140,34 +158,51 @@ class Kube:
                 return None
             raise
 
-    def list(self, kind: str, namespace: str | None, selector: str | None = None) -> list[dict[str, Any]]:
-        query = {"labelSelector": selector} if selector else None
-        return list(self.request("GET", path(kind, namespace), query=query).get("items") or [])
+    def list(
+        self, kind: str, namespace: str | None, selector: str | None = None, fields: str | None = None
+    ) -> list[dict[str, Any]]:
+        query = {k: v for k, v in (("labelSelector", selector), ("fieldSelector", fields)) if v}
+        return list(self.request("GET", path(kind, namespace), query=query or None).get("items") or [])
 
-    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply under the operator's field manager (conflicts forced: the operator owns them)."""
+    def apply(self, manifest: dict[str, Any], uid: str | None = None) -> dict[str, Any]:
+        """Server-side apply under the operator's field manager (conflicts forced: the operator owns them).
+
+        With `uid`, only onto that very object: the API server refuses (409) when the object now there is
+        another one, or none."""
         meta = manifest["metadata"]
+        body = {**manifest, "metadata": {**meta, "uid": uid}} if uid else manifest
         return self.request(
             "PATCH",
             path(manifest["kind"], meta.get("namespace"), meta["name"]),
-            body=manifest,
+            body=body,
             query={"fieldManager": self.field_manager, "force": "true"},
             content_type="application/apply-patch+yaml",
         )
 
-    def start_applies(self, manifests: Iterable[dict[str, Any]]) -> Callable[[], Sequence[dict[str, Any]]]:
-        """Start applying manifests that do not depend on one another, concurrently (one round trip instead of
-        one per manifest), and return at once a function that waits for them: it returns the applied objects in
-        order, or raises the first error after all have been tried. The caller's own requests go out meanwhile."""
-        futures = [self._appliers.submit(self.apply, m) for m in manifests]
+    def start_all(self, calls: Iterable[Callable[[], T]]) -> Callable[[], tuple[Sequence[T], Sequence[Exception]]]:
+        """Start requests that do not depend on one another concurrently (one round trip instead of one each) and
+        return at once a function that waits for all of them: (results in order, errors). The caller's own
+        requests go out meanwhile."""
+        futures = [self._appliers.submit(call) for call in calls]
 
-        def wait() -> Sequence[dict[str, Any]]:
-            errors = [err for f in futures if (err := f.exception()) is not None]
-            if errors:
-                raise errors[0]
-            return [f.result() for f in futures]
+        def wait() -> tuple[Sequence[T], Sequence[Exception]]:
+            errors = [err for f in futures if isinstance(err := f.exception(), Exception)]
+            return ([] if errors else [f.result() for f in futures]), errors
 
         return wait
+
+    def rename_created_entry(self, kind: str, namespace: str, name: str, uid: str, entry: int) -> dict[str, Any]:
+        """Turn this field manager's Update entry (number `entry` of managedFields; an object it created by POST)
+        into an Apply entry, so that server-side apply owns, and can remove, every field the POST set. The patch
+        tests the object's uid and the entry first (422 when either changed)."""
+        at = f"/metadata/managedFields/{entry}"
+        ops = [
+            {"op": "test", "path": "/metadata/uid", "value": uid},
+            {"op": "test", "path": f"{at}/manager", "value": self.field_manager},
+            {"op": "test", "path": f"{at}/operation", "value": "Update"},
+            {"op": "replace", "path": f"{at}/operation", "value": "Apply"},
+        ]
+        return self.request("PATCH", path(kind, namespace, name), body=ops, content_type="application/json-patch+json")
 
     def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         """JSON merge patch of the status subresource (other writers' fields are left alone)."""
@@ -186,12 +221,18 @@ class Kube:
                 raise
 
     def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Create the object; ApiError 409 AlreadyExists when the name is taken (nothing is overwritten)."""
         meta = manifest["metadata"]
-        return self.request("POST", path(manifest["kind"], meta.get("namespace")), body=manifest)
+        query = {"fieldManager": self.field_manager}
+        return self.request("POST", path(manifest["kind"], meta.get("namespace")), body=manifest, query=query)
 
 
 def _api_error(status: int, reason: str, body: Any) -> ApiError:
+    """The error of a response: the Status object's machine-readable reason (AlreadyExists, Conflict, Invalid,
+    Forbidden...) and message when the body is one."""
     message = body.decode() if isinstance(body, bytes) else str(body or "")
     with contextlib.suppress(ValueError, AttributeError):
-        message = json.loads(message).get("message", message)
+        parsed = json.loads(message)
+        reason = parsed.get("reason") or reason
+        message = parsed.get("message", message)
     return ApiError(status, reason, message)

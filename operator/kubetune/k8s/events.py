@@ -49,3 +49,10 @@ def post(kube: Kube, kind: str, obj_meta: dict[str, Any], type_: str, reason: st
         kube.request("POST", f"/api/v1/namespaces/{obj_meta['namespace']}/events", body=manifest)
     except ApiError as err:
         log.warning("could not post event %s for %s/%s: %s", reason, kind, obj_meta.get("name"), err)
+
+
+def newest_message(kube: Kube, namespace: str, uid: str, reason: str) -> str | None:
+    """The message of the newest Event with `reason` about the object with `uid` (e.g. a pod's FailedMount)."""
+    found = kube.list("Event", namespace, fields=f"involvedObject.uid={uid},reason={reason}")
+    found.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    return str(found[-1].get("message") or "") if found else None

@@ -7,13 +7,17 @@ adapter (it patches them itself), and admission owns plan. `derive` returns only
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.status.conditions import Conditions, get, now_iso, set_condition
+from kubetune.status.pods import PROBLEM_REASONS, ended, last_line, waiting_problem
 from kubetune.storage import join
 
 TRAINER_CONTAINER = "trainer"
+# Reasons of a Pending job that someone must act on: they show in the Running condition (with a Warning Event).
+WHY_NOT_RUNNING = ("Unschedulable", *PROBLEM_REASONS)
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,8 @@ class Observed:
     output_uri: str
     job: dict[str, Any] | None
     pods: list[dict[str, Any]]
+    mount_failures: Mapping[str, str] = field(default_factory=dict)
+    """Pod UID -> the message of its last FailedMount Event (pods waiting in ContainerCreating)."""
 
 
 @dataclass(frozen=True)
@@ -69,13 +75,23 @@ def pod_failure(pod: dict[str, Any]) -> tuple[str, str] | None:
         report = None
     if isinstance(report, dict) and report.get("reason"):
         return str(report["reason"]), str(report.get("message", ""))
-    reason = term.get("reason") or "Error"
-    if reason == "OOMKilled":
+    if term.get("reason") == "OOMKilled":
         return "OOMKilled", f"training pod {name} was OOMKilled (exit code {code}): it needs more memory"
     if code == 0:
         return None
-    detail = f": {text.splitlines()[-1]}" if text else ""
-    return "TrainerFailed", f"training pod {name} exited with code {code} ({reason}){detail}"
+    detail = f": {last_line(text)}" if text else ""
+    return "TrainerFailed", f"training pod {name} {ended(term)}{detail}"
+
+
+def newest_failure(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(reason, message) of the training pod that failed last, or None."""
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    failed.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
+    for pod in reversed(failed):
+        found = pod_failure(pod)
+        if found:
+            return found
+    return None
 
 
 def _unschedulable(pods: list[dict[str, Any]]) -> str | None:
@@ -90,16 +106,6 @@ def _unschedulable(pods: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def _last_failure(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
-    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
-    failed.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
-    for pod in reversed(failed):
-        found = pod_failure(pod)
-        if found:
-            return found
-    return None
-
-
 def outcome(obs: Observed) -> Outcome | None:
     """The summary state with its reason and message; None while there is no Job yet."""
     job = obs.job
@@ -109,7 +115,7 @@ def outcome(obs: Observed) -> Outcome | None:
     if (cond := _job_condition(job, "Complete")) is not None:
         return Outcome("Succeeded", "Completed", "training finished; adapter at " + join(obs.output_uri, "adapter"))
     if (cond := _job_condition(job, "Failed")) is not None:
-        failure = _last_failure(pods)
+        failure = newest_failure(pods)
         if failure:
             return Outcome("Failed", *failure)
         return Outcome("Failed", cond.get("reason") or "JobFailed", cond.get("message") or "the training Job failed")
@@ -122,6 +128,9 @@ def outcome(obs: Observed) -> Outcome | None:
     wanted = int(((job.get("spec") or {}).get("parallelism")) or 1)
     if running and len(running) >= wanted:
         return Outcome("Running", "PodsRunning", f"{len(running)}/{wanted} training pods running")
+    for pod in active:
+        if (problem := waiting_problem(pod, obs.mount_failures)) is not None:
+            return Outcome("Pending", problem.reason, problem.message)
     if (message := _unschedulable(active)) is not None:
         return Outcome("Pending", "Unschedulable", message)
     if running:
@@ -149,7 +158,7 @@ def derive(obs: Observed, now: str | None = None) -> dict[str, Any]:
     now = now or now_iso()
     state = result.state
     # A job that simply waits for its pods needs no Running condition yet: the state says Pending.
-    if state != "Pending" or result.reason == "Unschedulable" or get(conditions, "Running") is not None:
+    if state != "Pending" or result.reason in WHY_NOT_RUNNING or get(conditions, "Running") is not None:
         conditions = set_condition(
             conditions, "Running", state == "Running", result.reason, result.message, generation=gen, now=now
         )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.status.conditions import Conditions, now_iso, set_condition
 from kubetune.status.finetunejob import Outcome
+from kubetune.status.pods import PROBLEM_REASONS, waiting_problem
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,14 @@ class ServerObserved:
     deployment: dict[str, Any] | None
     pods: list[dict[str, Any]] = field(default_factory=list)
     adapters: list[AdapterView] = field(default_factory=list)
+    refusal: tuple[str, str] | None = None
+    """(reason, message) when the API server refused the server's children, or their names are taken."""
+    mount_failures: Mapping[str, str] = field(default_factory=dict)
+    """Pod UID -> the message of its last FailedMount Event (pods waiting in ContainerCreating)."""
+
+
+# Reasons of the Ready condition that someone must act on (posted as Warning Events).
+WARNING_REASONS = ("NameConflict", "ApplyFailed", "Unschedulable", "ProgressDeadlineExceeded", *PROBLEM_REASONS)
 
 
 def _deployment_condition(deployment: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -53,6 +63,8 @@ def server_outcome(obs: ServerObserved) -> Outcome:
     desired = obs.desired_replicas
     dep = obs.deployment
     ready = int(((dep or {}).get("status") or {}).get("readyReplicas") or 0)
+    if obs.refusal is not None:
+        return Outcome("Degraded" if ready else "Failed", *obs.refusal)
     if dep is None:
         return Outcome("Pending", "DeploymentCreating", "creating the vLLM Deployment")
     if desired == 0:
@@ -62,6 +74,9 @@ def server_outcome(obs: ServerObserved) -> Outcome:
         return Outcome("Failed", "ProgressDeadlineExceeded", str(progressing.get("message", "")))
     if ready >= desired:
         return Outcome("Ready", "ReplicasReady", f"{ready}/{desired} replicas ready")
+    for pod in obs.pods:
+        if (problem := waiting_problem(pod, obs.mount_failures)) is not None:
+            return Outcome("Degraded" if ready else "Pending", problem.reason, problem.message)
     if (message := _unschedulable(obs.pods)) is not None:
         state = "Degraded" if ready else "Pending"
         return Outcome(state, "Unschedulable", message)
@@ -86,11 +101,14 @@ def _adapters_condition(adapters: list[AdapterView]) -> tuple[bool, str, str]:
     return True, "AdaptersLoaded", f"{len(adapters)} adapter(s) loaded"
 
 
-def invalid(status: dict[str, Any], generation: int | None, message: str, now: str | None = None) -> dict[str, Any]:
-    """The status of a ModelServer whose spec the operator cannot use (it passed the API server's schema but
-    not the operator's models): Failed, with the reason in the Ready condition. Nothing is created."""
+def invalid(
+    status: dict[str, Any], generation: int | None, reason: str, message: str, now: str | None = None
+) -> dict[str, Any]:
+    """The status of a ModelServer that the operator cannot run (a spec that passed the API server's schema but
+    not the operator's models, a gpuType this installation does not know): Failed, with the reason in the Ready
+    condition. Nothing is created."""
     conditions = set_condition(
-        list(status.get("conditions") or []), "Ready", False, "InvalidSpec", message, generation=generation, now=now
+        list(status.get("conditions") or []), "Ready", False, reason, message, generation=generation, now=now
     )
     return {"state": "Failed", "conditions": conditions}
 

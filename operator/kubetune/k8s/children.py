@@ -1,0 +1,170 @@
+"""Children written only where their owner controls them.
+
+A FineTuneJob or ModelServer names its children after itself, so whoever may create one in a namespace
+could otherwise make the operator overwrite an object of the same name (redirect a Service, rewrite a
+Role) and garbage-collect it with the owner. The operator never writes over an object whose controller
+ownerReference is not the object it reconciles:
+
+- a child that the operator's view does not show is created (POST): the API server refuses a taken name
+  atomically; the object that holds it is then read once and applied only if it is ours after all (a view
+  that lags behind);
+- a child that the view shows as ours is applied with its uid as a precondition, so an object put in its
+  place meanwhile is refused, not overwritten;
+- anything else is a NameConflict, which the handler reports on the owner.
+
+A POST records the operator's fields under an Update entry of managedFields, which server-side apply does not
+count as its own: a field that a later apply leaves out (an env var removed from spec.env) would stay forever.
+So before the first apply onto an object it created, the operator renames that entry to Apply (a JSON patch
+that first tests the entry), and from then on apply owns every field it ever set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune import faults
+from kubetune.k8s.client import ApiError, Kube
+
+Manifest = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Controller:
+    kind: str
+    name: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the operator's view holds of an existing child: its uid, its controller, and the (manager, operation)
+    of each managedFields entry, in order."""
+
+    uid: str
+    controller: Controller | None
+    managers: tuple[tuple[str, str], ...] = ()
+
+    def created_entry(self, manager: str) -> int | None:
+        """The index of `manager`'s Update entry when it has no Apply entry: an object it created by POST and never
+        applied since."""
+        if (manager, "Apply") in self.managers:
+            return None
+        return self.managers.index((manager, "Update")) if (manager, "Update") in self.managers else None
+
+
+def controller_of(meta: Mapping[str, Any]) -> Controller | None:
+    """The controller ownerReference of an object's (or a manifest's) metadata."""
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("controller"):
+            return Controller(str(ref.get("kind", "")), str(ref.get("name", "")), str(ref.get("uid", "")))
+    return None
+
+
+def seen(body: Mapping[str, Any]) -> Seen:
+    meta = body.get("metadata") or {}
+    managers = tuple((str(m.get("manager", "")), str(m.get("operation", ""))) for m in meta.get("managedFields") or [])
+    return Seen(str(meta.get("uid", "")), controller_of(meta), managers)
+
+
+class NameConflict(Exception):
+    """The name of a child is taken by an object that its owner does not control."""
+
+    def __init__(self, kind: str, name: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.name = name
+        self.message = message
+
+
+def conflict(manifest: Manifest, existing: Seen) -> NameConflict | None:
+    """None when `existing` is controlled by the manifest's owner, else the conflict to report."""
+    owner = controller_of(manifest["metadata"])
+    holder = existing.controller
+    if owner is not None and holder is not None and holder.uid == owner.uid:
+        return None
+    kind, name = manifest["kind"], manifest["metadata"]["name"]
+    by = f"{holder.kind} {holder.name}" if holder else "no controller"
+    wanted = f"{owner.kind} {owner.name}" if owner else "kubetune"
+    message = (
+        f"{kind} {name} already exists and is controlled by {by}, not by {wanted}: kubetune does not take over "
+        f"objects it did not create; delete or rename that {kind}, or give the {wanted.split()[0]} another name"
+    )
+    return NameConflict(kind, name, message)
+
+
+def write(kube: Kube, manifest: Manifest, known: Seen | None) -> Manifest:
+    """Create or apply one child (see the module docstring); raises NameConflict or ApiError (with its
+    `subject` set to the child)."""
+    try:
+        written = _write(kube, manifest, known)
+    except ApiError as err:
+        err.subject = f"{manifest['kind']} {manifest['metadata']['name']}"
+        raise
+    meta = manifest["metadata"]
+    faults.point(f"after-write:{manifest['kind']}", f"{meta.get('namespace')}/{meta['name']}")
+    return written
+
+
+def _write(kube: Kube, manifest: Manifest, known: Seen | None) -> Manifest:
+    if known is not None:
+        try:
+            return _apply_onto(kube, manifest, known)
+        except ApiError as err:
+            if not _replaced(err):
+                raise
+        # Replaced or deleted since the view saw it: look again.
+    else:
+        try:
+            return kube.create(manifest)
+        except ApiError as err:
+            if not err.already_exists:
+                raise
+    meta = manifest["metadata"]
+    current = kube.get(manifest["kind"], meta["namespace"], meta["name"])
+    if current is None:
+        return kube.create(manifest)
+    return _apply_onto(kube, manifest, seen(current))
+
+
+def _apply_onto(kube: Kube, manifest: Manifest, existing: Seen) -> Manifest:
+    """Apply onto the object `existing` describes, if its owner controls it (else NameConflict)."""
+    if (refused := conflict(manifest, existing)) is not None:
+        raise refused
+    if (entry := existing.created_entry(kube.field_manager)) is not None:
+        meta = manifest["metadata"]
+        try:
+            kube.rename_created_entry(manifest["kind"], meta["namespace"], meta["name"], existing.uid, entry)
+        except ApiError as err:
+            if err.status not in (404, 422):  # gone, or another object / entry now
+                raise
+            raise ApiError(409, "Conflict", f"the object changed since it was read: {err.message}") from err
+    return kube.apply(manifest, uid=existing.uid)
+
+
+def _replaced(err: ApiError) -> bool:
+    """An apply with a uid precondition refused because the object is another one (422: the uid is immutable)
+    or gone (409)."""
+    if err.status == 409:
+        return err.reason != "AlreadyExists"
+    return err.status == 422 and "metadata.uid" in err.message
+
+
+def start_writes(
+    kube: Kube, manifests: list[Manifest], lookup: Callable[[Manifest], Seen | None]
+) -> Callable[[], list[Manifest]]:
+    """Write children that do not depend on one another concurrently (one round trip); the returned function
+    waits and returns them in order, or raises the first error (a NameConflict before an ApiError)."""
+    def writer(manifest: Manifest) -> Callable[[], Manifest]:
+        return lambda: write(kube, manifest, lookup(manifest))
+
+    wait = kube.start_all([writer(m) for m in manifests])
+
+    def done() -> list[Manifest]:
+        results, errors = wait()
+        if errors:
+            raise next((e for e in errors if isinstance(e, NameConflict)), errors[0])
+        return list(results)
+
+    return done
