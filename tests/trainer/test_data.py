@@ -81,7 +81,7 @@ def test_bad_records_are_listed_by_line(tokenizer, tmp_path: Path) -> None:
     assert failure.value.reason == "DatasetInvalid"
     message = failure.value.message
     assert "3 bad record(s)" in message
-    assert "line 2: invalid JSON" in message
+    assert "line 2, column 2: a key in double quotes is expected, found 'n'" in message
     assert "line 3: missing 'response'" in message
     assert "line 5: 'response' must be a string" in message
 

@@ -1,15 +1,11 @@
-"""The training data: JSONL records read, checked and tokenized with the model's chat template.
+"""The training data: the checked records (records.py) tokenized with the model's chat template.
 
-Everything here runs before any GPU work. Bad records are collected with their line numbers and fail the run
-with DatasetInvalid; the report (record count, token lengths against maxSeqLength, truncations) is logged.
-
-Formats: prompt-response ({"system"?, "prompt", "response"}), messages ({"messages": [{"role", "content"}]}),
-preference ({"system"?, "prompt", "chosen", "rejected"}; each a string or a list of messages).
+Everything here runs before any GPU work. Bad records fail the run with DatasetInvalid (records.py); the
+report (record count, token lengths against maxSeqLength, truncations) is logged.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -19,27 +15,11 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import DatasetFormat, Method
 from kubetune.trainer.errors import DATASET_INVALID, TrainerFailure
+from kubetune.trainer.records import Message, Record, read_records
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, str]
-ROLES = ("system", "user", "assistant")
-MAX_REPORTED_ERRORS = 20
 IGNORE = -100
-
-
-class RecordInvalid(ValueError):
-    """One record is unusable; the message says why."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """A checked record: the conversation, or for preference data the prompt and both answers."""
-
-    line: int
-    messages: list[Message]
-    chosen: list[Message] | None = None
-    rejected: list[Message] | None = None
 
 
 @dataclass
@@ -77,133 +57,6 @@ class PreparedData:
     train: list[dict[str, Any]]
     validation: list[dict[str, Any]]
     report: DatasetReport
-
-
-# --- Reading and checking records -----------------------------------------------------------------
-
-
-def detect_format(record: dict[str, Any]) -> DatasetFormat | None:
-    """The format a record's keys suggest, or None."""
-    if "messages" in record:
-        return DatasetFormat.MESSAGES
-    if "chosen" in record or "rejected" in record:
-        return DatasetFormat.PREFERENCE
-    if "prompt" in record or "response" in record:
-        return DatasetFormat.PROMPT_RESPONSE
-    return None
-
-
-def _text(record: dict[str, Any], key: str, required: bool = True) -> str | None:
-    value = record.get(key)
-    if value is None:
-        if required:
-            raise RecordInvalid(f"missing {key!r}")
-        return None
-    if not isinstance(value, str):
-        raise RecordInvalid(f"{key!r} must be a string, got {type(value).__name__}")
-    if required and not value.strip():
-        raise RecordInvalid(f"{key!r} is empty")
-    return value
-
-
-def _messages(value: Any, key: str) -> list[Message]:
-    if not isinstance(value, list) or not value:
-        raise RecordInvalid(f"{key!r} must be a non-empty list of messages")
-    out = []
-    for i, msg in enumerate(value):
-        if not isinstance(msg, dict):
-            raise RecordInvalid(f"{key}[{i}] must be an object with role and content")
-        role, content = msg.get("role"), msg.get("content")
-        if role not in ROLES:
-            raise RecordInvalid(f"{key}[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
-        if not isinstance(content, str):
-            raise RecordInvalid(f"{key}[{i}].content must be a string")
-        if role == "system" and i > 0:
-            raise RecordInvalid(f"{key}[{i}]: a system message may only come first")
-        out.append({"role": role, "content": content})
-    return out
-
-
-def _prompt_messages(record: dict[str, Any]) -> list[Message]:
-    system = _text(record, "system", required=False)
-    prompt = record.get("prompt")
-    messages = (
-        _messages(prompt, "prompt")
-        if isinstance(prompt, list)
-        else [{"role": "user", "content": _text(record, "prompt") or ""}]
-    )
-    return ([{"role": "system", "content": system}] if system else []) + messages
-
-
-def _answer(record: dict[str, Any], key: str) -> list[Message]:
-    value = record.get(key)
-    if isinstance(value, list):
-        answer = _messages(value, key)
-        if answer[-1]["role"] != "assistant":
-            raise RecordInvalid(f"{key!r} must end with an assistant message")
-        return answer
-    return [{"role": "assistant", "content": _text(record, key) or ""}]
-
-
-def parse_record(record: Any, fmt: DatasetFormat, line: int) -> Record:
-    """Check one decoded JSON line against `fmt`."""
-    if not isinstance(record, dict):
-        raise RecordInvalid(f"expected a JSON object, got {type(record).__name__}")
-    found = detect_format(record)
-    if found != fmt:
-        raise RecordInvalid(f"expected a {fmt.value} record, found keys {sorted(record)}")
-    if fmt == DatasetFormat.PROMPT_RESPONSE:
-        return Record(
-            line, [*_prompt_messages(record), {"role": "assistant", "content": _text(record, "response") or ""}]
-        )
-    if fmt == DatasetFormat.MESSAGES:
-        messages = _messages(record["messages"], "messages")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise RecordInvalid("'messages' has no assistant message to learn from")
-        return Record(line, messages)
-    return Record(
-        line, _prompt_messages(record), chosen=_answer(record, "chosen"), rejected=_answer(record, "rejected")
-    )
-
-
-def read_records(path: Path, fmt: DatasetFormat, method: Method) -> tuple[DatasetFormat, list[Record]]:
-    """All records of the JSONL file at `path`; DatasetInvalid listing bad lines when any is unusable."""
-    records: list[Record] = []
-    errors: list[str] = []
-    with path.open(encoding="utf-8") as lines:
-        for number, text in enumerate(lines, start=1):
-            if not text.strip():
-                continue
-            try:
-                decoded = json.loads(text)
-            except json.JSONDecodeError as err:
-                errors.append(f"line {number}: invalid JSON ({err.msg})")
-                continue
-            if fmt == DatasetFormat.AUTO:
-                fmt = (detect_format(decoded) if isinstance(decoded, dict) else None) or DatasetFormat.AUTO
-                if fmt == DatasetFormat.AUTO:
-                    errors.append(
-                        f"line {number}: cannot tell the format "
-                        "(expected prompt/response, messages or prompt/chosen/rejected)"
-                    )
-                    continue
-            try:
-                records.append(parse_record(decoded, fmt, number))
-            except RecordInvalid as err:
-                errors.append(f"line {number}: {err}")
-    if errors:
-        shown = "; ".join(errors[:MAX_REPORTED_ERRORS])
-        more = f" (and {len(errors) - MAX_REPORTED_ERRORS} more)" if len(errors) > MAX_REPORTED_ERRORS else ""
-        raise TrainerFailure(DATASET_INVALID, f"{len(errors)} bad record(s) in {path.name}: {shown}{more}")
-    if not records:
-        raise TrainerFailure(DATASET_INVALID, f"{path.name} has no records")
-    wanted = DatasetFormat.PREFERENCE if method == Method.DPO else None
-    if (fmt == DatasetFormat.PREFERENCE) != (wanted is not None):
-        need = "preference records (prompt/chosen/rejected)" if wanted else "prompt/response or messages records"
-        raise TrainerFailure(
-            DATASET_INVALID, f"method {method.value} needs {need}, {path.name} has {fmt.value} records"
-        )
-    return fmt, records
 
 
 # --- Tokenizing -----------------------------------------------------------------------------------
