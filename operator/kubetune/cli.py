@@ -3,10 +3,8 @@ imports the trainer's or the server's dependencies."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 
 def _crds(argv: list[str]) -> int:
@@ -16,28 +14,9 @@ def _crds(argv: list[str]) -> int:
 
 
 def _validate(argv: list[str]) -> int:
-    import yaml
-    from pydantic import ValidationError
+    from kubetune.validate import main
 
-    from kubetune.api.v1alpha1 import FineTuneJob, ModelServer
-
-    parser = argparse.ArgumentParser(prog="kubetune validate", description="Check manifests against the API.")
-    parser.add_argument("files", nargs="+", type=Path)
-    args = parser.parse_args(argv)
-    kinds: dict[str, type[FineTuneJob] | type[ModelServer]] = {"FineTuneJob": FineTuneJob, "ModelServer": ModelServer}
-    failed = 0
-    for path in args.files:
-        for doc in yaml.safe_load_all(path.read_text()):
-            if not doc or doc.get("kind") not in kinds:
-                continue
-            name = f"{path}: {doc['kind']}/{doc.get('metadata', {}).get('name', '?')}"
-            try:
-                kinds[doc["kind"]].model_validate(doc)
-                print(f"{name}: valid")
-            except ValidationError as err:
-                failed += 1
-                print(f"{name}: invalid\n{err}", file=sys.stderr)
-    return 1 if failed else 0
+    return main(argv)
 
 
 def _operator(argv: list[str]) -> int:
@@ -79,7 +58,7 @@ def _plan(argv: list[str]) -> int:
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "operator": (_operator, "run the operator (kopf) against the current kubeconfig"),
     "crds": (_crds, "write the CustomResourceDefinitions generated from the API models"),
-    "validate": (_validate, "check FineTuneJob/ModelServer manifests against the API models"),
+    "validate": (_validate, "check FineTuneJob/ModelServer manifests and JSONL datasets offline"),
     "plan": (_plan, "plan a training run: ZeRO stage, offload, micro-batch, memory per GPU"),
     "train": (_train, "run the trainer (inside a training pod)"),
     "ui": (_ui, "the Gradio chat page of a ModelServer (beside the server pods)"),
