@@ -79,7 +79,9 @@ def client(access: Access) -> Any:
     region = access.region or values.get("AWS_REGION") or None
     config = Config(
         s3={"addressing_style": "path"} if endpoint else {},
-        retries={"max_attempts": 5, "mode": "standard"},
+        # botocore's own tries of one request (the first and 5 retries); AWS_MAX_ATTEMPTS, the AWS SDKs'
+        # variable for the same number, overrides it.
+        retries={"total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or 6), "mode": "standard"},
     )
     return boto3.client(
         "s3",

@@ -71,6 +71,8 @@ def test_failure_goes_to_the_termination_log(tmp_path: Path, monkeypatch: pytest
 
 
 def test_pure_trainer_modules_do_not_import_torch() -> None:
-    modules = "checkpoints, config, deepspeed_config, distributed, errors, inputs, progress, adapter, data"
+    modules = (
+        "checkpoints, config, deepspeed_config, distributed, errors, inputs, progress, adapter, data, records, retries"
+    )
     code = f"import sys; from kubetune.trainer import {modules}; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

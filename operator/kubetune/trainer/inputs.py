@@ -4,12 +4,17 @@ pvc:// and configmap:// are mounted by the operator (kubetune.storage.local_path
 huggingface_hub (token from $HF_TOKEN) and s3:// with boto3 (kubetune.s3, credentials from the location's `s3`
 block), both into the cache root. An s3:// output is written to the cache root and uploaded from there
 (trainer/remote.py); the newest complete checkpoint in it is downloaded before training resumes.
+
+A download that fails transiently (a hub or S3 outage) is retried with back-off (trainer/retries.py) and then
+fails with the retryable exit code (ModelUnavailable, ...); a definite answer (not found, no access) fails at
+once with the permanent one (ModelNotFound, ...).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +22,18 @@ from typing import Any
 from kubetune import s3, storage
 from kubetune.api.v1alpha1 import TrainerConfig
 from kubetune.trainer.data import DatasetReport, PreparedData, TokenStats, load_tokenizer, prepare
-from kubetune.trainer.errors import DATASET_INVALID, INIT_ADAPTER_NOT_FOUND, MODEL_NOT_FOUND, TrainerFailure
+from kubetune.trainer.errors import (
+    DATASET_INVALID,
+    DATASET_UNAVAILABLE,
+    INIT_ADAPTER_NOT_FOUND,
+    INIT_ADAPTER_UNAVAILABLE,
+    MODEL_NOT_FOUND,
+    MODEL_UNAVAILABLE,
+    TrainerFailure,
+)
 from kubetune.trainer.progress import log_event
 from kubetune.trainer.remote import RemoteOutput
+from kubetune.trainer.retries import RetriesExhausted, RetryPolicy, call_with_retries
 
 
 def hf_download(uri: str, repo_type: str, revision: str | None = None) -> Path:
@@ -55,12 +69,22 @@ def fetch(uri: str, repo_type: str = "model", revision: str | None = None, acces
     return Path(storage.local_path(uri))
 
 
+def fetch_or_fail(what: str, uri: str, reasons: tuple[str, str], fetch_once: Callable[[], Path]) -> Path:
+    """fetch_once() with retries; TrainerFailure with reasons[0] (permanent) or reasons[1] (retryable)."""
+    policy = RetryPolicy.from_env(os.environ)
+    try:
+        return call_with_retries(f"{what} {uri}", fetch_once, policy)
+    except RetriesExhausted as err:
+        message = f"cannot fetch {what} {uri}, {err}; the pod exits to be retried (backoffLimit)"
+        raise TrainerFailure(reasons[1], message, retryable=True) from err
+    except Exception as err:
+        raise TrainerFailure(reasons[0], f"cannot fetch {what} {uri}: {err}") from err
+
+
 def model_path(uri: str, revision: str | None = None, access: s3.Access | None = None) -> Path:
     """The base model's directory (config, weights, tokenizer); ModelNotFound when it is not there."""
-    try:
-        path = fetch(uri, "model", revision, access)
-    except Exception as err:
-        raise TrainerFailure(MODEL_NOT_FOUND, f"cannot fetch base model {uri}: {err}") from err
+    reasons = (MODEL_NOT_FOUND, MODEL_UNAVAILABLE)
+    path = fetch_or_fail("base model", uri, reasons, lambda: fetch(uri, "model", revision, access))
     if not (path / "config.json").is_file():
         raise TrainerFailure(MODEL_NOT_FOUND, f"base model {uri}: no config.json at {path}")
     return path
@@ -68,10 +92,8 @@ def model_path(uri: str, revision: str | None = None, access: s3.Access | None =
 
 def dataset_path(uri: str, access: s3.Access | None = None) -> Path:
     """The dataset's JSONL file; DatasetInvalid when it is not there."""
-    try:
-        path = fetch(uri, "dataset", access=access)
-    except Exception as err:
-        raise TrainerFailure(DATASET_INVALID, f"cannot fetch dataset {uri}: {err}") from err
+    reasons = (DATASET_INVALID, DATASET_UNAVAILABLE)
+    path = fetch_or_fail("dataset", uri, reasons, lambda: fetch(uri, "dataset", access=access))
     if not path.is_file():
         raise TrainerFailure(DATASET_INVALID, f"dataset {uri}: no file at {path}")
     return path
@@ -79,10 +101,8 @@ def dataset_path(uri: str, access: s3.Access | None = None) -> Path:
 
 def init_adapter_path(uri: str, access: s3.Access | None = None) -> Path:
     """The adapter DPO starts from (fromFineTuneJob's output); InitAdapterNotFound when it is not there."""
-    try:
-        path = fetch(uri, "model", access=access)
-    except Exception as err:
-        raise TrainerFailure(INIT_ADAPTER_NOT_FOUND, f"cannot fetch adapter {uri}: {err}") from err
+    reasons = (INIT_ADAPTER_NOT_FOUND, INIT_ADAPTER_UNAVAILABLE)
+    path = fetch_or_fail("adapter", uri, reasons, lambda: fetch(uri, "model", access=access))
     if not (path / "adapter_config.json").is_file():
         raise TrainerFailure(INIT_ADAPTER_NOT_FOUND, f"adapter {uri}: no adapter_config.json at {path}")
     return path
