@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 
+from kubetune.api.v1alpha1 import CheckpointStatus
 from kubetune.trainer.progress import (
     StatusReporter,
     build_progress,
+    checkpoint_patch,
     eta_seconds,
     format_eta,
     format_summary,
@@ -54,6 +56,19 @@ def test_patches_carry_the_uid_precondition() -> None:
     assert patch["metadata"] == {"uid": "abc"}
     assert patch["status"]["progress"]["step"] == 1
     assert status_patch({"adapter": {"uri": "x"}}) == {"status": {"adapter": {"uri": "x"}}}
+
+
+def test_a_checkpoint_is_reported_with_the_progress_at_its_step() -> None:
+    # One patch: `kubectl get` never shows checkpoint 400 beside PROGRESS 35% (350/1000), whatever the
+    # reporter's interval and whenever its thread sends.
+    checkpoint = CheckpointStatus(step=400, uri="pvc://adapters/j/checkpoints/checkpoint-400")
+    patch = checkpoint_patch(build_progress(400, 1000, loss=1.5), checkpoint, uid="abc")
+    assert patch["metadata"] == {"uid": "abc"}
+    assert patch["status"]["checkpoint"] == {"step": 400, "uri": "pvc://adapters/j/checkpoints/checkpoint-400"}
+    assert patch["status"]["progress"]["step"] == 400 and patch["status"]["progress"]["summary"] == "40% (400/1000)"
+    assert checkpoint_patch(build_progress(401, 1000), checkpoint)["status"]["progress"]["step"] == 401
+    with pytest.raises(ValueError, match="progress at step 350 would trail the checkpoint at step 400"):
+        checkpoint_patch(build_progress(350, 1000), checkpoint)
 
 
 def test_merge_coalesces_reports() -> None:

@@ -16,9 +16,10 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from kubetune import storage
+from kubetune.api.v1alpha1 import CheckpointStatus, Progress
 from kubetune.trainer import checkpoints
 from kubetune.trainer.metrics import TrainerMetrics
-from kubetune.trainer.progress import StatusReporter, build_progress, log_event, progress_patch, status_patch
+from kubetune.trainer.progress import StatusReporter, build_progress, checkpoint_patch, log_event, progress_patch
 from kubetune.trainer.remote import RemoteOutput
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class ProgressCallback(TrainerCallback):
         self.extra: dict[str, list[float]] = {}
         self.learning_rate: float | None = None
         self.eval_loss: float | None = None
+        self.last: Progress | None = None
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
         self.started = self.last_report = time.monotonic()
@@ -84,6 +86,13 @@ class ProgressCallback(TrainerCallback):
                 self.report(state)
             self.reporter.flush_soon()
 
+    def progress_at(self, state: TrainerState) -> Progress:
+        """The progress at the current step: the last report when it was at this step, else a new report."""
+        if self.last is None or self.last.step != state.global_step:
+            self.report(state)
+        assert self.last is not None
+        return self.last
+
     def report(self, state: TrainerState) -> None:
         now = time.monotonic()
         tokens = state.num_input_tokens_seen
@@ -108,10 +117,12 @@ class ProgressCallback(TrainerCallback):
             self.metrics.update(progress)
         self.losses, self.extra = [], {}
         self.last_report, self.last_tokens, self.reported_step = now, tokens, state.global_step
+        self.last = progress
 
 
 class CheckpointCallback(TrainerCallback):
-    """After every save: wait for all ranks, mark the checkpoint complete, drop old ones, report it.
+    """After every save: wait for all ranks, mark the checkpoint complete, drop old ones, report it together
+    with the progress at its step (from `progress`, which reports first when its last report is older).
 
     With an s3:// output (`remote`) the first process of every node uploads what its node wrote, all ranks
     meet again, and only then rank 0 uploads the marker and rotates the bucket's checkpoints."""
@@ -121,14 +132,15 @@ class CheckpointCallback(TrainerCallback):
         root: Path,
         keep: int,
         output_uri: str,
-        reporter: StatusReporter,
+        progress: ProgressCallback,
         uid: str = "",
         remote: RemoteOutput | None = None,
     ) -> None:
         self.root = root
         self.keep = keep
         self.output_uri = output_uri
-        self.reporter = reporter
+        self.progress = progress
+        self.reporter = progress.reporter
         self.uid = uid
         self.remote = remote
 
@@ -149,8 +161,9 @@ class CheckpointCallback(TrainerCallback):
                 self.remote.mark_complete(path)
                 removed = [f"checkpoint-{s}" for s in self.remote.rotate(self.keep)]
             uri = storage.join(self.output_uri, "checkpoints", path.name)
+            progress = self.progress.progress_at(state)
             log_event("checkpoint", step=step, uri=uri, removed=removed)
-            self.reporter.submit(status_patch({"checkpoint": {"step": step, "uri": uri}}, self.uid))
+            self.reporter.submit(checkpoint_patch(progress, CheckpointStatus(step=step, uri=uri), self.uid))
             self.reporter.flush_soon()
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from kubetune.api.v1alpha1 import GROUP, VERSION, FineTuneJob, Progress
+from kubetune.api.v1alpha1 import GROUP, VERSION, CheckpointStatus, FineTuneJob, Progress
 from kubetune.api.v1alpha1.trainerconfig import JobIdentity
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,14 @@ def status_patch(status: dict[str, Any], uid: str = "") -> Patch:
 
 def progress_patch(progress: Progress, uid: str = "") -> Patch:
     return status_patch({"progress": progress.to_wire()}, uid)
+
+
+def checkpoint_patch(progress: Progress, checkpoint: CheckpointStatus, uid: str = "") -> Patch:
+    """The status write of a saved checkpoint: the checkpoint with the progress at (or after) its step, in one
+    patch, so that PROGRESS in `kubectl get` never trails the checkpoint the status names."""
+    if progress.step < checkpoint.step:
+        raise ValueError(f"progress at step {progress.step} would trail the checkpoint at step {checkpoint.step}")
+    return status_patch({"progress": progress.to_wire(), "checkpoint": checkpoint.to_wire()}, uid)
 
 
 def log_event(event: str, **fields: Any) -> None:

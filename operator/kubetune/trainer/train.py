@@ -274,13 +274,14 @@ def run(config: TrainerConfig, inputs: Inputs) -> int:
     stop = StopOnSignal()
     previous_handler = stop.install()
     root = inputs.output_dir / "checkpoints"
+    progress = ProgressCallback(reporter, config.progress_interval_seconds, config.job.uid, exporter)
     callbacks = [
-        ProgressCallback(reporter, config.progress_interval_seconds, config.job.uid, exporter),
+        progress,
         CheckpointCallback(
             root,
             config.spec.checkpointing.keep,
             config.spec.output.uri,
-            reporter,
+            progress,
             config.job.uid,
             RemoteOutput.of(config.spec.output),
         ),
