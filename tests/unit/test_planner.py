@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobSpec, Plan
+from kubetune.api.v1alpha1.finetunejob import Distributed
 from kubetune.planner import Overrides, PlanInfeasible, plan_job, plan_training
 from kubetune.planner import cli as planner_cli
 from kubetune.planner.gpus import GPU_TYPES, gpu_type
@@ -210,6 +211,19 @@ def test_fixed_settings_are_kept() -> None:
     assert (p.micro_batch_size, p.gradient_accumulation_steps) == (1, 64)
     assert p.memory.weights_gib > 0  # optimizer offload is enough: the weights stay on the GPU
     assert "fixed in spec.distributed" in " ".join(p.explanation)
+
+
+def test_auto_attention_is_sdpa_as_the_api_says() -> None:
+    # The planner cannot see the image, so auto never names flash_attention_2; the field's description (the
+    # CRD's, kubectl explain's) must say the same, and a fixed flash_attention_2 is explained with its condition.
+    crd = yaml.safe_load((Path(__file__).parents[2] / "crds" / "kubetune.io_finetunejobs.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    described = spec["properties"]["distributed"]["properties"]["attention"]["description"]
+    assert described.startswith("Attention kernel. auto is sdpa")
+    assert plan(overrides=Overrides.from_distributed(Distributed())).attention == "sdpa"
+    flash = plan(overrides=Overrides(attention="flash_attention_2"))
+    assert flash.attention == "flash_attention_2"
+    assert any("needs the flash-attn package" in line for line in flash.explanation)
 
 
 def test_a_fixed_setting_leaves_the_others_to_the_planner() -> None:

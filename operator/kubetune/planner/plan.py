@@ -6,8 +6,9 @@ How it decides
    (ZeRO-2/3) and of the weights too (ZeRO-3); gradient checkpointing off or on; torch.compile of each
    decoder layer (checkpointing off, SFT only: with DPO the compiled policy and reference passes
    differ in bf16 rounding, GPU.md) or Liger's fused RMSNorm/SwiGLU/RoPE kernels (smaller activations than
-   eager code; the loss is TRL's fused LM head either way); SDPA attention. A setting fixed in
-   spec.distributed leaves only that value.
+   eager code; the loss is TRL's fused LM head either way); SDPA attention, which is what `auto` means
+   for attention (the planner cannot know whether the image has flash-attn, and SDPA's flash kernels need
+   no package). A setting fixed in spec.distributed leaves only that value.
 2. Memory. For each candidate the micro-batch is the largest divisor of the per-GPU batch whose predicted
    peak (memory.py) fits in the GPU's memory less a safety margin (10%, 20% on cards under 32 GiB).
    CPU offload is considered only when nothing fits without it, weight offload only when optimizer
@@ -533,7 +534,12 @@ def _to_plan(
         lines.append(f"Liger kernels (fused RMSNorm, SwiGLU, RoPE): {reason}.")
 
     # Attention.
-    if over.attention is not None:
+    if over.attention == "flash_attention_2":
+        lines.append(
+            "Attention flash_attention_2 as fixed in spec.distributed.attention: it needs the flash-attn package"
+            " in the trainer image, else the trainer uses sdpa (status.trainer.attention says which ran)."
+        )
+    elif over.attention is not None:
         lines.append(f"Attention {s.attention} as fixed in spec.distributed.attention.")
     else:
         lines.append("SDPA attention: PyTorch's flash kernels, no dependency on the flash-attn package.")

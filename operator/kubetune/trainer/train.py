@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, Trai
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_callback import ProgressCallback as TqdmCallback
 
-from kubetune.api.v1alpha1 import Method, Plan, TrainerConfig
+from kubetune.api.v1alpha1 import Method, Plan, TrainerConfig, TrainerRuntime
 from kubetune.trainer import adapter, checkpoints
 from kubetune.trainer.callbacks import CheckpointCallback, ProgressCallback, StopOnSignal
 from kubetune.trainer.data import load_tokenizer
@@ -37,14 +37,18 @@ log = logging.getLogger(__name__)
 LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False}
 
 
-def attention_implementation(requested: str) -> str:
-    """flash_attention_2 when asked for (or auto) and importable, else sdpa; eager only when asked for."""
-    if requested == "eager":
-        return "eager"
-    wants_flash = requested in ("flash_attention_2", "auto") and torch.cuda.is_available()
-    if wants_flash and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+def attention_implementation(requested: str) -> tuple[str, str]:
+    """The attention to load the model with for the plan's `requested` one, and why it differs ("" when it does
+    not): flash_attention_2 needs a GPU and the flash-attn package, else sdpa. auto is sdpa, as in the planner."""
+    if requested in ("sdpa", "eager"):
+        return requested, ""
+    if requested != "flash_attention_2":
+        return "sdpa", ""
+    if not torch.cuda.is_available():
+        return "sdpa", "flash_attention_2 needs a GPU"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "sdpa", "the flash-attn package is not installed in this image"
+    return "flash_attention_2", ""
 
 
 def trainer_arguments(config: TrainerConfig, output: Path, hidden_size: int, has_eval: bool) -> Any:
@@ -104,11 +108,25 @@ def load_model(model_dir: Path, plan: Plan) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir),
         dtype=torch.bfloat16 if cuda else torch.float32,
-        attn_implementation=attention_implementation(plan.attention),
+        attn_implementation=attention_implementation(plan.attention)[0],
         device_map=device_map,
     )
     model.config.use_cache = False
     return model
+
+
+def report_attention(plan: Plan, model: Any, reporter: StatusReporter, uid: str) -> str:
+    """Say which attention the model runs with (an `attention` event and status.trainer.attention), with a
+    warning when it is not the plan's. Returns it."""
+    chosen, why = attention_implementation(plan.attention)
+    # The loaded model's own setting is the truth: transformers may change what it was given.
+    used = str(getattr(model.config, "_attn_implementation", None) or chosen)
+    why = why or ("" if used == chosen else "transformers loaded the model with it")
+    log_event("attention", planned=plan.attention, used=used, **({"reason": why} if why else {}))
+    if why:
+        log.warning("the plan asks for %s attention, but the model runs with %s: %s", plan.attention, used, why)
+    reporter.submit(status_patch({"trainer": TrainerRuntime(attention=used).to_wire()}, uid))
+    return used
 
 
 def lora_config(config: TrainerConfig) -> Any:
@@ -291,6 +309,7 @@ def run(config: TrainerConfig, inputs: Inputs) -> int:
         resume = checkpoints.latest_complete(root)
         trainer = build_trainer(config, inputs, callbacks)
         if rank == 0:
+            report_attention(config.plan, trainer.model, reporter, config.job.uid)
             for c in checkpoints.remove_incomplete(root):
                 log_event("checkpoint-discarded", step=c.step, reason="incomplete")
             if resume:

@@ -24,6 +24,7 @@ from kubetune.api.v1alpha1.finetunejob import (
     Method,
     Plan,
     Progress,
+    TrainerRuntime,
 )
 from kubetune.api.v1alpha1.modelserver import (
     AdapterSource,
@@ -70,4 +71,5 @@ __all__ = [
     "ServedAdapterStatus",
     "ServerState",
     "TrainerConfig",
+    "TrainerRuntime",
 ]

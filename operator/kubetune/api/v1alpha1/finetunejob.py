@@ -174,7 +174,9 @@ class Distributed(KubeModel):
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     """Recompute activations in the backward pass: less memory, about 25% more compute."""
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
-    """Attention kernel; auto uses flash_attention_2 when the image has it, else sdpa."""
+    """Attention kernel. auto is sdpa: PyTorch's fused attention (its flash and memory-efficient kernels),
+    which needs no extra package. flash_attention_2 needs a GPU and the flash-attn package in the trainer
+    image; without them the trainer uses sdpa, logs a warning and reports it in status.trainer.attention."""
     micro_batch_size: Annotated[AutoOrInt, field_rules(_micro_batch_rule)] = "auto"
     """Sequences per GPU per forward pass: auto or a number."""
 
@@ -364,7 +366,7 @@ class Plan(KubeModel):
     gradient_checkpointing: bool = False
     """Activation recomputation."""
     attention: str = "sdpa"
-    """Attention implementation."""
+    """Attention implementation the plan asks for (status.trainer.attention: the one the trainer used)."""
     liger_kernels: bool = False
     """Liger fused RMSNorm/SwiGLU/RoPE/cross-entropy kernels."""
     compile: bool = False
@@ -394,6 +396,14 @@ class AdapterStatus(KubeModel):
     """SHA-256 of the adapter weights file."""
 
 
+class TrainerRuntime(KubeModel):
+    """What the trainer actually runs with, reported by its rank 0 once the model is loaded (status.plan is
+    what was asked for: the image may lack a kernel the plan names)."""
+
+    attention: str = ""
+    """Attention implementation the model runs with: sdpa, flash_attention_2 or eager."""
+
+
 class CheckpointStatus(KubeModel):
     """The latest complete checkpoint."""
 
@@ -421,6 +431,8 @@ class FineTuneJobStatus(KubeModel):
     """The adapter, once the run succeeded."""
     checkpoint: CheckpointStatus | None = None
     """The latest checkpoint."""
+    trainer: TrainerRuntime | None = None
+    """What the trainer actually runs with, reported by the trainer (status.plan is what was asked for)."""
     start_time: datetime | None = None
     """When the training pods first started running."""
     completion_time: datetime | None = None
