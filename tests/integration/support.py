@@ -24,6 +24,7 @@ from kubetune.dev.binaries import ensure_binaries
 from kubetune.dev.controlplane import Cluster, ControlPlane, free_ports
 from kubetune.dev.demo import storage_manifests
 from kubetune.dev.nodes import create_simulated_nodes, wait_nodes_ready
+from kubetune.dev.podranges import claim_pod_range
 from kubetune.k8s.client import Kube
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,15 +190,17 @@ class AgentProcess:
     cluster: Cluster
     state_dir: Path
     node: str
-    pod_cidr: str
     gpus: int = 0
     taint: str = "kubetune.io/agent-test=true:NoSchedule"
     labels: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    pod_cidr: str = ""
+    """Claimed for the state folder when it starts: a range no other agent of the machine uses."""
 
     def start(self) -> None:
         self.starts += 1
+        self.pod_cidr = claim_pod_range(self.state_dir)
         log = (self.state_dir / f"agent-{self.starts}.log").open("wb")
         argv = [sys.executable, "-m", "kubetune.dev.agent", "--kubeconfig", str(self.cluster.kubeconfig)]
         argv += ["--state-dir", str(self.state_dir), "--node-name", self.node, "--gpus", str(self.gpus)]
@@ -246,13 +249,12 @@ AGENT_LABEL = ("kubetune.io/test-node", "serving")
 AGENT_TAINT = "kubetune.io/serving-test=true:NoSchedule"
 
 
-def cpu_agent(cluster: Cluster, state_dir: Path, name: str, pod_cidr: str) -> Iterator[AgentProcess]:
+def cpu_agent(cluster: Cluster, state_dir: Path, name: str) -> Iterator[AgentProcess]:
     """A node agent with two "GPUs" (everything runs on CPU) that takes only pods of gpuType cpu-agent."""
     yield from running_agent(
         cluster,
         state_dir,
         node=f"{name}-{uuid.uuid4().hex[:6]}",
-        pod_cidr=pod_cidr,
         gpus=2,
         taint=AGENT_TAINT,
         labels=("=".join(AGENT_LABEL),),

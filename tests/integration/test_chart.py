@@ -63,7 +63,7 @@ def api(cluster: Cluster) -> Api:
 @pytest.fixture(scope="module")
 def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     """The node the chart's operator pod runs on (no GPUs: training pods go to the kwok GPU nodes)."""
-    yield from running_agent(cluster, tmp_path_factory.mktemp("chart-agent"), node="chart-0", pod_cidr="127.97.0.0/16")
+    yield from running_agent(cluster, tmp_path_factory.mktemp("chart-agent"), node="chart-0")
 
 
 def install_values(agent: AgentProcess) -> dict[str, str]:

@@ -61,7 +61,7 @@ class Scene:
 @pytest.fixture(scope="module")
 def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     """A node agent with two "GPUs" that takes only pods of gpuType cpu-agent."""
-    yield from cpu_agent(cluster, tmp_path_factory.mktemp("dev-flow-agent"), "dev-flow", "127.98.0.0/16")
+    yield from cpu_agent(cluster, tmp_path_factory.mktemp("dev-flow-agent"), "dev-flow")
 
 
 @pytest.fixture(scope="module")

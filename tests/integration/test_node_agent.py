@@ -7,7 +7,6 @@ GPU labels, so nothing of the other tests lands on it; every pod here names it i
 from __future__ import annotations
 
 import os
-import random
 import signal
 import textwrap
 import time
@@ -29,12 +28,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the node agent needs 
 
 @pytest.fixture(scope="module")
 def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    yield from running_agent(
-        cluster,
-        tmp_path_factory.mktemp("agent"),
-        node=f"agent-test-{uuid.uuid4().hex[:6]}",
-        pod_cidr=f"127.{random.randint(100, 250)}.0.0/16",
-    )
+    yield from running_agent(cluster, tmp_path_factory.mktemp("agent"), node=f"agent-test-{uuid.uuid4().hex[:6]}")
 
 
 @pytest.fixture(scope="module")

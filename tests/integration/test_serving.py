@@ -67,7 +67,7 @@ class Scene:
 @pytest.fixture(scope="module")
 def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     """A node agent whose Node has two "GPUs" (vLLM runs on CPU) and takes only the servers' pods."""
-    yield from cpu_agent(cluster, tmp_path_factory.mktemp("serving-agent"), "serving", "127.99.0.0/16")
+    yield from cpu_agent(cluster, tmp_path_factory.mktemp("serving-agent"), "serving")
 
 
 @pytest.fixture(scope="module")

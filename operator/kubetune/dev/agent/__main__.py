@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from kubetune.dev.agent.agent import DEFAULT_POD_CIDR, Agent, AgentConfig
+from kubetune.dev.agent.agent import Agent, AgentConfig
 from kubetune.dev.agent.node import dev_gpu_node, parse_taint
+from kubetune.dev.podranges import claim_pod_range
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,7 +28,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default="20Gi")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="an extra node label")
     p.add_argument("--taint", action="append", default=[], metavar="KEY=VALUE:EFFECT", help="an extra node taint")
-    p.add_argument("--pod-cidr", default=DEFAULT_POD_CIDR, help="loopback range of pod addresses")
+    p.add_argument(
+        "--pod-cidr",
+        default=None,
+        help="loopback range of pod addresses (default: a free /16 of 127.0.0.0/8, kept for --state-dir)",
+    )
     p.add_argument("--backoff", type=float, default=10.0, help="first crash-loop back-off in seconds (doubles)")
     p.add_argument("--pass-env", action="append", default=[], metavar="NAME", help="pass this variable to all pods")
     p.add_argument("--verbose", "-v", action="store_true")
@@ -48,8 +53,8 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
     return AgentConfig(
         kubeconfig=args.kubeconfig,
         state_dir=args.state_dir,
+        pod_cidr=args.pod_cidr or claim_pod_range(args.state_dir),
         node=node,
-        pod_cidr=args.pod_cidr,
         backoff_initial_s=args.backoff,
         pass_env=pass_env,
     )
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         agent = Agent(config_from(args))
-    except ValueError as error:
+    except (ValueError, RuntimeError) as error:
         print(f"kubetune dev agent: {error}", file=sys.stderr)
         return 2
 

@@ -26,8 +26,6 @@ from kubetune.k8s.client import ApiError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POD_CIDR = "127.1.0.0/16"
-
 
 @dataclass
 class AgentConfig:
@@ -35,8 +33,9 @@ class AgentConfig:
 
     kubeconfig: str
     state_dir: Path
+    pod_cidr: str
+    """The loopback range of pod addresses (kubetune.dev.podranges claims one per state folder)."""
     node: NodeSpec = field(default_factory=NodeSpec)
-    pod_cidr: str = DEFAULT_POD_CIDR
     venv: Path = field(default_factory=lambda: Path(sys.prefix))
     backoff_initial_s: float = 10.0
     pass_env: dict[str, str] = field(default_factory=dict)
