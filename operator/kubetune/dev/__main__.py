@@ -1,4 +1,4 @@
-"""``python -m kubetune.dev up|down|status|logs|build|demo``: the local cluster from the command line.
+"""``python -m kubetune.dev up|down|status|restart|logs|build|demo``: the local cluster from the command line.
 
 ``up`` starts the control plane with its simulated nodes, then (unless told not to) the node agent, which
 runs the pods bound to its node as local processes, and the operator, both in the background.
@@ -16,14 +16,24 @@ from pathlib import Path
 
 import yaml
 
+from kubetune.config import load as load_operator_config
 from kubetune.dev.agent import daemons
 from kubetune.dev.agent.logs import container_log, find_pod_log_dir, print_log
 from kubetune.dev.binaries import ensure_binaries, ensure_helm
-from kubetune.dev.controlplane import Cluster, ControlPlane, KubectlError, repo_root
+from kubetune.dev.controlplane import (
+    COMPONENT_ALIASES,
+    COMPONENTS,
+    Cluster,
+    ControlPlane,
+    KubectlError,
+    free_ports,
+    repo_root,
+)
 from kubetune.dev.nodes import create_simulated_nodes, parse_pools, wait_nodes_ready
+from kubetune.dev.podranges import claim_pod_range, release_pod_range
 
 DEFAULT_NODES = "gpu=4,cpu=2"
-AGENT_START_TIMEOUT_S = 60.0
+DAEMON_START_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,16 @@ class AgentOptions:
     gpus: int = 4
     cpu: str = "2"
     memory: str = "20Gi"
+
+
+@dataclass(frozen=True)
+class OperatorOptions:
+    """The operator, as ``up`` starts it."""
+
+    config: Path | None = None
+    """Its configuration file; None: the dev configuration (:func:`daemons.dev_operator_config`)."""
+    metrics_port: int = 0
+    """Its /metrics port on 127.0.0.1; 0: a free one."""
 
 
 def crd_files(root: Path) -> list[Path]:
@@ -47,13 +67,17 @@ def up(
     nodes: str = DEFAULT_NODES,
     apply_crds: bool = True,
     agent: AgentOptions | None = None,
-    operator: bool = False,
+    operator: OperatorOptions | None = None,
 ) -> Cluster:
     """Build or find the binaries, start the control plane, add the simulated nodes and the CRDs; then the
-    node agent (when ``agent`` is given) and the operator in the background."""
+    node agent (when ``agent`` is given) and the operator (when ``operator`` is) in the background.
+
+    RuntimeError when a part does not start (with the end of its log); the parts started before it keep running.
+    """
     started = time.monotonic()
-    plane = ControlPlane(state_dir, ensure_binaries())
     pools = parse_pools(nodes)
+    operator_config = operator_config_text(operator.config, agent is not None) if operator else None
+    plane = ControlPlane(state_dir, ensure_binaries())
     plane.start()
     names = create_simulated_nodes(plane.kubeconfig, pools)  # meanwhile the controllers start up
     plane.wait_ready()
@@ -71,33 +95,55 @@ def up(
         print(f"kubetune dev: applied {len(crds)} CRD files from crds/")
     if agent is not None:
         start_agent(plane.state_dir, plane.kubeconfig, agent)
-    if operator:
-        config = plane.state_dir / "operator.yaml"
-        settings = daemons.dev_operator_config(agent is not None and os.geteuid() == 0)
-        config.write_text(yaml.safe_dump(settings.model_dump(mode="json", by_alias=True, exclude_none=True)))
-        daemon = daemons.operator_daemon(plane.kubeconfig, config)
-        pid = daemons.start(plane.state_dir, daemon)
-        print(f"kubetune dev: operator running (pid {pid}, log {daemons.log_file(plane.state_dir, daemon.name)})")
+    if operator is not None and operator_config is not None:
+        start_operator(plane.state_dir, plane.kubeconfig, operator_config, operator.metrics_port)
     return cluster
 
 
+def operator_config_text(path: Path | None, agent: bool) -> str:
+    """The operator's configuration as YAML: the file at ``path``, validated here so that a mistake fails
+    at once (the operator would retry its start-up), else the dev configuration."""
+    if path is None:
+        settings = daemons.dev_operator_config(agent and os.geteuid() == 0)
+    else:
+        try:
+            settings = load_operator_config(path)
+        except (OSError, ValueError) as error:
+            raise RuntimeError(f"--operator-config {path}: {error}") from error
+    return yaml.safe_dump(settings.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
 def start_agent(state_dir: Path, kubeconfig: Path, options: AgentOptions) -> None:
-    """Start the node agent in the background and wait until it serves its Node."""
+    """Start the node agent in the background, its pods in a loopback range of its own, and wait until it
+    serves its Node."""
     if os.geteuid() != 0:
         print("kubetune dev: not starting the node agent: it needs root (pass --no-agent to silence this)")
         return
-    daemon = daemons.agent_daemon(state_dir, kubeconfig, options.node, options.gpus, options.cpu, options.memory)
-    pid = daemons.start(state_dir, daemon)
-    deadline = time.monotonic() + AGENT_START_TIMEOUT_S
-    while not daemons.agent_ready(state_dir, pid):
-        report = daemons.exit_report(state_dir, daemon)
-        if report:
-            raise RuntimeError(f"the cluster runs, but the node agent did not start: {report}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the node agent did not get ready in {AGENT_START_TIMEOUT_S:.0f}s")
-        time.sleep(0.2)
+    pod_cidr = claim_pod_range(daemons.agent_dir(state_dir))
+    daemon = daemons.agent_daemon(
+        state_dir, kubeconfig, options.node, options.gpus, options.cpu, options.memory, pod_cidr
+    )
+    try:
+        pid, _ = daemons.start_ready(state_dir, daemon, DAEMON_START_TIMEOUT_S)
+    except RuntimeError as error:
+        raise RuntimeError(f"the cluster runs, but {error}") from None
     log = daemons.log_file(state_dir, daemon.name)
-    print(f"kubetune dev: node agent running (pid {pid}, node {options.node}, log {log})")
+    print(f"kubetune dev: node agent running (pid {pid}, node {options.node}, pods in {pod_cidr}, log {log})")
+
+
+def start_operator(state_dir: Path, kubeconfig: Path, config_text: str, metrics_port: int) -> None:
+    """Start the operator in the background on ports of this cluster, and wait until it is ready."""
+    config = state_dir / "operator.yaml"
+    config.write_text(config_text)
+    health_port, free_metrics_port = free_ports(2)
+    daemon = daemons.operator_daemon(kubeconfig, config, metrics_port or free_metrics_port, health_port)
+    try:
+        pid, running = daemons.start_ready(state_dir, daemon, DAEMON_START_TIMEOUT_S)
+    except RuntimeError as error:
+        raise RuntimeError(f"the cluster runs, but {error}") from None
+    metrics = running.argv[running.argv.index("--metrics-address") + 1]
+    log = daemons.log_file(state_dir, daemon.name)
+    print(f"kubetune dev: operator running (pid {pid}, metrics http://{metrics}/metrics, log {log})")
 
 
 def apply_crd_files(cluster: Cluster, paths: list[Path]) -> None:
@@ -111,31 +157,56 @@ def apply_crd_files(cluster: Cluster, paths: list[Path]) -> None:
 
 
 def down(state_dir: Path | None = None, purge: bool = False) -> None:
-    """Stop every component; with ``purge`` also delete the state folder (etcd data, certificates)."""
+    """Stop every component; with ``purge`` also delete the state folder (etcd data, certificates) and give
+    up the agent's pod address range."""
     plane = ControlPlane(state_dir)
     if plane.state_dir.is_dir():
         daemons.stop(plane.state_dir, daemons.OPERATOR, "operator")
         daemons.stop(plane.state_dir, daemons.AGENT, "kubetune.dev.agent")
     plane.stop()
     if purge:
+        release_pod_range(daemons.agent_dir(plane.state_dir))
         shutil.rmtree(plane.state_dir, ignore_errors=True)
     print(f"kubetune dev: stopped{' and removed' if purge else ''} {plane.state_dir}")
 
 
+def restart(state_dir: Path | None, component: str) -> None:
+    """Stop one component and start it again with the same ports, certificates and command line."""
+    plane = ControlPlane(state_dir)
+    if component in (daemons.AGENT, daemons.OPERATOR):
+        pid = daemons.restart(plane.state_dir, component, DAEMON_START_TIMEOUT_S)
+    else:
+        pid = plane.restart(component)
+    print(f"kubetune dev: {component} restarted (pid {pid})")
+
+
 def status(state_dir: Path | None = None) -> bool:
-    """Print each component's state; True when all are healthy."""
+    """Print each component's state; True when all are healthy (a daemon never started counts as healthy)."""
     plane = ControlPlane(state_dir)
     statuses = plane.status()
     for s in statuses:
         state = "healthy" if s.healthy else ("running" if s.running else "stopped")
         print(f"{s.name:<24} {state:<8} pid={s.pid or '-':<8} {s.detail}")
-    for name, marker in ((daemons.AGENT, "kubetune.dev.agent"), (daemons.OPERATOR, "operator")):
-        pid = daemons.running_pid(plane.state_dir, name, marker)
-        detail = f"log {daemons.log_file(plane.state_dir, name)}" if pid else "not running"
-        print(f"{name:<24} {'running' if pid else 'stopped':<8} pid={pid or '-':<8} {detail}")
+    healthy = all(s.healthy for s in statuses)
+    for name in (daemons.AGENT, daemons.OPERATOR):
+        state, pid, detail = daemon_status(plane.state_dir, name)
+        healthy = healthy and state in ("healthy", "stopped")
+        print(f"{name:<24} {state:<8} pid={pid or '-':<8} {detail}")
     if plane.kubeconfig.exists():
         print(f"kubeconfig: {plane.kubeconfig}")
-    return all(s.healthy for s in statuses)
+    return healthy
+
+
+def daemon_status(state_dir: Path, name: str) -> tuple[str, int | None, str]:
+    """(healthy, running (not ready), exited (its pid file is there) or stopped; its PID; a detail)."""
+    daemon = daemons.recorded(state_dir, name)
+    pid = daemons.running_pid(state_dir, name, daemon.marker) if daemon else None
+    log = f"log {daemons.log_file(state_dir, name)}"
+    if daemon is None or (pid is None and not daemons.pid_file(state_dir, name).exists()):
+        return "stopped", None, "not running"
+    if pid is None:
+        return "exited", None, log
+    return ("healthy" if daemons.ready(state_dir, daemon, pid) else "running"), pid, log
 
 
 def logs(
@@ -184,9 +255,19 @@ def parser() -> argparse.ArgumentParser:
     up_cmd.add_argument(
         "--operator", action=argparse.BooleanOptionalAction, default=True, help="run the kubetune operator"
     )
+    up_cmd.add_argument(
+        "--operator-config", type=Path, default=None, help="the operator's configuration (default: the dev one)"
+    )
+    up_cmd.add_argument(
+        "--operator-metrics-port", type=int, default=0, help="the operator's /metrics port on 127.0.0.1 (default: free)"
+    )
     down_cmd = commands.add_parser("down", parents=[common], help="stop the cluster")
     down_cmd.add_argument("--purge", action="store_true", help="also delete the state folder")
     commands.add_parser("status", parents=[common], help="show each component's health")
+    restart_cmd = commands.add_parser(
+        "restart", parents=[common], help="restart one component with the same ports and certificates"
+    )
+    restart_cmd.add_argument("component", choices=[*COMPONENTS, *COMPONENT_ALIASES, daemons.AGENT, daemons.OPERATOR])
     logs_cmd = commands.add_parser("logs", parents=[common], help="print a container's log (pods of the node agent)")
     logs_cmd.add_argument("pod")
     logs_cmd.add_argument("-n", "--namespace", default="default")
@@ -209,19 +290,28 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; the exit code."""
     args = parser().parse_args(argv)
+    try:
+        return run_command(args)
+    except (RuntimeError, TimeoutError, ValueError) as error:
+        print(f"kubetune dev: {error}", file=sys.stderr)
+        return 1
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed subcommand; its exit code."""
     if args.command == "up":
         agent = AgentOptions(args.agent_node, args.agent_gpus, args.agent_cpu, args.agent_memory)
-        try:
-            up(
-                args.state_dir,
-                nodes=args.nodes,
-                apply_crds=not args.no_crds,
-                agent=agent if args.agent else None,
-                operator=args.operator,
-            )
-        except RuntimeError as error:
-            print(f"kubetune dev: {error}", file=sys.stderr)
-            return 1
+        operator = OperatorOptions(args.operator_config, args.operator_metrics_port)
+        up(
+            args.state_dir,
+            nodes=args.nodes,
+            apply_crds=not args.no_crds,
+            agent=agent if args.agent else None,
+            operator=operator if args.operator else None,
+        )
+        return 0
+    if args.command == "restart":
+        restart(args.state_dir, args.component)
         return 0
     if args.command == "down":
         down(args.state_dir, purge=args.purge)

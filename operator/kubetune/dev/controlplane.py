@@ -34,6 +34,11 @@ __all__ = ["Cluster", "ComponentStatus", "ControlPlane", "create_simulated_nodes
 
 # Order of start; stop goes the other way.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+COMPONENT_ALIASES = {
+    "apiserver": "kube-apiserver",
+    "controller-manager": "kube-controller-manager",
+    "scheduler": "kube-scheduler",
+}
 PORT_NAMES = ("etcd", "etcd-peer", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -211,12 +216,34 @@ class ControlPlane:
         argv = self.component_argv(binaries, ports)
         for name in COMPONENTS:
             pid = self.spawn(name, argv[name])
-            state["processes"][name] = {"pid": pid, "binary": argv[name][0]}
+            state["processes"][name] = {"pid": pid, "binary": argv[name][0], "argv": argv[name]}
             self.write_state(state)
             # The others retry on their own, but start them only once their server answers: fewer
             # alarming lines in their logs and a faster overall start.
             if name in ("etcd", "kube-apiserver"):
                 self.wait_healthy(name, timeout=60.0)
+
+    def restart(self, name: str, timeout: float = 60.0) -> int:
+        """Stop one component (``apiserver`` names kube-apiserver) and start it again with the command line it
+        had: the same port and certificates, so every kubeconfig keeps working. Returns its new PID once it is
+        healthy."""
+        name = COMPONENT_ALIASES.get(name, name)
+        if name not in COMPONENTS:
+            raise ValueError(f"no component {name!r}: expected one of {', '.join(COMPONENTS)}")
+        if not self.state_file.exists():
+            raise RuntimeError(f"no cluster in {self.state_dir}: run `kubetune dev up` first")
+        with state_lock(self.state_dir):
+            state = self.read_state()
+            entry = state.get("processes", {}).get(name)
+            if not entry:
+                raise RuntimeError(f"{name} was not started in {self.state_dir}: run `kubetune dev up` first")
+            if process_runs(entry["pid"], entry["binary"]):
+                terminate(entry["pid"])
+            argv = entry.get("argv") or self.component_argv(self.binaries, state["ports"])[name]
+            entry["pid"] = self.spawn(name, argv)
+            self.write_state(state)
+        self.wait_healthy(name, timeout)
+        return int(entry["pid"])
 
     def spawn(self, name: str, argv: list[str]) -> int:
         """Start one component in its own session, output appended to ``logs/<name>.log``."""

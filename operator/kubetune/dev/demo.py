@@ -99,7 +99,7 @@ def kubectl_items(cluster: Cluster, *args: str) -> list[dict[str, Any]]:
 
 def ensure_cluster(state_dir: Path | None, started: float) -> Cluster:
     """Reuse a suitable running cluster, else (re)start one with the agent and the operator."""
-    from kubetune.dev.__main__ import AgentOptions, down, up
+    from kubetune.dev.__main__ import AgentOptions, OperatorOptions, down, up
 
     cluster = cluster_running(state_dir)
     if cluster is not None:
@@ -109,7 +109,7 @@ def ensure_cluster(state_dir: Path | None, started: float) -> Cluster:
         log("stopping the previous dev cluster (not all parts run, or it has simulated GPU nodes)", started)
         down(state_dir)
     log(f"starting the dev cluster (nodes {NODES}, node agent, operator)", started)
-    return up(state_dir, nodes=NODES, agent=AgentOptions(), operator=True)
+    return up(state_dir, nodes=NODES, agent=AgentOptions(), operator=OperatorOptions())
 
 
 def agent_pvc_dir(state_dir: Path | None) -> Path:
