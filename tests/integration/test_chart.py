@@ -6,10 +6,12 @@ This module starts a control plane of its own: the session's operator must not c
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import urllib.request
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +19,20 @@ import pytest
 import yaml
 from tests.helm import CHART, helm, set_flags, template_text
 from tests.integration.support import (
+    EXAMPLES,
     AgentProcess,
     Api,
     example,
     running_agent,
     simulated_ftj,
     started_cluster,
+    wait_for,
 )
 
+from kubetune.api.v1alpha1 import FineTuneJob, ModelServer, Plan
+from kubetune.config import OperatorConfig
 from kubetune.dev.controlplane import Cluster
+from kubetune.render import finetunejob, modelserver
 
 NS = "kubetune-system"
 SA = f"system:serviceaccount:{NS}:kubetune"
@@ -105,6 +112,48 @@ def apply_rbac(api: Api) -> None:
     api.kubectl("apply", "--server-side", "-f", "-", input=rendered)
 
 
+def apply_policy(api: Api) -> None:
+    """The chart's ServiceAccount, RBAC and admission policy; returns once the API server enforces the policy."""
+    api.kubectl("create", "namespace", NS, check=False)
+    shown = [f"--show-only=templates/{name}.yaml" for name in ("serviceaccount", "rbac", "admission-policy")]
+    rendered = helm("template", "kubetune", str(CHART), "-n", NS, *shown).stdout
+    api.kubectl("apply", "--server-side", "-f", "-", input=rendered)
+    wait_policy_enforced(api)
+
+
+def wait_policy_enforced(api: Api) -> None:
+    """Wait until the policy refuses a Job of the operator's account that is not kubetune's (policies take
+    effect a moment after they are created)."""
+    bare = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "bare"},
+        "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}},
+    }
+    wait_for(lambda: "ValidatingAdmissionPolicy" in create_as_operator(api, bare, "default").stderr, 60, "the policy")
+
+
+def create_as_operator(api: Api, manifest: dict[str, Any], namespace: str) -> Any:
+    """``kubectl create --dry-run=server`` as the operator's ServiceAccount: every admission step runs."""
+    body = {**manifest, "metadata": {**manifest["metadata"], "namespace": namespace}}
+    args = ["create", "--dry-run=server", f"--as={SA}", "-n", namespace, "-f", "-"]
+    return api.kubectl(*args, input=json.dumps(body), check=False)
+
+
+def rendered_children(namespace: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The training Job and the Deployments (server, chat page) exactly as the operator renders them."""
+    ftj = yaml.safe_load((EXAMPLES / "finetunejob-sft.yaml").read_text())
+    ftj["metadata"] |= {"namespace": namespace, "uid": str(uuid.uuid4())}
+    plan = Plan(zero_stage=3, micro_batch_size=1, gradient_accumulation_steps=16, world_size=4)
+    (job,) = [
+        c for c in finetunejob.children(FineTuneJob.model_validate(ftj), plan, OperatorConfig()) if c["kind"] == "Job"
+    ]
+    server = yaml.safe_load((EXAMPLES / "modelserver.yaml").read_text())
+    server["metadata"] |= {"namespace": namespace, "uid": str(uuid.uuid4())}
+    served = modelserver.children(ModelServer.model_validate(server), [], OperatorConfig())
+    return job, [c for c in served if c["kind"] == "Deployment"]
+
+
 def operator_pod(api: Api) -> dict[str, Any]:
     pods = api.kube.list("Pod", NS, "app.kubernetes.io/component=operator")
     running = [p for p in pods if p["status"].get("phase") == "Running"]
@@ -160,6 +209,8 @@ def test_install_upgrade_and_run_the_flow_with_the_charts_rbac_only(
     environ = Path(f"/proc/{int(pid_file.read_text())}/environ").read_bytes().split(b"\0")
     assert not [e for e in environ if e.startswith(b"KUBECONFIG=")]
 
+    # The operator's children must pass the chart's admission policy, which is in force from here on.
+    wait_policy_enforced(api)
     ns = api.create_namespace()
     api.apply(simulated_ftj("sft", ns))
     status = api.wait_state("FineTuneJob", ns, "sft", "Succeeded", 120)
@@ -226,3 +277,123 @@ def test_charts_service_account_has_what_the_operator_does(api: Api) -> None:
         ("list", "events"),
     ):
         assert can_i(api, *args, "-n", "default"), args
+
+
+def test_admission_policy_compiles_against_the_schemas_of_jobs_and_deployments(api: Api) -> None:
+    apply_policy(api)
+
+    def type_checked() -> dict[str, Any] | None:
+        policy = json.loads(api.kubectl("get", "validatingadmissionpolicy", "kubetune-children", "-o", "json").stdout)
+        status = policy.get("status") or {}
+        return status if status.get("observedGeneration") == policy["metadata"]["generation"] else None
+
+    status = wait_for(type_checked, 60, "the policy's type check")
+    assert not (status.get("typeChecking") or {}).get("expressionWarnings"), status
+
+
+def with_pod_spec(manifest: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    changed = copy.deepcopy(manifest)
+    changed["spec"]["template"]["spec"].update(changes)
+    return changed
+
+
+def privileged(manifest: dict[str, Any]) -> dict[str, Any]:
+    changed = copy.deepcopy(manifest)
+    changed["spec"]["template"]["spec"]["containers"][0]["securityContext"] = {"privileged": True}
+    return changed
+
+
+def unlabelled(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Without labels, on the Job and on its pods (a Job without labels takes those of its pod template)."""
+    changed = copy.deepcopy(manifest)
+    del changed["metadata"]["labels"]
+    changed["spec"]["template"]["metadata"]["labels"] = {"app": "plain"}
+    return changed
+
+
+HOST_PATH = {"name": "root", "hostPath": {"path": "/"}}
+REFUSED: list[tuple[str, str, Callable[[dict[str, Any], list[dict[str, Any]]], dict[str, Any]], str]] = [
+    (
+        "Job in kube-system as another account",
+        "kube-system",
+        lambda job, _: with_pod_spec(job, serviceAccountName="generic-garbage-collector"),
+        "A Job of the kubetune operator must run as the trainer ServiceAccount of its FineTuneJob, "
+        "qwen-sft-trainer, not as generic-garbage-collector.",
+    ),
+    (
+        "Deployment as cluster-admin-sa",
+        "default",
+        lambda _, deployments: with_pod_spec(deployments[0], serviceAccountName="cluster-admin-sa"),
+        "A Deployment of the kubetune operator must run as the namespace's default ServiceAccount, "
+        "not as cluster-admin-sa.",
+    ),
+    (
+        "Deployment naming the account in the deprecated field",
+        "default",
+        lambda _, deployments: with_pod_spec(deployments[0], serviceAccount="cluster-admin-sa"),
+        "not as cluster-admin-sa.",
+    ),
+    (
+        "Job with a hostPath volume",
+        "default",
+        lambda job, _: with_pod_spec(job, volumes=[*job["spec"]["template"]["spec"]["volumes"], HOST_PATH]),
+        "The kubetune operator may not mount paths of the node (hostPath volumes) into its pods.",
+    ),
+    (
+        "Deployment on the host network",
+        "default",
+        lambda _, deployments: with_pod_spec(deployments[1], hostNetwork=True),
+        "The kubetune operator may not run pods in the node's network, process or IPC namespace",
+    ),
+    (
+        "privileged Job",
+        "default",
+        lambda job, _: privileged(job),
+        "The kubetune operator may not run privileged containers.",
+    ),
+    (
+        "Job without kubetune's labels",
+        "default",
+        lambda job, _: unlabelled(job),
+        "The kubetune operator may create or change a Job only for a FineTuneJob: it needs the labels "
+        "app.kubernetes.io/managed-by=kubetune-operator and kubetune.io/finetunejob=<name of the FineTuneJob>.",
+    ),
+    (
+        "Job owned by nothing",
+        "default",
+        lambda job, _: {**job, "metadata": {k: v for k, v in job["metadata"].items() if k != "ownerReferences"}},
+        "The kubetune operator may create or change a Job only with a controller ownerReference to the FineTuneJob "
+        "named in its kubetune.io/finetunejob label (qwen-sft).",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "namespace", "change", "message"), REFUSED, ids=[case[0] for case in REFUSED])
+def test_admission_policy_refuses_what_the_operator_never_renders(
+    api: Api,
+    case: str,
+    namespace: str,
+    change: Callable[[dict[str, Any], list[dict[str, Any]]], dict[str, Any]],
+    message: str,
+) -> None:
+    apply_policy(api)
+    job, deployments = rendered_children(namespace)
+    result = create_as_operator(api, change(job, deployments), namespace)
+    assert result.returncode != 0, f"{case}: admitted"
+    assert "kubetune-children" in result.stderr and message in result.stderr, result.stderr
+    # The same object from an administrator is none of the policy's business.
+    assert create_as_admin(api, change(job, deployments), namespace).returncode == 0
+
+
+def create_as_admin(api: Api, manifest: dict[str, Any], namespace: str) -> Any:
+    body = {**manifest, "metadata": {**manifest["metadata"], "namespace": namespace}}
+    return api.kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-", input=json.dumps(body), check=False)
+
+
+def test_admission_policy_admits_the_children_the_operator_renders(api: Api) -> None:
+    apply_policy(api)
+    job, deployments = rendered_children("default")
+    assert [d["metadata"]["name"] for d in deployments] == ["qwen-7b", "qwen-7b-ui"]  # the server and its chat page
+    for manifest in (job, *deployments):
+        result = create_as_operator(api, manifest, "default")
+        assert result.returncode == 0, f"{manifest['kind']} {manifest['metadata']['name']}: {result.stderr}"

@@ -122,3 +122,17 @@ def test_metrics_service_and_service_monitor(enabled: bool) -> None:
     assert service["spec"]["ports"] == [{"name": "metrics", "port": 8000, "targetPort": "metrics"}]
     monitors = [o for o in objects if o["kind"] == "ServiceMonitor"]
     assert len(monitors) == (1 if enabled else 0)
+
+
+def test_admission_policy_binds_to_the_releases_service_account_and_can_be_turned_off() -> None:
+    objects = template(release="tune", namespace="ml-system")
+    policy = find(objects, "ValidatingAdmissionPolicy", "tune-kubetune-children")
+    binding = find(objects, "ValidatingAdmissionPolicyBinding", "tune-kubetune-children")
+    service_account = find(objects, "ServiceAccount")["metadata"]["name"]
+    (condition,) = policy["spec"]["matchConditions"]
+    user = f"system:serviceaccount:ml-system:{service_account}"
+    assert condition["expression"] == f'request.userInfo.username == "{user}"'
+    assert binding["spec"] == {"policyName": "tune-kubetune-children", "validationActions": ["Deny"]}
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    off = template(**{"admissionPolicy.enabled": "false"})
+    assert not [o for o in off if o["kind"].startswith("ValidatingAdmissionPolicy")]

@@ -70,6 +70,15 @@ class ArgoCD(_Values):
     config_map_name: str = "argocd-cm"
 
 
+class AdmissionPolicy(_Values):
+    """A ValidatingAdmissionPolicy (Kubernetes 1.30+) that lets the operator's ServiceAccount create and change
+    only Jobs and Deployments shaped like kubetune's own (docs/helm.md)."""
+
+    enabled: bool = True
+    """Turn it off only on clusters without ValidatingAdmissionPolicy (before 1.30): the operator's RBAC alone
+    lets it run any pod as any ServiceAccount of the namespaces it may write to."""
+
+
 class ChartValues(_Values):
     """Values of the kubetune Helm chart."""
 
@@ -78,6 +87,7 @@ class ChartValues(_Values):
     crds: Crds = Field(default_factory=Crds)
     watch_namespaces: list[str] = Field(default_factory=list)
     """Namespaces the operator watches (RBAC granted only there); empty: the whole cluster."""
+    admission_policy: AdmissionPolicy = Field(default_factory=AdmissionPolicy)
     config: OperatorConfig = Field(default_factory=OperatorConfig)
     """The operator's configuration: images of the pods it creates, GPU types, serving settings."""
     log_level: Literal["info", "debug"] = "info"
