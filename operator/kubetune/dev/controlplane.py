@@ -2,7 +2,7 @@
 
 etcd, kube-apiserver (RBAC on), kube-controller-manager, kube-scheduler and kwok run as background
 processes. Everything lives in one state folder: certificates, etcd data, logs, the admin kubeconfig and
-``cluster.json`` (ports and PIDs), so ``stop()`` and ``status()`` work from any process.
+``cluster.json`` (ports, PIDs and command lines), so ``stop()``, ``status()`` and ``restart()`` work from any process.
 """
 
 from __future__ import annotations
