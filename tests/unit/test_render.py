@@ -141,6 +141,12 @@ def test_expected_children_name_what_children_renders() -> None:
         assert [(c["kind"], c["metadata"]["name"]) for c in expected] == rendered
 
 
+def test_modelserver_services_go_before_its_pods() -> None:
+    # A Service whose name someone else holds stops the writes before any server pod starts for it.
+    kinds = [c["kind"] for c in modelserver.children(load_server(), [], CONFIG)]
+    assert kinds == ["Service", "Service", "Deployment", "Deployment"]  # the example enables the chat page
+
+
 def test_modelserver_children_match_golden() -> None:
     locations = ["pvc://adapters/qwen-sft/adapter"]
     check_golden("modelserver.yaml", modelserver.children(load_server(), locations, CONFIG))
@@ -152,7 +158,8 @@ def test_s3_secrets_go_to_the_fetcher_only_and_an_s3_model_is_downloaded_first()
         update={"uri": "s3://models/qwen", "secret_ref": None, "s3": S3Access(secret_name="model-creds")}
     )
     server = server.model_copy(update={"spec": server.spec.model_copy(update={"base_model": model})})
-    (deployment, *_) = modelserver.children(server, ["s3://bucket/a"], CONFIG, ["adapter-creds"])
+    children = modelserver.children(server, ["s3://bucket/a"], CONFIG, ["adapter-creds"])
+    deployment = next(c for c in children if c["kind"] == "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     vllm, fetcher = pod["containers"]
     mounts = {

@@ -35,6 +35,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Namespace": ("/api/v1", "namespaces"),
     "Event": ("/api/v1", "events"),
     "Pod": ("/api/v1", "pods"),
+    "ResourceQuota": ("/api/v1", "resourcequotas"),
     "Secret": ("/api/v1", "secrets"),
     "Service": ("/api/v1", "services"),
     "ServiceAccount": ("/api/v1", "serviceaccounts"),

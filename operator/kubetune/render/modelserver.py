@@ -104,12 +104,16 @@ def _meta(server: ModelServer, name: str, component: str) -> dict[str, Any]:
 def children(
     server: ModelServer, adapter_locations: list[str], config: OperatorConfig, adapter_secrets: list[str] | None = None
 ) -> list[Manifest]:
-    """Every object the operator applies for a ModelServer; `adapter_locations` are the URIs of its adapters,
-    present and future (pvc:// ones are mounted), `adapter_secrets` the Secrets of its s3:// adapters."""
-    objects = [deployment(server, adapter_locations, config, adapter_secrets or []), service(server, config)]
-    if server.spec.ui.enabled:
-        objects += [ui_deployment(server, config), ui_service(server, config)]
-    return objects
+    """Every object the operator applies for a ModelServer, in creation order; `adapter_locations` are the URIs of
+    its adapters, present and future (pvc:// ones are mounted), `adapter_secrets` the Secrets of its s3:// adapters.
+    The Services go first: when a name is taken by someone else, no pod has started for it yet."""
+    ui = server.spec.ui.enabled
+    return [
+        service(server, config),
+        *([ui_service(server, config)] if ui else []),
+        deployment(server, adapter_locations, config, adapter_secrets or []),
+        *([ui_deployment(server, config)] if ui else []),
+    ]
 
 
 def _probe(path: str, port: int, period: int, failures: int) -> Manifest:
