@@ -132,6 +132,8 @@ class Context:
     """Children writes the API server refused, per owner UID."""
     mount_failures: dict[str, str] = field(default_factory=dict)
     """Pod UID -> its last FailedMount Event's message, while it waits in ContainerCreating (handlers/mounts.py)."""
+    mount_looked: dict[str, float] = field(default_factory=dict)
+    """Pod UID -> time.monotonic() of the last look at its FailedMount Events."""
     workers: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(WORKERS, thread_name_prefix="reconcile"), repr=False
     )

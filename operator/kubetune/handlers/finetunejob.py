@@ -285,6 +285,7 @@ def sync_status(ctx: Context, key: Key, body: dict[str, Any]) -> None:
     jobs = list(ctx.indexes["training_jobs"].get(key, []))
     if not jobs:
         return  # no Job yet: admission owns the status until it exists
+    mounts.look_now(ctx, list(ctx.indexes["training_pods"].get(key, [])))
     observed = _observed(ctx, key, body, jobs[0])
     result = job_status.outcome(observed)
     before, diff = ctx.status.update(KIND, body["metadata"], observed.status, _derived(observed))
@@ -305,12 +306,11 @@ def _post_events(
 ) -> None:
     """Events for what changed: the state; a reason to act while pods wait (a missing Secret, an image that
     cannot be pulled); a trainer that died and is started again."""
+    was = (get(before.get("conditions") or [], "Running") or {}).get("reason")
     if "state" in diff and diff["state"] != before.get("state"):
         ctx.event(KIND, meta, result.state == "Failed", result.reason, result.message)
-    elif result.reason in job_status.WHY_NOT_RUNNING and "conditions" in diff:
-        previous = get(before.get("conditions") or [], "Running") or {}
-        if previous.get("reason") != result.reason or previous.get("message") != result.message:
-            ctx.event(KIND, meta, True, result.reason, result.message)
+    elif result.reason in job_status.WHY_NOT_RUNNING and "conditions" in diff and was != result.reason:
+        ctx.event(KIND, meta, True, result.reason, result.message)
     if diff.get("restarts", 0) > int(before.get("restarts") or 0) and result.state != "Failed":
         failure = job_status.newest_failure(obs.pods)
         why = failure[1] if failure else "a training pod failed"
@@ -368,8 +368,13 @@ async def child_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.M
     ctx.capture_indexes(kwargs)
     key = (namespace or "", labels[LABEL_FINETUNEJOB])
     body = latest(ctx, key)
-    if body is not None and status_would_change(ctx, key, body):
+    if body is None:
+        return
+    if status_would_change(ctx, key, body):
         await in_worker(ctx, sync_status_locked, ctx, key)
+    else:  # a pod that waits for its volumes changes no more: look at its FailedMount Events later
+        pods = list(ctx.indexes["training_pods"].get(key, []))
+        mounts.look_later(ctx, ("finetunejob", *key), pods, lambda: sync_status_locked(ctx, key))
 
 
 def status_would_change(ctx: Context, key: Key, body: dict[str, Any]) -> bool:

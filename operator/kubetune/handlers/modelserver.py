@@ -221,6 +221,7 @@ def sync_status(
 ) -> None:
     deployments = list(ctx.indexes["server_deployments"].get(key, []))
     deployment = deployments[0] if deployments else None
+    mounts.look_now(ctx, list(ctx.indexes["server_pods"].get(key, [])))
     observed = server_status.ServerObserved(
         status=dict(body.get("status") or {}),
         generation=server.metadata.generation,
@@ -241,10 +242,8 @@ def sync_status(
         lambda current: server_status.derive(server_status.ServerObserved(**{**observed.__dict__, "status": current})),
     )
     warning = result.state in ("Failed", "Degraded") or result.reason in server_status.WARNING_REASONS
-    previous = get(before.get("conditions") or [], "Ready") or {}
-    if ("state" in diff and diff["state"] != before.get("state")) or (
-        warning and (previous.get("reason"), previous.get("message")) != (result.reason, result.message)
-    ):
+    was = (get(before.get("conditions") or [], "Ready") or {}).get("reason")
+    if ("state" in diff and diff["state"] != before.get("state")) or (warning and was != result.reason):
         ctx.event(KIND, body["metadata"], warning, result.reason, result.message)
     _post_adapter_events(ctx, body["metadata"], before.get("adapters") or [], views)
     mounts.look_later(ctx, ("modelserver", *key), observed.pods, lambda: reconcile(ctx, key))
