@@ -20,6 +20,7 @@ from kubetune.dev.agent.env import (
     container_env,
     expand,
     field_value,
+    pull_failure,
 )
 from kubetune.dev.agent.logs import container_log, find_pod_log_dir, pod_log_dir, tail_bytes
 from kubetune.dev.agent.network import (
@@ -548,3 +549,11 @@ def test_the_agents_own_files_show_through_volumes_mounted_over_them() -> None:
     ]
     assert hiding_nothing(mounts, protected) == [*mounts, Mount("/tmp/ci/.venv", "/tmp/ci/.venv")]
     assert hiding_nothing(mounts[1:2], protected) == mounts[1:2]
+
+
+def test_only_a_registry_under_invalid_fails_to_pull() -> None:
+    message = pull_failure("registry.invalid/kubetune/trainer:0.1.0")
+    assert message is not None and "lookup registry.invalid: no such host" in message
+    assert pull_failure("registry.invalid:5000/trainer") is not None
+    for image in ("ghcr.io/kubetune/trainer:0.1.0", "python:3.11", "library/invalid", "kubetune/trainer", ""):
+        assert pull_failure(image) is None, image
