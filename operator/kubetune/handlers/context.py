@@ -24,7 +24,7 @@ from kubetune.k8s.status_writer import StatusWriter
 log = logging.getLogger(__name__)
 # Every kind of child the operator creates; each has an index `owned_<plural>` of the objects it labelled
 # as its own (handlers/children.py), by (namespace, name).
-CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job", "Deployment")
+CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "Service", "Job", "Deployment")
 
 
 def owned_index(kind: str) -> str:

@@ -105,7 +105,7 @@ def needs_admission(status: dict[str, Any], generation: int, first_look: bool) -
 
 def children_missing(ctx: Context, body: dict[str, Any], status: Status) -> list[str]:
     """The children of an admitted, unfinished job that the operator's view lacks (a crash between two writes,
-    or a deletion by hand), e.g. ["ConfigMap sft-trainer"]."""
+    or a deletion by hand), e.g. ["Role sft-trainer"]."""
     meta = body["metadata"]
     admitted = get(status.get("conditions") or [], "Admitted") or {}
     if meta.get("deletionTimestamp") or admitted.get("status") != "True" or status.get("state") in FINISHED:
@@ -142,7 +142,8 @@ def _write_admission(
 
 
 def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
-    """Check the reference, plan, apply the children. Raises Retry while the reference is not ready."""
+    """Check the reference, plan, write the children. Raises Retry while the reference is not ready, NameConflict
+    or ApiError when a child cannot be written."""
     try:
         ftj = FineTuneJob.model_validate(body)
     except ValidationError as err:
@@ -172,9 +173,9 @@ def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
     key = (ftj.metadata.namespace, ftj.metadata.name)
     existing = next(iter(ctx.indexes["training_jobs"].get(key, [])), None)
     _replace_changed_job(ctx, job, existing)
-    # The pods need every supporting object: the ServiceAccount to be admitted, the ConfigMap to start, the Role
-    # to report. All are written (and found to be this job's own) before the Job, so a pod never runs as, or
-    # mounts, an object that someone else put under that name. They go together, in one round trip.
+    # The pods need every supporting object: the ServiceAccount to be admitted, the Role to report, the Service to
+    # meet. All are written (and found to be this job's own) before the Job, so a pod never runs as an object that
+    # someone else put under that name. They go together, in one round trip.
     children.start_writes(ctx.kube, support, ctx.owned)()
     applied = children.write(ctx.kube, job, ctx.owned(job))
     summary = (
