@@ -1,7 +1,7 @@
 """A FineTuneJob's status, derived from its training Job and pods (pure functions).
 
-The operator owns state, conditions, timestamps and restarts; the trainer owns progress, checkpoint and
-adapter (it patches them itself), and admission owns plan. `derive` returns only the operator's part.
+The operator owns state, conditions, timestamps and restarts; the trainer owns progress, checkpoint, adapter
+and trainer (it patches them itself), and admission owns plan. `derive` returns only the operator's part.
 """
 
 from __future__ import annotations
