@@ -20,9 +20,10 @@ import pytest
 from tests.integration.support import wait_for
 
 from kubetune.dev import podranges
-from kubetune.dev.__main__ import AgentOptions, down, main, status, up
+from kubetune.dev.__main__ import main
 from kubetune.dev.agent import daemons
 from kubetune.dev.controlplane import Cluster, ControlPlane, process_alive
+from kubetune.dev.lifecycle import AgentOptions, down, status, up
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the node agent needs root")
 AGENT_NODE = AgentOptions().node  # the same Node name in both clusters

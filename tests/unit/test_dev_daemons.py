@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.dev.__main__ import daemon_status, main
+from kubetune.dev.__main__ import main
 from kubetune.dev.agent import daemons
 from kubetune.dev.controlplane import ControlPlane, free_ports
+from kubetune.dev.lifecycle import daemon_status
 
 
 def web_server(port: int) -> daemons.Daemon:

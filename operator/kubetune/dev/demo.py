@@ -26,6 +26,7 @@ import yaml
 
 from kubetune.dev.agent import daemons
 from kubetune.dev.controlplane import Cluster, ControlPlane
+from kubetune.dev.lifecycle import AgentOptions, OperatorOptions, down, up
 from kubetune.k8s.client import Kube
 
 NAMESPACE = "demo"
@@ -99,8 +100,6 @@ def kubectl_items(cluster: Cluster, *args: str) -> list[dict[str, Any]]:
 
 def ensure_cluster(state_dir: Path | None, started: float) -> Cluster:
     """Reuse a suitable running cluster, else (re)start one with the agent and the operator."""
-    from kubetune.dev.__main__ import AgentOptions, OperatorOptions, down, up
-
     cluster = cluster_running(state_dir)
     if cluster is not None:
         log("reusing the running dev cluster", started)
