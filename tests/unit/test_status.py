@@ -8,10 +8,11 @@ from typing import Any
 import yaml
 
 from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune.k8s.status_writer import changed
 from kubetune.status import finetunejob as fs
 from kubetune.status import modelserver as ms
 from kubetune.status.admission import Admitted, Blocked, check_reference
-from kubetune.status.conditions import changed, set_condition
+from kubetune.status.conditions import set_condition
 from tests.rejections import EXAMPLES
 
 NOW = "2026-11-29T08:00:00Z"

@@ -16,9 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.k8s.client import ApiError, Kube
-from kubetune.status.conditions import changed
 
 Status = dict[str, Any]
+
+
+def changed(status: Status, patch: Status) -> Status:
+    """The entries of `patch` that differ from `status` (an empty dict means nothing to write)."""
+    return {k: v for k, v in patch.items() if status.get(k) != v}
 
 
 @dataclass

@@ -53,8 +53,3 @@ def set_condition(
 
 def remove(conditions: Conditions, type_: str) -> Conditions:
     return [c for c in conditions if c.get("type") != type_]
-
-
-def changed(status: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    """The entries of `patch` that differ from `status` (an empty dict means nothing to write)."""
-    return {k: v for k, v in patch.items() if status.get(k) != v}
