@@ -13,37 +13,15 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kubetune import storage
+from kubetune.storage import Access
 
 # Keys of an s3.secretName Secret that are read (as environment variable names, so the same Secret works with
 # envFrom in other tools).
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION")
-
-
-@dataclass(frozen=True)
-class Access:
-    """How to reach one s3:// location: the API's `s3` block (empty strings: unset)."""
-
-    secret_name: str = ""
-    endpoint: str = ""
-    region: str = ""
-
-    @classmethod
-    def of(cls, block: Any) -> Access:
-        """From an API `S3Access` model, its wire dict (camelCase), or None."""
-        if block is None:
-            return cls()
-        if isinstance(block, dict):
-            return cls(block.get("secretName") or "", block.get("endpoint") or "", block.get("region") or "")
-        return cls(block.secret_name or "", block.endpoint or "", block.region or "")
-
-    def to_wire(self) -> dict[str, str]:
-        wire = {"secretName": self.secret_name, "endpoint": self.endpoint, "region": self.region}
-        return {k: v for k, v in wire.items() if v}
 
 
 class S3Error(Exception):

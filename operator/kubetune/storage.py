@@ -3,7 +3,8 @@
 The operator mounts each PersistentVolumeClaim at PVC_ROOT/<claim> and each ConfigMap dataset at
 CONFIGMAP_ROOT/<name>; s3:// and hf:// are downloaded into CACHE_ROOT. The Secret of an s3:// location
 (`s3.secretName`) is mounted at S3_SECRETS_ROOT/<name>. The trainer and the server resolve URIs with the
-same functions, so the two sides agree on paths.
+same functions, so the two sides agree on paths. `Access` says how an s3:// location is reached (s3.py
+makes the client; the operator only passes the Secret's name on).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Any
 
 PVC_ROOT = "/mnt/pvc"
 CONFIGMAP_ROOT = "/mnt/configmap"
@@ -34,6 +36,28 @@ class Location:
         rest = f"/{self.path}" if self.path else ""
         rev = f"@{self.revision}" if self.revision else ""
         return f"{self.scheme}://{self.root}{rest}{rev}"
+
+
+@dataclass(frozen=True)
+class Access:
+    """How to reach one s3:// location: the API's `s3` block (empty strings: unset)."""
+
+    secret_name: str = ""
+    endpoint: str = ""
+    region: str = ""
+
+    @classmethod
+    def of(cls, block: Any) -> Access:
+        """From an API `S3Access` model, its wire dict (camelCase), or None."""
+        if block is None:
+            return cls()
+        if isinstance(block, dict):
+            return cls(block.get("secretName") or "", block.get("endpoint") or "", block.get("region") or "")
+        return cls(block.secret_name or "", block.endpoint or "", block.region or "")
+
+    def to_wire(self) -> dict[str, str]:
+        wire = {"secretName": self.secret_name, "endpoint": self.endpoint, "region": self.region}
+        return {k: v for k, v in wire.items() if v}
 
 
 def parse(uri: str) -> Location:

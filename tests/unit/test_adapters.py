@@ -22,13 +22,13 @@ from kubetune.adapters import (
     next_retry,
     plan_actions,
     reason_for_load_error,
+    resolution,
     retry_delay,
 )
 from kubetune.adapters.checks import same_model
 from kubetune.api.v1alpha1 import ModelServer
-from kubetune.s3 import Access
-from kubetune.status import adapters as resolution
 from kubetune.status import modelserver as ms
+from kubetune.storage import Access
 from tests.rejections import EXAMPLES
 
 BASE = "hf://Qwen/Qwen2.5-7B"

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from kubetune.adapters import Adapter
-from kubetune.k8s import fetcher as client
-from kubetune.s3 import Access
+from kubetune.adapters import http as client
 from kubetune.server import fetcher
+from kubetune.storage import Access
 from tests import s3server
 
 pytest.importorskip("moto", reason="needs moto's server: the dev extra")

@@ -8,12 +8,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from kubetune.adapters import Action, Replica
+from kubetune.adapters.replicas import Outcome
 from kubetune.config import OperatorConfig
 from kubetune.handlers import finetunejob, metrics
 from kubetune.handlers.context import Context
 from kubetune.k8s.client import ApiError
 from kubetune.k8s.status_writer import StatusWriter
-from kubetune.k8s.vllm import Outcome
 
 
 def value(name: str, registry: CollectorRegistry = metrics.REGISTRY, **labels: str) -> float:

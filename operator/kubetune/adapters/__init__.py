@@ -1,9 +1,18 @@
-"""Adapters served by a ModelServer while it runs (pure functions).
+"""The adapters a ModelServer serves while it runs: the whole feature, from the spec to vLLM.
 
-`checks` decides whether an adapter may be loaded at all (base model, rank, target modules), from what its
-FineTuneJob reported or from its own files, and turns vLLM's load errors into reasons; `sync` decides, per
-replica, which adapters to load and unload, when a refused load is tried again, and what state each adapter
-is in. The HTTP calls live in `kubetune.k8s.vllm`, the calling in `handlers/modelserver.py`.
+In the order of one look (docs/architecture.md draws it):
+
+- `resolution`: which adapters the server serves (spec.adapters, and the Succeeded FineTuneJobs its
+  adapterSelector matches), where they are, and which wait or are refused;
+- `checks`: whether an adapter may be loaded at all (base model, rank, target modules), from what its
+  FineTuneJob reported or from its own files, and what vLLM's refusals mean;
+- `sync`: per replica, which adapters to load and unload, when a refused load is tried again, the state of
+  each adapter;
+- `replicas`: one look carried out on every ready replica through a `ReplicaClient`;
+- `http`: the `ReplicaClient` that speaks HTTP to vLLM's runtime LoRA API and to the adapter fetcher.
+
+Everything but `http` is free of I/O (tests/unit/test_layers.py holds it so); the ModelServer controller
+(controllers/serving.py) hands `replicas.sync` an `http.HttpReplicas`. The names below are the pure part.
 """
 
 from kubetune.adapters.checks import Refusal, check_adapter, check_adapter_files, reason_for_load_error

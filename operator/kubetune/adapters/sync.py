@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kubetune.s3 import Access
 from kubetune.status.modelserver import AdapterView
-from kubetune.storage import local_path, parse
+from kubetune.storage import Access, local_path, parse
 
 # Refused loads are tried again after RETRY_FIRST_S, then twice as long each time up to RETRY_MAX_S, so a
 # transient failure (a store or volume not reachable yet, an adapter still being copied) heals by itself. A

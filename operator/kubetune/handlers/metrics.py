@@ -22,8 +22,8 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from kubetune.adapters import reason_for_load_error
+from kubetune.adapters.replicas import Outcome
 from kubetune.api.v1alpha1 import JobState, ServerState
-from kubetune.k8s.vllm import Outcome
 
 log = logging.getLogger(__name__)
 

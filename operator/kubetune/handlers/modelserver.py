@@ -15,26 +15,17 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from kubetune.adapters import (
-    Action,
-    Adapter,
-    Replica,
-    ReplicaReport,
-    check_adapter_files,
-    next_failure,
-    next_retry,
-    plan_actions,
-)
+from kubetune.adapters import Replica, ReplicaReport, next_retry, replicas
+from kubetune.adapters.http import HttpReplicas
+from kubetune.adapters.resolution import Resolution, resolve, selects
 from kubetune.api.v1alpha1 import ModelServer
 from kubetune.config import UnknownGpuType
 from kubetune.handlers import metrics, mounts
 from kubetune.handlers.context import RETRY_API_ERROR_S, Context, handle_object_event, in_worker, retried, slim
-from kubetune.k8s import fetcher, vllm
 from kubetune.k8s.children import NameConflict, write
 from kubetune.k8s.client import ApiError
 from kubetune.render import modelserver as render
 from kubetune.render.common import LABEL_MODELSERVER, content_hash
-from kubetune.status import adapters as adapter_status
 from kubetune.status import modelserver as server_status
 from kubetune.status.conditions import get
 
@@ -105,7 +96,7 @@ def reconcile(ctx: Context, key: Key, recheck: bool = False) -> None:
             if diff:
                 ctx.event(KIND, body["metadata"], True, reason, message)
             return
-        adapters = adapter_status.resolve(server, _jobs_in(ctx, key[0]))
+        adapters = resolve(server, _jobs_in(ctx, key[0]))
         children = render.children(server, adapters.locations, ctx.config, adapters.secrets)
         write_children(ctx, key, uid, children, recheck)
         reports = sync_adapters(ctx, key, server, adapters)
@@ -168,48 +159,16 @@ def ready_replicas(ctx: Context, key: Key) -> list[Replica]:
     return sorted(replicas, key=lambda r: r.pod)
 
 
-def sync_adapters(
-    ctx: Context, key: Key, server: ModelServer, adapters: adapter_status.Resolution
-) -> list[ReplicaReport]:
+def sync_adapters(ctx: Context, key: Key, server: ModelServer, adapters: Resolution) -> list[ReplicaReport]:
     """Load and unload adapters on every ready replica until each has exactly the ones to serve."""
     uid = server.metadata.uid
-    replicas = ready_replicas(ctx, key)
-    reports = vllm.reports(replicas)
-    failures = ctx.adapter_failures.setdefault(uid, {})
-    for name in set(failures) - {a.name for a in adapters.serve}:
-        del failures[name]  # gone from the spec: a later return starts afresh
-    actions = plan_actions(adapters.serve, reports, failures, time.monotonic())
-    if not actions:
-        return reports
-    serve = {a.name: a for a in adapters.serve}
-    outcomes = vllm.perform_all(actions, lambda action: prepare_load(server, serve[action.adapter], action))
-    metrics.count_adapter_loads(outcomes)
-    for name, refused in vllm.failures_of(outcomes).items():
-        failures[name] = next_failure(failures.get(name), refused.path, refused.reason, refused.message, refused.at)
-    for outcome in outcomes:
-        if outcome.ok and outcome.action.verb == "load":
-            failures.pop(outcome.action.adapter, None)
-    changed = {o.action.replica for o in outcomes}
-    return [vllm.report(r.replica) if r.replica in changed else r for r in reports]
-
-
-def prepare_load(server: ModelServer, adapter: Adapter, action: Action) -> vllm.Outcome | None:
-    """Before vLLM loads a pvc:// or s3:// adapter by uri, or an s3:// one of a FineTuneJob: the replica's fetcher
-    makes it visible (downloads it) and returns its files, which are checked like a job's report. An Outcome
-    when the load must not go ahead (not found, not fetched, refused by the checks); None when it may."""
-    if not adapter.needs_fetcher:
-        return None
-    answer = fetcher.prepare(action.replica.fetcher, adapter)
-    if answer.status != 200:
-        return vllm.Outcome(action, answer.status, answer.message, answer.reason)
-    if adapter.checked_by_files:
-        spec = server.spec
-        refusal = check_adapter_files(
-            adapter, answer.adapter_config, answer.metadata, spec.base_model.uri, spec.max_lora_rank
-        )
-        if refusal is not None:
-            return vllm.Outcome(action, 422, refusal.message, refusal.reason)
-    return None
+    spec = replicas.Server(server.spec.base_model.uri, server.spec.max_lora_rank)
+    synced = replicas.sync(
+        HttpReplicas(), spec, adapters.serve, ready_replicas(ctx, key), ctx.adapter_failures.get(uid, {})
+    )
+    ctx.adapter_failures[uid] = synced.failures
+    metrics.count_adapter_loads(synced.outcomes)
+    return synced.reports
 
 
 def sync_status(
@@ -274,7 +233,7 @@ def servers_using(ctx: Context, namespace: str, ftj: dict[str, Any]) -> list[dic
         spec = body.get("spec") or {}
         named = any(a.get("fromFineTuneJob") == name for a in spec.get("adapters") or [])
         selector = spec.get("adapterSelector")
-        selected = selector is not None and adapter_status.selects(selector, labels)
+        selected = selector is not None and selects(selector, labels)
         serving = any(a.get("source") in sources for a in (body.get("status") or {}).get("adapters") or [])
         if named or selected or serving:
             found.append(body)

@@ -1,16 +1,21 @@
-"""Which adapters a ModelServer serves, where they are, and which cannot be served yet (pure functions)."""
+"""Which adapters a ModelServer serves, where they are, and which cannot be served yet (pure functions).
+
+The spec's adapters (by uri, or from a named FineTuneJob) and the Succeeded FineTuneJobs its adapterSelector
+matches become the `Adapter`s to load once the checks pass (`checks.check_adapter`); the others get a view
+that says why not. The locations and Secrets of every adapter, present and future, go into the server's pods
+when they are created, so that a later adapter needs no restart.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.adapters import Adapter, adapter_states, check_adapter
-from kubetune.adapters.sync import Failure, ReplicaReport
+from kubetune.adapters.checks import check_adapter
+from kubetune.adapters.sync import Adapter, Failure, ReplicaReport, adapter_states
 from kubetune.api.v1alpha1 import LabelSelector, ModelServer
-from kubetune.s3 import Access
 from kubetune.status.modelserver import AdapterView
-from kubetune.storage import join
+from kubetune.storage import Access, join
 
 
 @dataclass(frozen=True)
