@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from kubetune.config import OperatorConfig
-from kubetune.handlers import finetunejob
-from kubetune.handlers.context import Context
+from kubetune.controllers import training as finetunejob
+from kubetune.controllers.context import Context
 from kubetune.k8s.status_writer import StatusWriter
 
 KEY = ("ns", "sft")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kubetune.handlers.context import BACKOFF_MAX_S, RETRY_API_ERROR_S, Backoff
+from kubetune.controllers.context import BACKOFF_MAX_S, RETRY_API_ERROR_S, Backoff
 
 
 def test_each_refusal_in_a_row_doubles_the_wait_up_to_the_limit() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from kubetune.handlers import metrics
+from kubetune.controllers import metrics
 from kubetune.trainer.metrics import TrainerMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "charts" / "kubetune" / "dashboards" / "kubetune.json"

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.config import OperatorConfig
-from kubetune.handlers import modelserver
-from kubetune.handlers.context import Context
+from kubetune.controllers import serving as modelserver
+from kubetune.controllers.context import Context
 from kubetune.k8s.status_writer import StatusWriter
 from kubetune.status.modelserver import invalid
 

@@ -10,8 +10,9 @@ from prometheus_client import CollectorRegistry
 from kubetune.adapters import Action, Replica
 from kubetune.adapters.replicas import Outcome
 from kubetune.config import OperatorConfig
-from kubetune.handlers import finetunejob, metrics
-from kubetune.handlers.context import Context
+from kubetune.controllers import metrics
+from kubetune.controllers import training as finetunejob
+from kubetune.controllers.context import Context
 from kubetune.k8s.client import ApiError
 from kubetune.k8s.status_writer import StatusWriter
 

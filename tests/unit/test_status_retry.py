@@ -8,8 +8,8 @@ import pytest
 from kubernetes import client
 
 from kubetune.config import OperatorConfig
-from kubetune.handlers import finetunejob
-from kubetune.handlers.context import Context
+from kubetune.controllers import training as finetunejob
+from kubetune.controllers.context import Context
 from kubetune.k8s.client import ApiError, Kube
 from kubetune.k8s.status_writer import StatusWriter
 
@@ -67,7 +67,7 @@ def test_a_completed_job_whose_status_write_failed_is_written_on_the_retry() -> 
 
     finetunejob.sync_status_locked(ctx, KEY)  # the Job's completion event arrived
     assert kube.patches == []
-    token = ("kubetune.handlers.finetunejob", "sync_status_locked", *KEY)
+    token = ("kubetune.controllers.training", "sync_status_locked", *KEY)
     assert scheduled == [(token, finetunejob.sync_status_locked, ctx, KEY)]
 
     _, work, *args = scheduled.pop()
@@ -77,7 +77,7 @@ def test_a_completed_job_whose_status_write_failed_is_written_on_the_retry() -> 
 
 
 def test_every_reconciliation_started_by_a_watch_event_is_retried() -> None:
-    from kubetune.handlers import modelserver
+    from kubetune.controllers import serving as modelserver
 
     for work in (finetunejob.reconcile, finetunejob.sync_status_locked, modelserver.reconcile):
         assert getattr(work, "__wrapped__", None) is not None, f"{work.__name__} is not @retried"

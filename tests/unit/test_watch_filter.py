@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.config import OperatorConfig
-from kubetune.handlers import finetunejob
-from kubetune.handlers.context import Context
+from kubetune.controllers import training as finetunejob
+from kubetune.controllers.context import Context
 from kubetune.k8s.status_writer import StatusWriter
 from kubetune.status import finetunejob as fs
 

@@ -1,9 +1,10 @@
 """The operator's view of the children it created, and their return when one is deleted.
 
 Every child kind has an index of the objects labelled as kubetune's (the watch streams carry only those:
-handlers/main.py), with their uid and controller. Admission decides from it whether to create or apply a child
-and whether a name is taken by someone else (k8s/children.py); after a restart it shows what a crash left
-unwritten. A child that is deleted by hand makes its owner look at its children again.
+handlers/main.py), with their uid and controller (`Context.owned` reads it). Admission decides from it
+whether to create or apply a child and whether a name is taken by someone else (k8s/children.py); after a
+restart it shows what a crash left unwritten. A child that is deleted by hand makes its owner look at its
+children again.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ from typing import Any
 
 import kopf
 
-from kubetune.handlers import finetunejob, modelserver
-from kubetune.handlers.context import CHILD_KINDS, Context, owned_index
+from kubetune.controllers import serving, training
+from kubetune.controllers.context import CHILD_KINDS, Key, owned_index
+from kubetune.handlers.watch import context
 from kubetune.k8s.children import Seen, seen
 from kubetune.k8s.client import RESOURCES
 from kubetune.render.common import LABEL_FINETUNEJOB, LABEL_MODELSERVER
-
-Key = tuple[str, str]
 
 
 def resource(kind: str) -> tuple[str, str, str]:
@@ -37,13 +37,12 @@ async def child_deleted(event: kopf.RawEvent, labels: kopf.Labels, memo: kopf.Me
     """A child is gone: unless its owner is going too, the owner writes its children again."""
     if event["type"] != "DELETED":
         return
-    ctx: Context = memo.context
-    ctx.capture_indexes(kwargs)
+    ctx = context(memo, kwargs)
     namespace = event["object"]["metadata"].get("namespace") or ""
     if job := labels.get(LABEL_FINETUNEJOB):
-        ctx.later(0, finetunejob.recheck, ctx, (namespace, job))
+        ctx.later(0, training.recheck, ctx, (namespace, job))
     elif server := labels.get(LABEL_MODELSERVER):
-        ctx.later(0, modelserver.reconcile, ctx, (namespace, server), True)
+        ctx.later(0, serving.reconcile, ctx, (namespace, server), True)
 
 
 for _kind in CHILD_KINDS:

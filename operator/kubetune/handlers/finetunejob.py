@@ -1,59 +1,25 @@
-"""FineTuneJob: admission (reference, plan, children) and status from the training Job and pods.
+"""kopf registrations of FineTuneJobs: the indexes of jobs, their training Jobs and pods, and the watch events
+that hand work to the FineTuneJob controller (controllers/training.py).
 
-Level-based: every watch event of a FineTuneJob, its Job or its pods leads to `reconcile`, which admits
-the job when its current generation has not been admitted yet and then recomputes the status from the
-indexes. Nothing is stored on the object but its status, so an operator restart simply reconciles again.
+Indexes and handlers are coroutines: most watch events change nothing (the echo of the operator's own status
+patch, a pod's finalizer removed, a Job's `active` count), and those are dismissed on the event loop. Only an
+event that needs work goes to a worker thread, where the API requests block.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import kopf
-from pydantic import ValidationError
 
-from kubetune import faults
-from kubetune.api.v1alpha1 import FineTuneJob
-from kubetune.config import UnknownGpuType
-from kubetune.handlers import metrics, modelserver, mounts
-from kubetune.handlers.context import RETRY_API_ERROR_S, Context, handle_object_event, in_worker, retried, slim
-from kubetune.k8s import children
-from kubetune.k8s.children import NameConflict
-from kubetune.k8s.client import ApiError
-from kubetune.planner import PlanInfeasible, plan_job
-from kubetune.render import finetunejob as render
-from kubetune.render.common import ANNOTATION_SPEC_HASH, LABEL_FINETUNEJOB
-from kubetune.status import finetunejob as job_status
-from kubetune.status.admission import Blocked, check_reference
-from kubetune.status.conditions import get, set_condition
+from kubetune.controllers import training
+from kubetune.controllers.context import Key
+from kubetune.handlers.watch import context, in_worker, is_echo, on_object_event, slim
+from kubetune.render.common import LABEL_FINETUNEJOB
 
-log = logging.getLogger(__name__)
 FTJ = "finetunejobs.kubetune.io"
-KIND = "FineTuneJob"
-CONTROLLER = "finetunejob"  # the label of its metrics
-RETRY_WAITING_S = 10.0
-FINISHED = ("Succeeded", "Failed")
-Key = tuple[str, str]
-Status = dict[str, Any]
 # What the status needs of a training Job's spec; the pod template is not kept in memory.
 JOB_SPEC_KEPT = ("parallelism", "completions", "suspend", "backoffLimit")
-
-
-class Retry(Exception):
-    """Admission cannot finish now; look again after `delay` seconds."""
-
-    def __init__(self, message: str, delay: float) -> None:
-        super().__init__(message)
-        self.delay = delay
-
-
-# --- indexes: the operator's in-memory view of the cluster, fed by the watch streams --------------
-# Coroutines, though they do no I/O: kopf runs them on its event loop instead of handing each watch event
-# to a worker thread and back.
 
 
 @kopf.index(FTJ)
@@ -82,314 +48,22 @@ async def finetunejobs_waiting(namespace: str | None, name: str, spec: kopf.Spec
     return {(namespace or "", ref): name} if ref else {}
 
 
-def latest(ctx: Context, key: Key) -> dict[str, Any] | None:
-    bodies = list(ctx.indexes["finetunejobs"].get(key, []))
-    return bodies[0] if bodies else None
-
-
-# --- admission -----------------------------------------------------------------------------------
-
-
-# Admissions that wait for something outside the operator's view (a referenced job, a name someone else holds,
-# the API server's consent, the operator's configuration): a restarted operator looks again at once.
-RECHECKED_AFTER_RESTART = ("WaitingForFineTuneJob", "NameConflict", "ApplyFailed", "UnknownGpuType")
-
-
-def needs_admission(status: dict[str, Any], generation: int, first_look: bool) -> bool:
-    """This generation was not admitted yet, or its admission waits for something and this process just started."""
-    cond = get(status.get("conditions") or [], "Admitted")
-    if cond is None or cond.get("observedGeneration") != generation:
-        return True
-    return first_look and cond.get("status") == "False" and cond.get("reason") in RECHECKED_AFTER_RESTART
-
-
-def children_missing(ctx: Context, body: dict[str, Any], status: Status) -> list[str]:
-    """The children of an admitted, unfinished job that the operator's view lacks (a crash between two writes,
-    or a deletion by hand), e.g. ["Role sft-trainer"]."""
-    meta = body["metadata"]
-    admitted = get(status.get("conditions") or [], "Admitted") or {}
-    if meta.get("deletionTimestamp") or admitted.get("status") != "True" or status.get("state") in FINISHED:
-        return []
-    nodes = int(((body.get("spec") or {}).get("resources") or {}).get("nodes") or 1)
-    expected = render.expected_children(meta["namespace"], meta["name"], nodes)
-    return [f"{m['kind']} {m['metadata']['name']}" for m in expected if ctx.owned(m) is None]
-
-
-def _write_admission(
-    ctx: Context,
-    body: dict[str, Any],
-    admitted: bool,
-    reason: str,
-    message: str,
-    state: str | None = None,
-    then: Callable[[Status], Status] | None = None,
-    **fields: Any,
-) -> None:
-    """Set the Admitted condition (and state when given), and what `then` derives from that status, in one
-    patch; post an Event when anything changed."""
-    meta = body["metadata"]
-
-    def desired(current: Status) -> Status:
-        conditions = set_condition(
-            current.get("conditions") or [], "Admitted", admitted, reason, message, generation=meta.get("generation")
-        )
-        wanted = {"conditions": conditions, **({"state": state} if state else {}), **fields}
-        return {**wanted, **then({**current, **wanted})} if then else wanted
-
-    _, diff = ctx.status.update(KIND, meta, dict(body.get("status") or {}), desired)
-    if diff:
-        ctx.event(KIND, meta, not admitted, reason, message)
-
-
-def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
-    """Check the reference, plan, write the children. Raises Retry while the reference is not ready, NameConflict
-    or ApiError when a child cannot be written."""
-    try:
-        ftj = FineTuneJob.model_validate(body)
-    except ValidationError as err:
-        _write_admission(ctx, body, False, "InvalidSpec", str(err), "Failed")
-        return
-    if state == "Succeeded":
-        _write_admission(ctx, body, True, "Finished", "the run has finished; later spec changes are not applied")
-        return
-    ref = ftj.spec.from_fine_tune_job
-    check = check_reference(ftj, ctx.kube.get(KIND, ftj.metadata.namespace, ref) if ref else None)
-    if isinstance(check, Blocked):
-        _write_admission(ctx, body, False, check.reason, check.message, "Pending" if check.retry else "Failed")
-        if check.retry:
-            raise Retry(check.message, RETRY_WAITING_S)
-        return
-    try:
-        gpu = ctx.config.gpu_type(ftj.spec.resources.gpu_type)
-    except UnknownGpuType as err:
-        _write_admission(ctx, body, False, "UnknownGpuType", str(err), "Failed")
-        return
-    try:
-        plan = plan_job(ftj.spec, gpu_memory_gib=gpu.memory_gib, gpu_type=ftj.spec.resources.gpu_type)
-    except PlanInfeasible as err:
-        _write_admission(ctx, body, False, "PlanInfeasible", str(err), "Failed")
-        return
-    *support, job = render.children(ftj, plan, ctx.config, check.init_adapter_uri)
-    key = (ftj.metadata.namespace, ftj.metadata.name)
-    existing = next(iter(ctx.indexes["training_jobs"].get(key, [])), None)
-    _replace_changed_job(ctx, job, existing)
-    # The pods need every supporting object: the ServiceAccount to be admitted, the Role to report, the Service to
-    # meet. All are written (and found to be this job's own) before the Job, so a pod never runs as an object that
-    # someone else put under that name. They go together, in one round trip.
-    children.start_writes(ctx.kube, support, ctx.owned)()
-    applied = children.write(ctx.kube, job, ctx.owned(job))
-    summary = (
-        f"ZeRO-{plan.zero_stage}, micro-batch {plan.micro_batch_size} x {plan.gradient_accumulation_steps} "
-        f"accumulation on {plan.world_size} GPU(s)"
-    )
-    new_state = None if state in ("Running", "Suspended") else "Pending"
-    generation = ftj.metadata.generation
-    observed = _observed(ctx, key, body, applied)
-
-    def waiting_for_pods(current: Status) -> Status:
-        """The status the new Job implies while it waits for its pods, written with the admission rather than
-        in a patch of its own; other states (and their Events) are left to sync_status."""
-        derived = job_status.derive(replace(observed, status=current))
-        return derived if derived.get("state") == "Pending" else {}
-
-    # Admitted only once every child is written: an operator that dies before this line admits the generation
-    # again after its restart (every write is idempotent), one that dies after it finds its children in place.
-    _write_admission(
-        ctx,
-        body,
-        True,
-        "Planned",
-        summary,
-        new_state,
-        then=waiting_for_pods,
-        plan=plan.to_wire(),
-        observedGeneration=generation,
-    )
-    faults.point("after-admitted", f"{ftj.metadata.namespace}/{ftj.metadata.name}")
-
-
-def refused(ctx: Context, body: dict[str, Any], state: str | None, err: NameConflict | ApiError) -> float:
-    """Report children that the API server refused (or whose names someone else holds) on the FineTuneJob:
-    Admitted=False with the API server's message and a Warning Event. Returns the seconds until the next try,
-    which double with each refusal in a row."""
-    reason = "NameConflict" if isinstance(err, NameConflict) else "ApplyFailed"
-    message = err.message if isinstance(err, NameConflict) else f"{err.subject or 'a child'}: {err.message}"
-    message += " (tried again with a growing back-off)"
-    refusal = ctx.backoff.refused(body["metadata"]["uid"], reason, message, time.monotonic())
-    _write_admission(ctx, body, False, reason, message, "Pending" if state in (None, "Pending") else None)
-    return refusal.retry_at - time.monotonic()
-
-
-def _replace_changed_job(ctx: Context, job: dict[str, Any], existing: dict[str, Any] | None) -> None:
-    """A running Job cannot take a new pod template: delete it and come back; the new one resumes from the
-    last checkpoint."""
-    if existing is None:
-        return
-    meta = job["metadata"]
-    old_hash = (existing["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
-    if old_hash == meta["annotations"][ANNOTATION_SPEC_HASH]:
-        return
-    if not existing["metadata"].get("deletionTimestamp"):
-        ctx.kube.delete("Job", meta["namespace"], meta["name"], propagation="Foreground")
-    raise Retry("spec changed: replacing the training Job", 2.0)
-
-
-# --- reconciliation --------------------------------------------------------------------------------
-
-
-@retried
-def reconcile(ctx: Context, key: Key, retry: bool = False, recheck: bool = False) -> None:
-    """Admit the current generation if needed (or when `retry`: it waited for something; or when children are
-    missing: after a restart, or with `recheck` when one was deleted), then bring the status up to date."""
-    body = latest(ctx, key)
-    if body is None:
-        return
-    meta = body["metadata"]
-    uid = meta["uid"]
-    if not (retry or recheck) and ctx.status.is_echo(uid, meta.get("resourceVersion")):
-        return  # the watch shows the operator's own status patch back: nothing changed since it was computed
-    with ctx.lock(uid), metrics.reconciling(CONTROLLER) as outcome:
-        first_look = uid not in ctx.seen
-        ctx.seen.add(uid)
-        current = ctx.status.current(uid, dict(body.get("status") or {}))
-        missing = children_missing(ctx, body, current) if first_look or recheck else []
-        if missing:
-            log.info("%s/%s: writing its missing children again: %s", *key, ", ".join(missing))
-        if retry or missing or needs_admission(current, int(meta.get("generation") or 0), first_look):
-            try:
-                admit(ctx, body, current.get("state"))
-                ctx.backoff.succeeded(uid)
-            except Retry as again:
-                outcome.result = "retry"
-                ctx.later(again.delay, reconcile, ctx, key, True)
-            except (NameConflict, ApiError) as err:
-                outcome.failed(err)
-                if isinstance(err, ApiError) and err.namespace_terminating:
-                    return  # the job goes with its namespace
-                if isinstance(err, ApiError) and err.transient:
-                    log.warning("admission of %s/%s failed, retrying: %s", *key, err)
-                    ctx.later(RETRY_API_ERROR_S, reconcile, ctx, key, True)
-                else:
-                    delay = refused(ctx, body, current.get("state"), err)
-                    log.warning("admission of %s/%s refused, retrying in %.0fs: %s", *key, delay, err)
-                    ctx.later_once(("finetunejob-refused", *key), delay, reconcile, ctx, key, True)
-        sync_status(ctx, key, body)
-
-
-def recheck(ctx: Context, key: Key) -> None:
-    """One of the job's children was deleted: write the missing ones again (unless the job is finished)."""
-    reconcile(ctx, key, False, True)
-
-
-def sync_status(ctx: Context, key: Key, body: dict[str, Any]) -> None:
-    """Recompute the operator's part of a FineTuneJob's status from the indexes and write changes."""
-    jobs = list(ctx.indexes["training_jobs"].get(key, []))
-    if not jobs:
-        return  # no Job yet: admission owns the status until it exists
-    mounts.look_now(ctx, list(ctx.indexes["training_pods"].get(key, [])))
-    observed = _observed(ctx, key, body, jobs[0])
-    result = job_status.outcome(observed)
-    before, diff = ctx.status.update(KIND, body["metadata"], observed.status, _derived(observed))
-    if result:
-        _post_events(ctx, body["metadata"], before, diff, result, observed)
-        if result.state == "Succeeded" and diff.get("state") == "Succeeded" != before.get("state"):
-            _after_success(ctx, key, body)
-    mounts.look_later(ctx, ("finetunejob", *key), observed.pods, lambda: sync_status_locked(ctx, key))
-
-
-def _post_events(
-    ctx: Context,
-    meta: dict[str, Any],
-    before: Status,
-    diff: Status,
-    result: job_status.Outcome,
-    obs: job_status.Observed,
-) -> None:
-    """Events for what changed: the state; a reason to act while pods wait (a missing Secret, an image that
-    cannot be pulled); a trainer that died and is started again."""
-    was = (get(before.get("conditions") or [], "Running") or {}).get("reason")
-    if "state" in diff and diff["state"] != before.get("state"):
-        ctx.event(KIND, meta, result.state == "Failed", result.reason, result.message)
-    elif result.reason in job_status.WHY_NOT_RUNNING and "conditions" in diff and was != result.reason:
-        ctx.event(KIND, meta, True, result.reason, result.message)
-    if diff.get("restarts", 0) > int(before.get("restarts") or 0) and result.state != "Failed":
-        failure = job_status.newest_failure(obs.pods)
-        why = failure[1] if failure else "a training pod failed"
-        limit = ((obs.job or {}).get("spec") or {}).get("backoffLimit")
-        count = f"restart {diff['restarts']}" + (f" of at most {limit}" if limit is not None else "")
-        ctx.event(KIND, meta, True, "TrainerRestarted", f"{why}; the Job starts it again ({count})")
-
-
-def _derived(observed: job_status.Observed) -> Callable[[Status], Status]:
-    """The operator's part of the status for what it observes, given the status as it currently is."""
-    return lambda current: job_status.derive(replace(observed, status=current))
-
-
-def _observed(ctx: Context, key: Key, body: dict[str, Any], job: dict[str, Any]) -> job_status.Observed:
-    spec = body.get("spec") or {}
-    return job_status.Observed(
-        status=dict(body.get("status") or {}),
-        generation=int(body["metadata"].get("generation") or 0),
-        suspend=bool(spec.get("suspend")),
-        output_uri=str((spec.get("output") or {}).get("uri", "")),
-        job=job,
-        pods=list(ctx.indexes["training_pods"].get(key, [])),
-        mount_failures=ctx.mount_failures,
-    )
-
-
-def _after_success(ctx: Context, key: Key, body: dict[str, Any]) -> None:
-    """Start the DPO jobs that wait for this one, and serve its adapter where it is named or selected."""
-    namespace, _ = key
-    for other in set(ctx.indexes["finetunejobs_waiting"].get(key, [])):
-        ctx.later(0, reconcile, ctx, (namespace, other), True)
-    for server in modelserver.servers_using(ctx, namespace, body):
-        ctx.later(0, modelserver.reconcile, ctx, (namespace, server["metadata"]["name"]))
-
-
-# --- watch events ------------------------------------------------------------------------------------
-# The handlers are coroutines: most watch events change nothing (the echo of the operator's own status
-# patch, a pod's finalizer removed, a Job's `active` count), and those are dismissed on the event loop.
-# Only an event that needs work goes to a worker thread, where the API requests block.
-
-
 @kopf.on.event(FTJ)
 async def finetunejob_changed(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
-    ctx: Context = memo.context
-    meta = event["object"]["metadata"]
-    if event["type"] != "DELETED" and ctx.status.is_echo(meta["uid"], meta.get("resourceVersion")):
-        return  # the operator's own status patch shown back: nothing changed since it was computed
-    await in_worker(ctx, handle_object_event, memo, event, kwargs, reconcile)
+    ctx = context(memo, kwargs)
+    if not is_echo(ctx, event):
+        await in_worker(ctx, on_object_event, ctx, event, training.reconcile)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
 @kopf.on.event("pods", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
 async def child_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
-    ctx: Context = memo.context
-    ctx.capture_indexes(kwargs)
+    ctx = context(memo, kwargs)
     key = (namespace or "", labels[LABEL_FINETUNEJOB])
-    body = latest(ctx, key)
+    body = ctx.latest("finetunejobs", key)
     if body is None:
         return
-    if status_would_change(ctx, key, body):
-        await in_worker(ctx, sync_status_locked, ctx, key)
+    if training.status_would_change(ctx, key, body):
+        await in_worker(ctx, training.sync_status_locked, ctx, key)
     else:  # a pod that waits for its volumes changes no more: look at its FailedMount Events later
-        pods = list(ctx.indexes["training_pods"].get(key, []))
-        mounts.look_later(ctx, ("finetunejob", *key), pods, lambda: sync_status_locked(ctx, key))
-
-
-def status_would_change(ctx: Context, key: Key, body: dict[str, Any]) -> bool:
-    """Whether `sync_status` would write anything now (pure computation, no locks, no requests)."""
-    jobs = list(ctx.indexes["training_jobs"].get(key, []))
-    if not jobs:
-        return False
-    observed = _observed(ctx, key, body, jobs[0])
-    return ctx.status.would_change(body["metadata"]["uid"], observed.status, _derived(observed))
-
-
-@retried
-def sync_status_locked(ctx: Context, key: Key) -> None:
-    body = latest(ctx, key)
-    if body is not None:
-        with ctx.lock(body["metadata"]["uid"]), metrics.reconciling(CONTROLLER):
-            sync_status(ctx, key, body)
+        training.look_at_mounts_later(ctx, key)

@@ -9,8 +9,9 @@ from typing import Any
 import kopf
 
 from kubetune import config as operator_config
-from kubetune.handlers import children, finetunejob, metrics, modelserver  # noqa: F401  (registers the handlers)
-from kubetune.handlers.context import CHILD_KINDS, WORKERS, Context
+from kubetune.controllers import metrics
+from kubetune.controllers.context import CHILD_KINDS, Context
+from kubetune.handlers import children, finetunejob, modelserver  # noqa: F401  (registers the handlers)
 from kubetune.render.common import MANAGED_BY
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,6 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     no finalizers); the operator posts its own Events."""
     settings.posting.enabled = False
     settings.persistence.diffbase_storage = _NoDiffBase()
-    settings.execution.max_workers = WORKERS  # the ModelServer handlers that are plain functions
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     # Only the operator's own children are watched among pods and the kinds of children it creates.

@@ -1,49 +1,34 @@
-"""ModelServer: the vLLM Deployment and Service, adapters loaded into every ready replica, and status.
+"""kopf registrations of ModelServers: the indexes of servers, their Deployments and pods, and the watch events
+that hand work to the ModelServer controller (controllers/serving.py).
 
-Level-based like FineTuneJobs: every event of a ModelServer, its Deployment or its pods, and every
-FineTuneJob that succeeds for it, leads to `reconcile`, which applies the children when what they should
-be has changed, brings each ready replica's adapters in line with the spec (vLLM's runtime LoRA API), and
-recomputes the status. While an adapter is not loaded everywhere it looks again every few seconds.
+The same convention as handlers/finetunejob.py: coroutines that dismiss on the event loop what changes nothing
+(the echo of the operator's own status patch; any FineTuneJob event but a success or a deletion) and run the
+controller on a worker thread. Every event of a server's Deployment or pods goes to the controller: it may
+change which replicas are ready, which only a look at the replicas settles.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any
 
 import kopf
-from pydantic import ValidationError
 
-from kubetune.adapters import Replica, ReplicaReport, next_retry, replicas
-from kubetune.adapters.http import HttpReplicas
-from kubetune.adapters.resolution import Resolution, resolve, selects
-from kubetune.api.v1alpha1 import ModelServer
-from kubetune.config import UnknownGpuType
-from kubetune.handlers import metrics, mounts
-from kubetune.handlers.context import RETRY_API_ERROR_S, Context, handle_object_event, in_worker, retried, slim
-from kubetune.k8s.children import NameConflict, write
-from kubetune.k8s.client import ApiError
-from kubetune.render import modelserver as render
-from kubetune.render.common import LABEL_MODELSERVER, content_hash
-from kubetune.status import modelserver as server_status
-from kubetune.status.conditions import get
+from kubetune.controllers import serving
+from kubetune.controllers.context import Key
+from kubetune.handlers.finetunejob import FTJ
+from kubetune.handlers.watch import context, in_worker, is_echo, on_object_event, slim
+from kubetune.render.common import LABEL_MODELSERVER
 
-log = logging.getLogger(__name__)
 MS = "modelservers.kubetune.io"
-FTJ = "finetunejobs.kubetune.io"
-KIND = "ModelServer"
-CONTROLLER = "modelserver"  # the label of its metrics
-Key = tuple[str, str]
 
 
 @kopf.index(MS)
-def modelservers(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+async def modelservers(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
     return {(namespace or "", name): slim(body, spec=True)}
 
 
 @kopf.index("apps", "v1", "deployments", labels={LABEL_MODELSERVER: kopf.PRESENT})
-def server_deployments(
+async def server_deployments(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[Key, dict[str, Any]]:
     if labels.get("app.kubernetes.io/component") != "server":
@@ -52,221 +37,34 @@ def server_deployments(
 
 
 @kopf.index("pods", labels={LABEL_MODELSERVER: kopf.PRESENT})
-def server_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+async def server_pods(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Key, dict[str, Any]]:
     if labels.get("app.kubernetes.io/component") != "server":
         return {}
     return {(namespace or "", labels[LABEL_MODELSERVER]): dict(body)}
 
 
-def _jobs_in(ctx: Context, namespace: str) -> dict[str, dict[str, Any]]:
-    return {
-        name: next(iter(store))
-        for (ns, name), store in ctx.indexes["finetunejobs"].items()
-        if ns == namespace and store
-    }
-
-
-def _latest(ctx: Context, key: Key) -> dict[str, Any] | None:
-    bodies = list(ctx.indexes["modelservers"].get(key, []))
-    return bodies[0] if bodies else None
-
-
-@retried
-def reconcile(ctx: Context, key: Key, recheck: bool = False) -> None:
-    """Write the children (when they changed, or with `recheck` when one is missing), sync the replicas' adapters,
-    then write the status."""
-    body = _latest(ctx, key)
-    if body is None:
-        return
-    uid = body["metadata"]["uid"]
-    with ctx.lock(uid), metrics.reconciling(CONTROLLER) as outcome:
-        try:
-            server = ModelServer.model_validate(body)
-            ctx.config.gpu_type(server.spec.gpu_type)
-        except (ValidationError, UnknownGpuType) as err:
-            outcome.failed(err)
-            reason = "UnknownGpuType" if isinstance(err, UnknownGpuType) else "InvalidSpec"
-            message = str(err) if isinstance(err, UnknownGpuType) else spec_errors(err)
-            log.error("ModelServer %s/%s refused (%s): %s", *key, reason, message)
-            generation = body["metadata"].get("generation")
-            current = dict(body.get("status") or {})
-            _, diff = ctx.status.update(
-                KIND, body["metadata"], current, lambda now: server_status.invalid(now, generation, reason, message)
-            )
-            if diff:
-                ctx.event(KIND, body["metadata"], True, reason, message)
-            return
-        adapters = resolve(server, _jobs_in(ctx, key[0]))
-        children = render.children(server, adapters.locations, ctx.config, adapters.secrets)
-        write_children(ctx, key, uid, children, recheck)
-        reports = sync_adapters(ctx, key, server, adapters)
-        views = adapters.views(reports, ctx.adapter_failures.get(uid, {}))
-        sync_status(ctx, key, body, server, views)
-        if any(v.state == "Pending" and v.reason != "WaitingForFineTuneJob" for v in views) or any(
-            r.loaded is None for r in reports
-        ):
-            ctx.later_once(("modelserver", *key), ctx.config.server.adapter_resync_seconds, reconcile, ctx, key)
-        # A refused load is tried again by itself when its back-off ends, without waiting for an event. One
-        # timer per due time (a later, shorter back-off is not hidden behind a longer one already waiting).
-        delay = next_retry(ctx.adapter_failures.get(uid, {}), time.monotonic())
-        if delay is not None:
-            due = f"{time.monotonic() + delay:.0f}"
-            ctx.later_once(("modelserver-retry", *key, due), delay + 0.5, reconcile, ctx, key)
-
-
-def write_children(ctx: Context, key: Key, uid: str, children: list[dict[str, Any]], recheck: bool) -> None:
-    """Write the server's children when they differ from what was last written (or one is missing). A refusal
-    stays on the server (its status shows it) and is tried again with a growing back-off."""
-    wanted = content_hash(children)
-    if recheck and any(ctx.owned(m) is None for m in children):
-        ctx.applied.pop(uid, None)
-    if ctx.applied.get(uid) == wanted or not ctx.backoff.due(uid, time.monotonic()):
-        return
-    try:
-        for manifest in children:
-            write(ctx.kube, manifest, ctx.owned(manifest))
-    except (NameConflict, ApiError) as err:
-        if isinstance(err, ApiError) and (err.transient or err.namespace_terminating):
-            log.warning("writing the children of %s/%s failed, retrying: %s", *key, err)
-            ctx.later(RETRY_API_ERROR_S, reconcile, ctx, key)
-            return
-        reason = "NameConflict" if isinstance(err, NameConflict) else "ApplyFailed"
-        message = err.message if isinstance(err, NameConflict) else f"{err.subject or 'a child'}: {err.message}"
-        refusal = ctx.backoff.refused(uid, reason, message + " (tried again with a growing back-off)", time.monotonic())
-        delay = refusal.retry_at - time.monotonic()
-        log.warning("writing the children of %s/%s refused, retrying in %.0fs: %s", *key, delay, err)
-        ctx.later_once(("modelserver-refused", *key), delay + 0.1, reconcile, ctx, key)
-        return
-    ctx.applied[uid] = wanted
-    ctx.backoff.succeeded(uid)
-
-
-def spec_errors(err: ValidationError) -> str:
-    """A validation error as one line per problem: `spec.field: what is wrong`."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
-
-
-def ready_replicas(ctx: Context, key: Key) -> list[Replica]:
-    """The server pods that are Ready and not going away, at their pod IP."""
-    replicas = []
-    for pod in ctx.indexes["server_pods"].get(key, []):
-        status = pod.get("status") or {}
-        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-        if ready and status.get("podIP") and not pod["metadata"].get("deletionTimestamp"):
-            ip, name = status["podIP"], pod["metadata"]["name"]
-            fetcher_address = f"{ip}:{ctx.config.server.fetcher_port}"
-            replicas.append(Replica(name, f"{ip}:{ctx.config.server_port}", fetcher_address))
-    return sorted(replicas, key=lambda r: r.pod)
-
-
-def sync_adapters(ctx: Context, key: Key, server: ModelServer, adapters: Resolution) -> list[ReplicaReport]:
-    """Load and unload adapters on every ready replica until each has exactly the ones to serve."""
-    uid = server.metadata.uid
-    spec = replicas.Server(server.spec.base_model.uri, server.spec.max_lora_rank)
-    synced = replicas.sync(
-        HttpReplicas(), spec, adapters.serve, ready_replicas(ctx, key), ctx.adapter_failures.get(uid, {})
-    )
-    ctx.adapter_failures[uid] = synced.failures
-    metrics.count_adapter_loads(synced.outcomes)
-    return synced.reports
-
-
-def sync_status(
-    ctx: Context,
-    key: Key,
-    body: dict[str, Any],
-    server: ModelServer,
-    views: list[server_status.AdapterView],
-) -> None:
-    deployments = list(ctx.indexes["server_deployments"].get(key, []))
-    deployment = deployments[0] if deployments else None
-    mounts.look_now(ctx, list(ctx.indexes["server_pods"].get(key, [])))
-    observed = server_status.ServerObserved(
-        status=dict(body.get("status") or {}),
-        generation=server.metadata.generation,
-        desired_replicas=server.spec.replicas,
-        endpoint=render.endpoint(server, ctx.config),
-        ui_endpoint=render.ui_endpoint(server, ctx.config) if server.spec.ui.enabled else "",
-        deployment=deployment,
-        pods=list(ctx.indexes["server_pods"].get(key, [])),
-        adapters=views,
-        refusal=(r.reason, r.message) if (r := ctx.backoff.refusal(server.metadata.uid)) else None,
-        mount_failures=ctx.mount_failures,
-    )
-    result = server_status.server_outcome(observed)
-    before, diff = ctx.status.update(
-        KIND,
-        body["metadata"],
-        observed.status,
-        lambda current: server_status.derive(server_status.ServerObserved(**{**observed.__dict__, "status": current})),
-    )
-    warning = result.state in ("Failed", "Degraded") or result.reason in server_status.WARNING_REASONS
-    was = (get(before.get("conditions") or [], "Ready") or {}).get("reason")
-    if ("state" in diff and diff["state"] != before.get("state")) or (warning and was != result.reason):
-        ctx.event(KIND, body["metadata"], warning, result.reason, result.message)
-    _post_adapter_events(ctx, body["metadata"], before.get("adapters") or [], views)
-    mounts.look_later(ctx, ("modelserver", *key), observed.pods, lambda: reconcile(ctx, key))
-
-
-def _post_adapter_events(
-    ctx: Context, meta: dict[str, Any], before: list[dict[str, Any]], views: list[server_status.AdapterView]
-) -> None:
-    """An Event for every adapter whose state changed to Loaded or Failed."""
-    old = {a.get("name"): (a.get("state"), a.get("reason")) for a in before}
-    for view in views:
-        if view.state in ("Loaded", "Failed") and old.get(view.name) != (view.state, view.reason):
-            reason = "AdapterLoaded" if view.state == "Loaded" else view.reason
-            ctx.event(KIND, meta, view.state == "Failed", reason, f"{view.name}: {view.message}")
-
-
-def servers_using(ctx: Context, namespace: str, ftj: dict[str, Any]) -> list[dict[str, Any]]:
-    """ModelServers in `namespace` that name this FineTuneJob, select it by label, or serve it still (a job
-    whose labels no longer match must be unloaded)."""
-    name = ftj["metadata"]["name"]
-    labels = ftj["metadata"].get("labels") or {}
-    sources = {f"fromFineTuneJob/{name}", f"adapterSelector/{name}"}
-    found = []
-    for (ns, _), store in ctx.indexes["modelservers"].items():
-        if ns != namespace or not store:
-            continue
-        body = next(iter(store))
-        spec = body.get("spec") or {}
-        named = any(a.get("fromFineTuneJob") == name for a in spec.get("adapters") or [])
-        selector = spec.get("adapterSelector")
-        selected = selector is not None and selects(selector, labels)
-        serving = any(a.get("source") in sources for a in (body.get("status") or {}).get("adapters") or [])
-        if named or selected or serving:
-            found.append(body)
-    return found
-
-
 @kopf.on.event(MS)
-def server_changed(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
-    handle_object_event(memo, event, kwargs, reconcile)
+async def server_changed(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+    ctx = context(memo, kwargs)
+    if not is_echo(ctx, event):
+        await in_worker(ctx, on_object_event, ctx, event, serving.reconcile)
 
 
 @kopf.on.event(FTJ)
 async def finetunejob_for_servers(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
-    """A FineTuneJob that has succeeded (or is gone) may change what the servers that use it serve.
-
-    Async so that the common case, any other FineTuneJob event, is dismissed on the event loop without
-    a hand-off to a worker thread; the servers are reconciled on one."""
-    ctx: Context = memo.context
-    ctx.capture_indexes(kwargs)
+    """A FineTuneJob that has succeeded (or is gone) may change what the servers that use it serve. This is
+    the one way a success reaches the servers: the FineTuneJob controller does not call them."""
+    ctx = context(memo, kwargs)
     ftj = event["object"]
     if event["type"] != "DELETED" and (ftj.get("status") or {}).get("state") != "Succeeded":
         return
-    await in_worker(ctx, reconcile_servers_using, ctx, dict(ftj))
-
-
-def reconcile_servers_using(ctx: Context, ftj: dict[str, Any]) -> None:
-    for server in servers_using(ctx, ftj["metadata"]["namespace"], ftj):
-        reconcile(ctx, (server["metadata"]["namespace"], server["metadata"]["name"]))
+    await in_worker(ctx, serving.reconcile_servers_using, ctx, dict(ftj))
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={LABEL_MODELSERVER: kopf.PRESENT})
 @kopf.on.event("pods", labels={LABEL_MODELSERVER: kopf.PRESENT})
-def server_child_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
-    ctx: Context = memo.context
-    ctx.capture_indexes(kwargs)
-    reconcile(ctx, (namespace or "", labels[LABEL_MODELSERVER]))
+async def server_child_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
+    ctx = context(memo, kwargs)
+    await in_worker(ctx, serving.reconcile, ctx, (namespace or "", labels[LABEL_MODELSERVER]))

@@ -3,7 +3,7 @@
 The kubelet says most of it in a container's waiting state: an image it cannot pull, a Secret or ConfigMap
 that an environment variable names and that does not exist. A volume it cannot mount (a missing ConfigMap
 or Secret, a claim that cannot attach) it says only in a FailedMount Event, while the container waits in
-ContainerCreating: the operator looks those Events up for such pods (handlers/mounts.py) and passes their
+ContainerCreating: the operator looks those Events up for such pods (controllers/mounts.py) and passes their
 messages in here, by pod UID.
 """
 

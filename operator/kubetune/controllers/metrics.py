@@ -1,6 +1,6 @@
 """The operator's Prometheus metrics: reconciliations, adapter loads, and objects by state (docs/metrics.md).
 
-Counters and the histogram are updated where the handlers reconcile; the object gauges are counted from the
+Counters and the histogram are updated where the controllers reconcile; the object gauges are counted from the
 operator's indexes at scrape time, so they are exact without any bookkeeping of their own.
 """
 

@@ -1,20 +1,23 @@
-"""What every handler shares: the API client, the configuration, the status writer, the indexes, and a
-way to look at an object again later."""
+"""What every controller shares: the API client, the configuration, the status writer, the operator's view of
+the cluster (the indexes), what it remembers between looks, and a way to look at an object again later.
+
+No kopf here: kopf fills the indexes (handlers/ registers them) and they are read as plain mappings of
+(namespace, name) to the objects under that key, so a test builds a Context from dicts and a recording client.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
-import kopf
-
 from kubetune.adapters import Failure
+from kubetune.adapters.http import HttpReplicas
+from kubetune.adapters.replicas import ReplicaClient
 from kubetune.config import OperatorConfig
 from kubetune.k8s import events
 from kubetune.k8s.children import Seen
@@ -22,6 +25,10 @@ from kubetune.k8s.client import RESOURCES, ApiError, Kube
 from kubetune.k8s.status_writer import StatusWriter
 
 log = logging.getLogger(__name__)
+Key = tuple[str, str]
+"""(namespace, name) of an object."""
+Index = Mapping[Any, Iterable[Any]]
+"""One of kopf's indexes as the controllers read it: key -> the objects under that key."""
 # Every kind of child the operator creates; each has an index `owned_<plural>` of the objects it labelled
 # as its own (handlers/children.py), by (namespace, name).
 CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "Service", "Job", "Deployment")
@@ -43,7 +50,7 @@ INDEXES = (
 )
 
 
-# Handlers wait on the API server most of the time; admissions of many jobs at once need threads.
+# Controllers wait on the API server most of the time; admissions of many jobs at once need threads.
 WORKERS = 32
 # Work that the API server refused or did not answer runs again after this many seconds.
 RETRY_API_ERROR_S = 5.0
@@ -51,33 +58,6 @@ RETRY_API_ERROR_S = 5.0
 # tried again after 5, 10, 20, ... seconds, up to this.
 BACKOFF_MAX_S = 300.0
 Work = TypeVar("Work", bound=Callable[..., None])
-
-_KEPT_METADATA = (
-    "name",
-    "namespace",
-    "uid",
-    "resourceVersion",
-    "generation",
-    "labels",
-    "annotations",
-    "creationTimestamp",
-    "deletionTimestamp",
-)
-
-
-def slim(body: kopf.Body, spec: bool | tuple[str, ...]) -> dict[str, Any]:
-    """What the operator keeps of an object in its indexes: no managedFields, no kopf wrappers, and of the
-    spec all (True), nothing (False) or only the named fields (a Job's pod template is most of its size)."""
-    meta = body.get("metadata") or {}
-    kept: dict[str, Any] = {"metadata": {k: meta[k] for k in _KEPT_METADATA if k in meta}}
-    if spec is True:
-        kept["spec"] = dict(body.get("spec") or {})
-    elif spec:
-        full = body.get("spec") or {}
-        kept["spec"] = {k: full[k] for k in spec if k in full}
-    kept["status"] = dict(body.get("status") or {})
-    return kept
-
 
 @dataclass(frozen=True)
 class Refusal:
@@ -121,7 +101,7 @@ class Context:
     kube: Kube
     config: OperatorConfig
     status: StatusWriter
-    indexes: dict[str, kopf.Index] = field(default_factory=dict)
+    indexes: Mapping[str, Index] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
     """UIDs of the objects this process has reconciled at least once."""
     applied: dict[str, str] = field(default_factory=dict)
@@ -131,13 +111,15 @@ class Context:
     backoff: Backoff = field(default_factory=Backoff)
     """Children writes the API server refused, per owner UID."""
     mount_failures: dict[str, str] = field(default_factory=dict)
-    """Pod UID -> its last FailedMount Event's message, while it waits in ContainerCreating (handlers/mounts.py)."""
+    """Pod UID -> its last FailedMount Event's message, while it waits in ContainerCreating (controllers/mounts.py)."""
     mount_looked: dict[str, float] = field(default_factory=dict)
     """Pod UID -> time.monotonic() of the last look at its FailedMount Events."""
+    replicas: ReplicaClient = field(default_factory=HttpReplicas)
+    """How the ModelServer controller talks to its server pods (vLLM, the adapter fetcher)."""
     workers: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(WORKERS, thread_name_prefix="reconcile"), repr=False
     )
-    """Threads for the handlers that are coroutines (started when needed)."""
+    """Threads on which the handlers (coroutines) run the controllers (started when needed)."""
     _scheduled: set[tuple[str, ...]] = field(default_factory=set)
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
@@ -147,10 +129,19 @@ class Context:
         kube = Kube.connect(config.field_manager)
         return cls(kube=kube, config=config, status=StatusWriter(kube))
 
-    def capture_indexes(self, kwargs: dict[str, Any]) -> None:
-        """Keep the kopf indexes (live views) so that work scheduled for later can read them."""
+    def capture_indexes(self, kwargs: Mapping[str, Any]) -> None:
+        """Keep the indexes kopf passes to every handler (live views) so that work scheduled for later can read
+        them."""
         if not self.indexes:
             self.indexes = {name: kwargs[name] for name in INDEXES}
+
+    def latest(self, index: str, key: Key) -> dict[str, Any] | None:
+        """The object under `key` in `index` as the watch last showed it; None when there is none."""
+        return next(iter(self.indexes[index].get(key, [])), None)
+
+    def objects(self, index: str, key: Key) -> list[dict[str, Any]]:
+        """Every object under `key` in `index` (the pods of a Job, say)."""
+        return list(self.indexes[index].get(key, []))
 
     def owned(self, manifest: dict[str, Any]) -> Seen | None:
         """What the operator's view holds of the object a manifest names, among the objects labelled as
@@ -207,7 +198,7 @@ class Context:
 
 
 def retried(work: Work) -> Work:
-    """Handler work `work(ctx, key, ...)` that fails on the API server (a refusal, no answer) runs again
+    """Controller work `work(ctx, key, ...)` that fails on the API server (a refusal, no answer) runs again
     RETRY_API_ERROR_S later: kopf never calls a watch-event handler again, and the event that asked for the
     work (a Job completing, say) does not come back."""
 
@@ -220,21 +211,3 @@ def retried(work: Work) -> Work:
             ctx.later_once((work.__module__, work.__name__, *key), RETRY_API_ERROR_S, run, ctx, key, *args)
 
     return cast(Work, run)
-
-
-async def in_worker(ctx: Context, work: Callable[..., None], *args: Any) -> None:
-    """Run blocking work (API requests, locks) on a worker thread and wait for it."""
-    await asyncio.get_running_loop().run_in_executor(ctx.workers, work, *args)
-
-
-def handle_object_event(
-    memo: kopf.Memo, event: kopf.RawEvent, kwargs: dict[str, Any], reconcile: Callable[[Context, tuple[str, str]], None]
-) -> None:
-    """The common body of a watch-event handler of one of our kinds: forget deleted objects, reconcile others."""
-    ctx: Context = memo.context
-    ctx.capture_indexes(kwargs)
-    meta = event["object"]["metadata"]
-    if event["type"] == "DELETED":
-        ctx.forget(meta["uid"])
-        return
-    reconcile(ctx, (meta["namespace"], meta["name"]))

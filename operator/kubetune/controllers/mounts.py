@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from kubetune.handlers.context import Context
+from kubetune.controllers.context import Context
 from kubetune.k8s import events
 from kubetune.k8s.client import ApiError
 from kubetune.status.pods import creating_since
