@@ -1,9 +1,8 @@
-"""Adapters of a ModelServer: resolution, checks, the per-replica sync plan, states and vLLM's error reasons."""
+"""Adapters of a ModelServer: resolution, checks, the per-replica sync plan, states and vLLM's error reasons.
+(That the operator never loads vLLM or torch is in test_layers.py.)"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -275,15 +274,3 @@ def test_adapters_ready_condition_names_the_failure() -> None:
     cond = next(c for c in patch["conditions"] if c["type"] == "AdaptersReady")
     assert (cond["status"], cond["reason"]) == ("False", "AdapterNotFound") and "a: No adapter found" in cond["message"]
     assert patch["adapters"][0]["state"] == "Failed"
-
-
-# --- layering ----------------------------------------------------------------------------------------
-
-
-def test_the_operator_imports_neither_vllm_nor_torch() -> None:
-    code = (
-        "import sys, kubetune.handlers.main, kubetune.cli; "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'torch', 'gradio', 'transformers')))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
