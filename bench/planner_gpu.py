@@ -1,6 +1,6 @@
 """Validate the planner on one GPU: measured peak memory and tokens/s of several plans versus predictions.
 
-Runs on the GPU machine (../shared/GPU.md: Python 3.12, torch 2.11, transformers 5.17, peft 0.21; trl,
+Runs on the GPU machine (docs/gpu-baselines.md: Python 3.12, torch 2.11, transformers 5.17, peft 0.21; trl,
 datasets, liger_kernel, deepspeed, pydantic... carried as wheels). Each plan trains the Qwen2.5-7B
 architecture with random bf16 weights on random token ids for a few optimizer steps with TRL's SFTTrainer
 and a PEFT LoRA adapter (DeepSpeed where the plan says), in its own process, so an OOM or a hang costs one
@@ -14,9 +14,9 @@ memory plus the CUDA context, which is what the planner predicts; allocated and 
 too), and the planner's plan for 1x H200, seq 8192, global batch 64, LoRA r64 on q,k,v,o at least 1.8x
 the tokens/s of the popular recipe (ZeRO-3 + CPU optimizer offload, checkpointing, micro-batch 1 x 8).
 
-Measured steps hold 65,536 tokens for the two plans that are compared (as in GPU.md) and 32,768 for the
+Measured steps hold 65,536 tokens for the two plans that are compared (as in the baselines) and 32,768 for the
 others; the first step (compilation, DeepSpeed's CPU Adam build) is not timed. The recipe runs in bf16
-(GPU.md's ran in fp16; same speed and memory, no loss scaling to go wrong): --recipe-fp16 to change.
+(the baselines' ran in fp16; same speed and memory, no loss scaling to go wrong): --recipe-fp16 to change.
 
 Importable without torch: the plan list and each plan's configuration are plain data (tests check them).
 """
@@ -186,7 +186,7 @@ def bench_plans(recipe_precision: str = "bf16") -> list[BenchPlan]:
         ),
         BenchPlan(
             "eager-ckpt",
-            "no DeepSpeed, checkpointing, eager kernels (GPU.md's second row)",
+            "no DeepSpeed, checkpointing, eager kernels (the baselines' second row)",
             8192,
             QKVO,
             0,
@@ -635,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - GPU only
     parser.add_argument("--out", help="directory for the results file (default bench/results)")
     parser.add_argument("--plans", help="comma-separated plan names (default: all)")
     parser.add_argument("--budget", type=float, default=TOTAL_BUDGET_S, help="seconds for the whole run")
-    parser.add_argument("--recipe-fp16", action="store_true", help="run the popular recipe in fp16, as GPU.md did")
+    parser.add_argument("--recipe-fp16", action="store_true", help="the popular recipe in fp16, as the baselines ran")
     parser.add_argument("--smoke", action="store_true", help="check the plans' wiring on a tiny model on the CPU")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)

@@ -1,12 +1,12 @@
 """Our trainer (`kubetune train`) on one H200: Qwen2.5-7B architecture, random weights, seq 8192.
 
-Runs on the GPU machine (../shared/GPU.md: Python 3.12, torch 2.11, transformers 5.17, peft 0.21; trl,
+Runs on the GPU machine (docs/gpu-baselines.md: Python 3.12, torch 2.11, transformers 5.17, peft 0.21; trl,
 datasets, deepspeed, liger_kernel, pydantic... carried as wheels in .whl/). It builds the model (random bf16
 weights, our tiny BPE tokenizer: the token ids do not change the speed) and a JSONL dataset whose records
 tokenize past 8192 tokens, then runs the trainer's own entry point (`kubetune train --config FILE`, through
 `child_main` here) once per configuration, each in its own process, and reads tokens/s and peak GPU memory
 from the trainer's own progress JSON lines. Configurations (LoRA r64/alpha128 on q,k,v,o; micro-batch 1 x
-accumulation 8, so 65,536 tokens per optimizer step, as in GPU.md's baselines):
+accumulation 8, so 65,536 tokens per optimizer step, as in the baselines of docs/gpu-baselines.md):
 
   bf16    no DeepSpeed, gradient checkpointing, bf16                       baseline 9,291 tokens/s, 18.9 GiB
   recipe  ZeRO-3 + CPU optimizer offload, gradient checkpointing, bf16     baseline 8,238 tokens/s, 18.6 GiB
@@ -76,7 +76,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "recipe-per-module-fp16": {
         "of": "recipe",
-        "description": "the recipe as before the fix, in fp16 as GPU.md's baseline ran it",
+        "description": "the recipe as before the fix, in fp16 as the baseline ran it",
         "per_module": True,
         "precision": "fp16",
     },
@@ -244,7 +244,7 @@ def run_config(
 
 
 def compare(name: str, measured: dict[str, Any]) -> dict[str, Any]:
-    """Our figures against GPU.md's baseline: the ratio, and whether it is within the tolerance."""
+    """Our figures against the baseline (docs/gpu-baselines.md): the ratio, and whether it is within the tolerance."""
     baseline = baseline_of(name)
     tps = measured.get("tokens_per_second")
     ratio = tps / baseline["tokens_per_second"] if tps else None

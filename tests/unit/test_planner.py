@@ -1,5 +1,5 @@
-"""The training planner: memory and speed against GPU.md's H200 measurements, decisions at the boundaries,
-user overrides, infeasible jobs, unknown models and GPUs, the `kubetune plan` CLI and the GPU benchmark's
+"""The training planner: memory and speed against the H200 measurements of docs/gpu-baselines.md, decisions at the
+boundaries, user overrides, infeasible jobs, unknown models and GPUs, the `kubetune plan` CLI and the GPU benchmark's
 plan list."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ QWEN7B = KNOWN_ARCHITECTURES["qwen/qwen2.5-7b"]
 H200 = GPU_TYPES["h200"]
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 
-# --- Calibration: ../shared/GPU.md, one H200, Qwen2.5-7B, LoRA r64 ------------------------------------
+# --- Calibration: docs/gpu-baselines.md, one H200, Qwen2.5-7B, LoRA r64 --------------------------------
 
 SFT = Workload(QWEN7B, seq=8192, global_batch=8, gpu=H200)
 ALL_LINEAR = Workload(QWEN7B, seq=8192, global_batch=8, lora_targets=("all-linear",), gpu=H200)
@@ -59,7 +59,7 @@ CALIBRATION = [
 def test_memory_matches_gpu_md_within_10_percent(
     name: str, workload: Workload, setup: Setup, peak: float, _tps: int
 ) -> None:
-    # GPU.md's figures are PyTorch's peak allocated memory, without the CUDA context and NCCL buffers.
+    # The baselines' figures are PyTorch's peak allocated memory, without the CUDA context and NCCL buffers.
     predicted = estimate(workload, setup).torch_allocated
     assert abs(predicted - peak) / peak <= 0.10, f"{name}: predicted {predicted:.1f} GiB, measured {peak}"
 
@@ -88,7 +88,7 @@ def test_memory_breakdown_adds_up_and_moves_the_right_way() -> None:
 
 def test_qwen_7b_numbers() -> None:
     assert QWEN7B.total_params == pytest.approx(7.62e9, rel=0.01)
-    assert QWEN7B.matmul_params == pytest.approx(7.07e9, rel=0.01)  # GPU.md's N_base
+    assert QWEN7B.matmul_params == pytest.approx(7.07e9, rel=0.01)  # N_base of docs/gpu-baselines.md
     assert QWEN7B.lora_params(64, QKVO) == 40_370_176
     assert QWEN7B.lora_params(64, ["all-linear"]) == 161_480_704
 

@@ -2,7 +2,7 @@
 
 `memory_gib` is what PyTorch reports as the card's total capacity (a little under the marketing
 figure). Speeds are vendor peak figures for dense bf16 with fp32 accumulation; `matmul_efficiency` is
-the fraction a large bf16 matmul reaches (790 of 989 TFLOP/s on the H200 of ../shared/GPU.md; the
+the fraction a large bf16 matmul reaches (790 of 989 TFLOP/s on the H200 of docs/gpu-baselines.md; the
 same fraction is assumed elsewhere).
 """
 

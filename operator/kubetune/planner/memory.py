@@ -28,7 +28,7 @@ logits       TRL's fused LM head (SFT and DPO) never builds the logits: it proje
 overhead     CUDA context and workspaces, a share of the dynamic memory lost to allocator fragmentation,
              DeepSpeed buckets, NCCL buffers when there are several GPUs.
 
-Calibrated on the H200 measurements of ../shared/GPU.md (see docs/planner.md): the predictions are within
+Calibrated on the H200 measurements of docs/gpu-baselines.md (see docs/planner.md): the predictions are within
 a few percent of all seven figures.
 """
 

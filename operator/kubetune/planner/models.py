@@ -85,7 +85,7 @@ class ModelArchitecture:
     @property
     def matmul_params(self) -> int:
         """Parameters that take part in a matrix multiply per token: layers and the LM head, not the
-        embedding lookup (GPU.md's N_base, 7.07e9 for Qwen2.5-7B)."""
+        embedding lookup (N_base of docs/gpu-baselines.md, 7.07e9 for Qwen2.5-7B)."""
         return self.num_layers * self.layer_params + self.embedding_params
 
     def lora_targets(self, target_modules: list[str] | tuple[str, ...]) -> tuple[str, ...]:

@@ -5,10 +5,10 @@ How it decides
 1. Candidates. ZeRO stage 0 (plain PyTorch, DDP over several GPUs), 2 or 3; CPU offload of the optimizer
    (ZeRO-2/3) and of the weights too (ZeRO-3); gradient checkpointing off or on; torch.compile of each
    decoder layer (checkpointing off, SFT only: with DPO the compiled policy and reference passes
-   differ in bf16 rounding, GPU.md) or Liger's fused RMSNorm/SwiGLU/RoPE kernels (smaller activations than
-   eager code; the loss is TRL's fused LM head either way); SDPA attention, which is what `auto` means
-   for attention (the planner cannot know whether the image has flash-attn, and SDPA's flash kernels need
-   no package). A setting fixed in spec.distributed leaves only that value.
+   differ in bf16 rounding: docs/gpu-baselines.md) or Liger's fused RMSNorm/SwiGLU/RoPE kernels
+   (smaller activations than eager code; the loss is TRL's fused LM head either way); SDPA attention,
+   which is what `auto` means for attention (the planner cannot know whether the image has flash-attn,
+   and SDPA's flash kernels need no package). A setting fixed in spec.distributed leaves only that value.
 2. Memory. For each candidate the micro-batch is the largest divisor of the per-GPU batch whose predicted
    peak (memory.py) fits in the GPU's memory less a safety margin (10%, 20% on cards under 32 GiB).
    CPU offload is considered only when nothing fits without it, weight offload only when optimizer

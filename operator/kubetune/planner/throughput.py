@@ -14,7 +14,7 @@ overlapped with compute by prefetching. DDP all-reduces the (small) LoRA gradien
 offload adds the host optimizer step and PCIe copies, and with weight offload a host-to-device copy of
 every weight shard per pass. DPO under ZeRO-3 pays a measured 0.9 s per micro-batch.
 
-Calibrated on the seven H200 figures of ../shared/GPU.md (all within 3%); other GPUs scale by their
+Calibrated on the seven H200 figures of docs/gpu-baselines.md (all within 3%); other GPUs scale by their
 peak matmul speed and memory bandwidth, which is an assumption, not a measurement.
 """
 
@@ -33,11 +33,11 @@ LORA_BYTES_PER_FEATURE = 48.0
 MICRO_BATCH_SECONDS = 0.008
 STEP_SECONDS = 0.03
 ZERO3_HOOK_FACTOR = 1.10
-"""ZeRO-3 with CPU offload ran 11% slower than plain PyTorch on one H200 (GPU.md), ~1% of it the CPU step."""
+"""ZeRO-3 with CPU offload ran 11% slower than plain PyTorch on one H200 (the baselines), ~1% of it the CPU step."""
 ZERO2_FACTOR = 1.03
 CPU_ADAM_PARAMS_PER_SECOND = 2e8
 DPO_ZERO3_MICRO_BATCH_SECONDS = 0.9
-"""DPO under ZeRO-3 with offload ran at 0.674 pairs/s on one H200 (GPU.md), 2.7x slower than its FLOPs
+"""DPO under ZeRO-3 with offload ran at 0.674 pairs/s on one H200 (the baselines), 2.7x slower than its FLOPs
 predict; the cost is charged per micro-batch (per-module hooks of four passes), measured, not derived."""
 COMM_OVERLAP = 0.9
 """Share of the shorter of compute and ZeRO-3 weight gathering that prefetching hides."""
