@@ -1,1 +1,3 @@
-"""The operator's only I/O: server-side apply, reads, status patches and events."""
+"""The operator's Kubernetes I/O, and nothing else: the API client (`client`), children written only where their
+owner controls them (`children`), status patches (`status_writer`) and Events (`events`). The operator's
+one other I/O, HTTP to the server pods, is adapters/http.py."""

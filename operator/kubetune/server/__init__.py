@@ -1,1 +1,2 @@
-"""What runs inside or beside the serving pods (the Gradio chat page). Never imported by the operator."""
+"""What runs beside vLLM in the serving pods: the adapter fetcher (`kubetune fetcher`) and the Gradio chat
+page (`kubetune ui`). Never imported by the operator."""
