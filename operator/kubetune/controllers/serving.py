@@ -55,16 +55,7 @@ def reconcile(ctx: Context, key: Key, recheck: bool = False) -> None:
             ctx.config.gpu_type(server.spec.gpu_type)
         except (ValidationError, UnknownGpuType) as err:
             outcome.failed(err)
-            reason = "UnknownGpuType" if isinstance(err, UnknownGpuType) else "InvalidSpec"
-            message = str(err) if isinstance(err, UnknownGpuType) else spec_errors(err)
-            log.error("ModelServer %s/%s refused (%s): %s", *key, reason, message)
-            generation = body["metadata"].get("generation")
-            current = dict(body.get("status") or {})
-            _, diff = ctx.status.update(
-                KIND, body["metadata"], current, lambda now: server_status.invalid(now, generation, reason, message)
-            )
-            if diff:
-                ctx.event(KIND, body["metadata"], True, reason, message)
+            _refuse(ctx, key, body, err)
             return
         adapters = resolve(server, _jobs_in(ctx, key[0]))
         children = render.children(server, adapters.locations, ctx.config, adapters.secrets)
@@ -72,16 +63,38 @@ def reconcile(ctx: Context, key: Key, recheck: bool = False) -> None:
         reports = sync_adapters(ctx, key, server, adapters)
         views = adapters.views(reports, ctx.adapter_failures.get(uid, {}))
         sync_status(ctx, key, body, server, views)
-        if any(v.state == "Pending" and v.reason != "WaitingForFineTuneJob" for v in views) or any(
-            r.loaded is None for r in reports
-        ):
-            ctx.later_once(("modelserver", *key), ctx.config.server.adapter_resync_seconds, reconcile, ctx, key)
-        # A refused load is tried again by itself when its back-off ends, without waiting for an event. One
-        # timer per due time (a later, shorter back-off is not hidden behind a longer one already waiting).
-        delay = next_retry(ctx.adapter_failures.get(uid, {}), time.monotonic())
-        if delay is not None:
-            due = f"{time.monotonic() + delay:.0f}"
-            ctx.later_once(("modelserver-retry", *key, due), delay + 0.5, reconcile, ctx, key)
+        _look_again(ctx, key, uid, views, reports)
+
+
+def _refuse(ctx: Context, key: Key, body: dict[str, Any], err: ValidationError | UnknownGpuType) -> None:
+    """A server the operator cannot run: Failed with the reason, an Event once; nothing is created."""
+    reason = "UnknownGpuType" if isinstance(err, UnknownGpuType) else "InvalidSpec"
+    message = str(err) if isinstance(err, UnknownGpuType) else spec_errors(err)
+    log.error("ModelServer %s/%s refused (%s): %s", *key, reason, message)
+    generation = body["metadata"].get("generation")
+    current = dict(body.get("status") or {})
+    _, diff = ctx.status.update(
+        KIND, body["metadata"], current, lambda now: server_status.invalid(now, generation, reason, message)
+    )
+    if diff:
+        ctx.event(KIND, body["metadata"], True, reason, message)
+
+
+def _look_again(
+    ctx: Context, key: Key, uid: str, views: list[server_status.AdapterView], reports: list[ReplicaReport]
+) -> None:
+    """Timers for what no event will bring: adapters pending for a reason other than their FineTuneJob, replicas
+    that did not answer, refused loads whose back-off ends."""
+    if any(v.state == "Pending" and v.reason != "WaitingForFineTuneJob" for v in views) or any(
+        r.loaded is None for r in reports
+    ):
+        ctx.later_once(("modelserver", *key), ctx.config.server.adapter_resync_seconds, reconcile, ctx, key)
+    # A refused load is tried again by itself when its back-off ends, without waiting for an event. One
+    # timer per due time (a later, shorter back-off is not hidden behind a longer one already waiting).
+    delay = next_retry(ctx.adapter_failures.get(uid, {}), time.monotonic())
+    if delay is not None:
+        due = f"{time.monotonic() + delay:.0f}"
+        ctx.later_once(("modelserver-retry", *key, due), delay + 0.5, reconcile, ctx, key)
 
 
 def write_children(ctx: Context, key: Key, uid: str, children: list[dict[str, Any]], recheck: bool) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune import faults
-from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune.api.v1alpha1 import FineTuneJob, Plan
 from kubetune.config import UnknownGpuType
 from kubetune.controllers import metrics, mounts
 from kubetune.controllers.context import RETRY_API_ERROR_S, Context, Key, retried
@@ -28,7 +28,7 @@ from kubetune.planner import PlanInfeasible, plan_job
 from kubetune.render import finetunejob as render
 from kubetune.render.common import ANNOTATION_SPEC_HASH
 from kubetune.status import finetunejob as job_status
-from kubetune.status.admission import Blocked, check_reference
+from kubetune.status.admission import Admitted, Blocked, check_reference
 from kubetune.status.conditions import get, set_condition
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,8 @@ def _write_admission(
 
 
 def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
-    """Check the reference, plan, write the children. Raises Retry while the reference is not ready, NameConflict
-    or ApiError when a child cannot be written."""
+    """Check the reference, plan, write the children, then the Admitted status. Raises Retry while the reference
+    is not ready, NameConflict or ApiError when a child cannot be written."""
     try:
         ftj = FineTuneJob.model_validate(body)
     except ValidationError as err:
@@ -112,39 +112,61 @@ def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
     if state == "Succeeded":
         _write_admission(ctx, body, True, "Finished", "the run has finished; later spec changes are not applied")
         return
+    planned = _plan(ctx, body, ftj)
+    if planned is None:
+        return
+    plan, admitted = planned
+    job = _write_children(ctx, ftj, plan, admitted.init_adapter_uri)
+    # Admitted only once every child is written: an operator that dies before this line admits the generation
+    # again after its restart (every write is idempotent), one that dies after it finds its children in place.
+    _write_admitted(ctx, body, ftj, state, plan, job)
+    faults.point("after-admitted", f"{ftj.metadata.namespace}/{ftj.metadata.name}")
+
+
+def _plan(ctx: Context, body: dict[str, Any], ftj: FineTuneJob) -> tuple[Plan, Admitted] | None:
+    """The plan of a job whose reference and gpuType pass; None when the job is refused (the refusal is written
+    on it). Raises Retry while the reference is not ready."""
     ref = ftj.spec.from_fine_tune_job
     check = check_reference(ftj, ctx.kube.get(KIND, ftj.metadata.namespace, ref) if ref else None)
     if isinstance(check, Blocked):
         _write_admission(ctx, body, False, check.reason, check.message, "Pending" if check.retry else "Failed")
         if check.retry:
             raise Retry(check.message, RETRY_WAITING_S)
-        return
+        return None
     try:
         gpu = ctx.config.gpu_type(ftj.spec.resources.gpu_type)
     except UnknownGpuType as err:
         _write_admission(ctx, body, False, "UnknownGpuType", str(err), "Failed")
-        return
+        return None
     try:
         plan = plan_job(ftj.spec, gpu_memory_gib=gpu.memory_gib, gpu_type=ftj.spec.resources.gpu_type)
     except PlanInfeasible as err:
         _write_admission(ctx, body, False, "PlanInfeasible", str(err), "Failed")
-        return
-    *support, job = render.children(ftj, plan, ctx.config, check.init_adapter_uri)
-    key = (ftj.metadata.namespace, ftj.metadata.name)
-    existing = ctx.latest("training_jobs", key)
-    _replace_changed_job(ctx, job, existing)
+        return None
+    return plan, check
+
+
+def _write_children(ctx: Context, ftj: FineTuneJob, plan: Plan, init_adapter_uri: str | None) -> dict[str, Any]:
+    """Write the job's children, the training Job last; returns the Job as written."""
+    *support, job = render.children(ftj, plan, ctx.config, init_adapter_uri)
+    _replace_changed_job(ctx, job, ctx.latest("training_jobs", (ftj.metadata.namespace, ftj.metadata.name)))
     # The pods need every supporting object: the ServiceAccount to be admitted, the Role to report, the Service to
     # meet. All are written (and found to be this job's own) before the Job, so a pod never runs as an object that
     # someone else put under that name. They go together, in one round trip.
     children.start_writes(ctx.kube, support, ctx.owned)()
-    applied = children.write(ctx.kube, job, ctx.owned(job))
+    return children.write(ctx.kube, job, ctx.owned(job))
+
+
+def _write_admitted(
+    ctx: Context, body: dict[str, Any], ftj: FineTuneJob, state: str | None, plan: Plan, job: dict[str, Any]
+) -> None:
+    """Admitted=True with the plan, and the status the new Job implies while it waits for its pods, in one patch."""
     summary = (
         f"ZeRO-{plan.zero_stage}, micro-batch {plan.micro_batch_size} x {plan.gradient_accumulation_steps} "
         f"accumulation on {plan.world_size} GPU(s)"
     )
     new_state = None if state in ("Running", "Suspended") else "Pending"
-    generation = ftj.metadata.generation
-    observed = _observed(ctx, key, body, applied)
+    observed = _observed(ctx, (ftj.metadata.namespace, ftj.metadata.name), body, job)
 
     def waiting_for_pods(current: Status) -> Status:
         """The status the new Job implies while it waits for its pods, written with the admission rather than
@@ -152,8 +174,6 @@ def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
         derived = job_status.derive(replace(observed, status=current))
         return derived if derived.get("state") == "Pending" else {}
 
-    # Admitted only once every child is written: an operator that dies before this line admits the generation
-    # again after its restart (every write is idempotent), one that dies after it finds its children in place.
     _write_admission(
         ctx,
         body,
@@ -163,9 +183,8 @@ def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
         new_state,
         then=waiting_for_pods,
         plan=plan.to_wire(),
-        observedGeneration=generation,
+        observedGeneration=ftj.metadata.generation,
     )
-    faults.point("after-admitted", f"{ftj.metadata.namespace}/{ftj.metadata.name}")
 
 
 def refused(ctx: Context, body: dict[str, Any], state: str | None, err: NameConflict | ApiError) -> float:
