@@ -2,7 +2,7 @@
 
 The trainer runs on the CPU as a pod of the agent's Node (gpuType cpu-agent of the tests' operator config):
 a tiny Qwen2 and a few steps. The failure paths: the trainer's process SIGKILLed after its first checkpoint
-(the Job retries, the retry resumes from that checkpoint), the operator SIGKILLed during a training (nothing
+(a new Job resumes from that checkpoint), the operator SIGKILLed during a training (nothing
 duplicated after its restart) and, with vLLM installed, a ModelServer pod killed (its replacement serves every
 adapter again).
 """
@@ -20,12 +20,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from tests.integration import serving
 from tests.integration.support import (
-    AGENT_GPU_TYPE,
     AgentProcess,
     Api,
     OperatorProcess,
@@ -33,6 +31,7 @@ from tests.integration.support import (
     dump,
     wait_for,
 )
+from tests.integration.training import SELECTOR, events_of, job_pods, pod_logs, training_job, wait_done
 
 from kubetune.dev.controlplane import Cluster
 
@@ -40,7 +39,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the node agent needs root"),
     pytest.mark.skipif(not importlib.util.find_spec("trl"), reason="needs the trainer extra: hack/setup.sh trainer"),
 ]
-SELECTOR = {"dev-flow": "served"}
 
 
 def vllm_importable() -> bool:
@@ -83,68 +81,6 @@ def scene(api: Api, operator: OperatorProcess, agent: AgentProcess) -> Iterator[
         api.kube.delete("Namespace", "", ns)
 
 
-def training_job(name: str, ns: str, steps: int, every: int, **spec: Any) -> dict[str, Any]:
-    """An SFT FineTuneJob of the tiny model, trained for real on the agent's CPU."""
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": ns, "labels": dict(SELECTOR)},
-        "spec": {
-            "method": "SFT",
-            "baseModel": {"uri": serving.MODEL_URI},
-            "dataset": {"uri": "pvc://data/sft.jsonl"},
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]},
-            "hyperparameters": {
-                "learningRate": 0.005,
-                "warmupRatio": 0.0,
-                "maxSteps": steps,
-                "globalBatchSize": 4,
-                "maxSeqLength": 64,
-                "seed": 0,
-            },
-            "resources": {"nodes": 1, "gpusPerNode": 1, "gpuType": AGENT_GPU_TYPE},
-            "output": {"uri": f"pvc://adapters/{name}"},
-            "checkpointing": {"everySteps": every, "keep": 2},
-            "backoffLimit": 2,
-            **spec,
-        },
-    }
-
-
-def wait_done(api: Api, ns: str, name: str, timeout: float = 180) -> dict[str, Any]:
-    """Wait for Succeeded (fail at once on Failed)."""
-
-    def check() -> dict[str, Any] | None:
-        status = api.status("FineTuneJob", ns, name)
-        assert status.get("state") != "Failed", dump(status)
-        return status if status.get("state") == "Succeeded" else None
-
-    return wait_for(check, timeout, f"FineTuneJob {ns}/{name} Succeeded", interval=1)
-
-
-def events_of(log_text: str) -> list[dict[str, Any]]:
-    """The trainer's JSON event lines."""
-    events = []
-    for line in log_text.splitlines():
-        with contextlib.suppress(ValueError):
-            obj = json.loads(line)
-            if isinstance(obj, dict) and "event" in obj:
-                events.append(obj)
-    return events
-
-
-def pod_logs(agent: AgentProcess, ns: str, pod: str) -> str:
-    """Every container log the agent kept of one pod."""
-    folders = (agent.state_dir / "logs" / ns).glob(f"{pod}_*")
-    return "\n".join(p.read_text(errors="replace") for folder in folders for p in sorted(folder.glob("*.log")))
-
-
-def job_pods(api: Api, ns: str, name: str) -> list[dict[str, Any]]:
-    """The FineTuneJob's training pods, oldest first."""
-    pods = api.kube.list("Pod", ns, f"kubetune.io/finetunejob={name}")
-    return sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"] + p["metadata"]["name"])
-
-
 def test_sft_job_trains_for_real_and_reports_progress(api: Api, scene: Scene) -> None:
     api.apply(training_job("sft", scene.ns, steps=8, every=4))
     status = wait_done(api, scene.ns, "sft")
@@ -171,10 +107,11 @@ def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(api: Api, sce
 
     status = wait_done(api, scene.ns, name, timeout=240)
     assert status["restarts"] == 1, dump(status)
+    assert status["lastRestart"]["pod"] == pod["metadata"]["name"], dump(status)
     assert status["progress"]["step"] == status["progress"]["totalSteps"] == steps, dump(status)
-    pods = job_pods(api, scene.ns, name)
-    assert len(pods) == 2, [p["metadata"]["name"] for p in pods]
-    second = events_of(pod_logs(scene.agent, scene.ns, pods[1]["metadata"]["name"]))
+    # The failed pod went with its Job; the new Job's pod trained the rest.
+    (retry,) = [p for p in job_pods(api, scene.ns, name) if p["metadata"]["name"] != pod["metadata"]["name"]]
+    second = events_of(pod_logs(scene.agent, scene.ns, retry["metadata"]["name"]))
     resumes = [e for e in second if e["event"] == "resume"]
     assert resumes and resumes[0]["step"] >= killed_at and resumes[0]["step"] % every == 0, second[:10]
     progress = [e["step"] for e in second if e["event"] == "progress"]

@@ -76,6 +76,7 @@ def test_trl_arguments_carry_the_schedule(config: dict[str, Any], tmp_path: Path
     assert args.lr_scheduler_type == "cosine" and args.learning_rate == LEARNING_RATE
     assert args.warmup_steps == 0.1 and args.get_warmup_steps(MAX_STEPS) == WARMUP_STEPS
     assert args.weight_decay == 0.01 and args.max_steps == MAX_STEPS
+    assert args.ddp_timeout == 600  # spec.distributed.collectiveTimeoutSeconds: a rank never waits 30 min for a peer
     dpo = TrainerConfig.model_validate({**config, "spec": {**config["spec"], "method": "DPO"}})
     dpo_args = trainer_arguments(dpo, tmp_path, hidden_size=64, has_eval=False)
     assert (dpo_args.lr_scheduler_type, dpo_args.get_warmup_steps(MAX_STEPS), dpo_args.weight_decay) == (

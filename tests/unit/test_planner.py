@@ -493,3 +493,11 @@ def test_bench_wiring_runs_on_cpu() -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "zero2-ckpt-seq4096: ok" in result.stdout
+
+
+def test_a_multi_node_plan_states_what_it_assumes_of_the_network() -> None:
+    one = plan("Qwen/Qwen2.5-7B", 4, "h100", seq=8192, global_batch=64)
+    two = plan("Qwen/Qwen2.5-7B", 4, "h100", seq=8192, global_batch=64, nodes=2)
+    assert two.world_size == 8 and not any("between nodes" in line for line in one.explanation)
+    (network,) = [line for line in two.explanation if "between nodes" in line]
+    assert "2 nodes of 4 GPU(s)" in network and "25 GB/s" in network and "the estimate uses the slower" in network

@@ -62,6 +62,10 @@ def test_training_job_contract() -> None:
         assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetune-operator"
     spec = job["spec"]
     assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 1, 1)
+    # The first failed pod fails the Job and stops the others: the group restarts as one (the operator decides).
+    rules = spec["podFailurePolicy"]["rules"]
+    assert spec["backoffLimit"] == 0 and [r["action"] for r in rules] == ["FailJob", "FailJob"]
+    assert rules[0]["onExitCodes"]["values"] == [3] and rules[1]["onPodConditions"] == [{"type": "DisruptionTarget"}]
     pod = spec["template"]["spec"]
     container = pod["containers"][0]
     assert container["command"] == ["kubetune", "train", "--config", "/etc/kubetune/trainer.yaml"]

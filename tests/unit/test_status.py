@@ -18,8 +18,9 @@ from tests.rejections import EXAMPLES
 NOW = "2026-11-29T08:00:00Z"
 
 
-def job(*conditions: str, failed: int = 0, parallelism: int = 1) -> dict[str, Any]:
+def job(*conditions: str, failed: int = 0, parallelism: int = 1, uid: str = "job-1") -> dict[str, Any]:
     return {
+        "metadata": {"name": "x", "uid": uid},
         "spec": {"parallelism": parallelism},
         "status": {
             "failed": failed,
@@ -48,8 +49,9 @@ def observed(
     pods: list[dict[str, Any]],
     status: dict[str, Any] | None = None,
     suspend: bool = False,
+    backoff_limit: int = 3,
 ) -> fs.Observed:
-    return fs.Observed(status or {}, 2, suspend, "pvc://adapters/x", job_obj, pods)
+    return fs.Observed(status or {}, 2, suspend, "pvc://adapters/x", job_obj, pods, backoff_limit=backoff_limit)
 
 
 def test_no_job_means_no_status_change() -> None:
@@ -91,9 +93,9 @@ def test_running_then_succeeded_sets_times_and_adapter() -> None:
 
 def test_oomkilled_pod_gives_the_reason() -> None:
     p = pod("x-0", "Failed", **terminated("OOMKilled", 137))
-    patch = fs.derive(observed(job("Failed", failed=4), [p]), NOW)
+    patch = fs.derive(observed(job("Failed", failed=1), [p], status={"restarts": 3}), NOW)  # backoffLimit used up
     failed = next(c for c in patch["conditions"] if c["type"] == "Failed")
-    assert patch["state"] == "Failed" and patch["restarts"] == 4
+    assert patch["state"] == "Failed" and patch["restarts"] == 3
     assert failed["reason"] == "OOMKilled" and "exit code 137" in failed["message"]
 
 
@@ -107,7 +109,7 @@ def test_trainer_termination_message_reason_wins() -> None:
 
 def test_exit_code_failure_message() -> None:
     p = pod("x-0", "Failed", **terminated("Error", 1, "Traceback...\nRuntimeError: boom"))
-    outcome = fs.outcome(observed(job("Failed"), [p]))
+    outcome = fs.outcome(observed(job("Failed"), [p], backoff_limit=0))
     assert outcome is not None
     assert outcome.reason == "TrainerFailed" and "exited with code 1" in outcome.message and "boom" in outcome.message
 
@@ -196,7 +198,8 @@ def test_adapters_condition_summarises() -> None:
 
 
 def test_a_failed_run_started_again_is_no_longer_failed() -> None:
-    failed = fs.derive(observed(job("Failed"), [pod("x-0", "Failed", **terminated("OOMKilled", 137))]), NOW)
+    oom = pod("x-0", "Failed", **terminated("OOMKilled", 137))
+    failed = fs.derive(observed(job("Failed"), [oom], backoff_limit=0), NOW)
     assert failed["completionTime"] == NOW
     # spec changed (e.g. a smaller micro-batch): a new Job, its pod running
     again = fs.derive(observed(job(), [pod("x-1", "Running")], status=failed), NOW)
@@ -205,3 +208,68 @@ def test_a_failed_run_started_again_is_no_longer_failed() -> None:
     assert (condition["status"], condition["reason"]) == ("False", "Retrying")
     assert "OOMKilled" in condition["message"]
     assert again["completionTime"] is None
+
+
+# --- the training pods fail and start again as one group ------------------------------------------------
+
+
+def rank(name: str, finished: str, code: int, reason: str = "Error", message: str = "", uid: str = "job-1") -> dict:
+    body = pod(name, "Failed", **terminated(reason, code, message))
+    body["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = finished
+    body["metadata"]["labels"] = {"batch.kubernetes.io/controller-uid": uid}
+    return body
+
+
+def test_the_first_failed_pod_restarts_the_group_from_the_checkpoint() -> None:
+    # Rank 1 was SIGKILLed; the Job controller then stopped rank 0 (SIGTERM): rank 1 is the cause.
+    pods = [
+        rank("x-0-a", "2026-11-29T07:30:05Z", 143, message="stopped"),
+        rank("x-1-b", "2026-11-29T07:30:01Z", 137, message="step 41"),
+    ]
+    status = {"restarts": 0, "checkpoint": {"step": 40}}
+    patch = fs.derive(observed(job("Failed", parallelism=2), pods, status=status), NOW)
+    assert patch["state"] == "Pending" and patch["restarts"] == 1
+    record = patch["lastRestart"]
+    assert (record["failedJobUid"], record["pod"], record["resumeStep"], record["disruption"]) == (
+        "job-1",
+        "x-1-b",
+        40,
+        False,
+    )
+    running = next(c for c in patch["conditions"] if c["type"] == "Running")
+    assert (running["status"], running["reason"]) == ("False", "Restarting")
+    assert "x-1-b exited with code 137 (Error, killed by SIGKILL)" in running["message"]
+    assert "all 2 training pods start again from checkpoint step 40 (restart 1 of at most 3)" in running["message"]
+    # Computed again for the same failed Job (the operator restarted before it replaced the Job): counted once.
+    again = fs.derive(observed(job("Failed", parallelism=2), pods, status={**status, **patch}), NOW)
+    assert again["restarts"] == 1 and again["lastRestart"] == record
+
+
+def test_a_disruption_restarts_the_group_without_counting() -> None:
+    drained = pod("x-0", "Failed")
+    drained["status"]["conditions"] = [
+        {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI", "message": "node drain"}
+    ]
+    patch = fs.derive(observed(job("Failed"), [drained], status={"restarts": 3}), NOW)  # limit already used up
+    assert patch["state"] == "Pending" and patch["restarts"] == 3
+    assert patch["lastRestart"]["disruption"] is True and patch["lastRestart"]["reason"] == "Disruption"
+    running = next(c for c in patch["conditions"] if c["type"] == "Running")
+    assert "a disruption, not counted" in running["message"] and "from the start" in running["message"]
+
+
+def test_a_permanent_error_fails_at_once_and_a_used_up_limit_fails() -> None:
+    report = json.dumps({"reason": "DatasetInvalid", "message": "line 3: missing 'response'"})
+    permanent = fs.derive(observed(job("Failed"), [rank("x-1", "2026-11-29T07:30:01Z", 3, message=report)]), NOW)
+    assert permanent["state"] == "Failed" and permanent["restarts"] == 0 and "lastRestart" not in permanent
+    assert next(c for c in permanent["conditions"] if c["type"] == "Failed")["reason"] == "DatasetInvalid"
+    crashed = [rank("x-0", "2026-11-29T07:30:01Z", 1, message="boom")]
+    used_up = fs.derive(observed(job("Failed"), crashed, status={"restarts": 2}, backoff_limit=2), NOW)
+    assert used_up["state"] == "Failed" and used_up["restarts"] == 2
+
+
+def test_pods_of_a_replaced_job_do_not_count() -> None:
+    old = rank("x-0-old", "2026-11-29T07:30:01Z", 137, uid="job-1")
+    new = pod("x-0-new", "Running")
+    new["metadata"]["labels"] = {"batch.kubernetes.io/controller-uid": "job-2"}
+    patch = fs.derive(observed(job(uid="job-2"), [old, new], status={"restarts": 1}), NOW)
+    assert patch["state"] == "Running" and patch["restarts"] == 1

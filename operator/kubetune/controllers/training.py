@@ -270,33 +270,36 @@ def sync_status(ctx: Context, key: Key, body: dict[str, Any]) -> None:
     result = job_status.outcome(observed)
     before, diff = ctx.status.update(KIND, body["metadata"], observed.status, _derived(observed))
     if result:
-        _post_events(ctx, body["metadata"], before, diff, result, observed)
+        _post_events(ctx, body["metadata"], before, diff, result)
         if result.state == "Succeeded" and diff.get("state") == "Succeeded" != before.get("state"):
             _after_success(ctx, key)
+        if result.reason == "Restarting":
+            _replace_failed_job(ctx, job)
     mounts.look_later(ctx, ("finetunejob", *key), observed.pods, lambda: sync_status_locked(ctx, key))
 
 
 def _post_events(
-    ctx: Context,
-    meta: dict[str, Any],
-    before: Status,
-    diff: Status,
-    result: job_status.Outcome,
-    obs: job_status.Observed,
+    ctx: Context, meta: dict[str, Any], before: Status, diff: Status, result: job_status.Outcome
 ) -> None:
     """Events for what changed: the state; a reason to act while pods wait (a missing Secret, an image that
-    cannot be pulled); a trainer that died and is started again."""
+    cannot be pulled); a group of training pods that starts again."""
     was = (get(before.get("conditions") or [], "Running") or {}).get("reason")
-    if "state" in diff and diff["state"] != before.get("state"):
+    if "lastRestart" in diff:
+        ctx.event(KIND, meta, True, "TrainerRestarted", result.message)
+    elif "state" in diff and diff["state"] != before.get("state"):
         ctx.event(KIND, meta, result.state == "Failed", result.reason, result.message)
     elif result.reason in job_status.WHY_NOT_RUNNING and "conditions" in diff and was != result.reason:
         ctx.event(KIND, meta, True, result.reason, result.message)
-    if diff.get("restarts", 0) > int(before.get("restarts") or 0) and result.state != "Failed":
-        failure = job_status.newest_failure(obs.pods)
-        why = failure[1] if failure else "a training pod failed"
-        limit = ((obs.job or {}).get("spec") or {}).get("backoffLimit")
-        count = f"restart {diff['restarts']}" + (f" of at most {limit}" if limit is not None else "")
-        ctx.event(KIND, meta, True, "TrainerRestarted", f"{why}; the Job starts it again ({count})")
+
+
+def _replace_failed_job(ctx: Context, job: dict[str, Any]) -> None:
+    """The group starts again: the failed Job goes (the Job controller has stopped its other pods), and its
+    deletion brings the job's children back, a new Job among them (`recheck`), which resumes from the newest
+    checkpoint. The restart is already recorded in the status, so doing this twice counts once."""
+    meta = job["metadata"]
+    if not meta.get("deletionTimestamp"):
+        log.info("%s/%s: a training pod failed; starting every pod again", meta["namespace"], meta["name"])
+        ctx.kube.delete("Job", meta["namespace"], meta["name"], propagation="Background")
 
 
 def _derived(observed: job_status.Observed) -> Callable[[Status], Status]:
@@ -314,6 +317,7 @@ def _observed(ctx: Context, key: Key, body: dict[str, Any], job: dict[str, Any])
         job=job,
         pods=ctx.objects("training_pods", key),
         mount_failures=ctx.mount_failures,
+        backoff_limit=int(spec.get("backoffLimit", 3)),
     )
 
 

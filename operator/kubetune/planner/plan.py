@@ -37,7 +37,7 @@ from typing import Literal
 
 from kubetune.api.v1alpha1.finetunejob import Distributed, FineTuneJobSpec, MemoryEstimate, Plan
 from kubetune.planner import memory, throughput
-from kubetune.planner.gpus import gpu_type
+from kubetune.planner.gpus import INTER_NODE_GBS, gpu_type
 from kubetune.planner.models import ModelArchitecture, architecture_for_uri
 from kubetune.planner.workload import Kernels, Offload, Setup, Workload
 
@@ -469,6 +469,20 @@ def _sharding_reason(w: Workload, best: Candidate, candidates: list[Candidate], 
     )
 
 
+def _across_nodes(w: Workload, s: Setup) -> str:
+    """What a multi-node plan assumes of the network between its nodes."""
+    traffic = "the weight gathers and gradient reduces of ZeRO-3" if s.zero_stage == 3 else "the gradient all-reduce"
+    line = (
+        f"{w.nodes} nodes of {w.gpus_per_node} GPU(s): collectives ({traffic}) cross the network at an assumed "
+        f"{INTER_NODE_GBS:g} GB/s "
+        "between nodes (a 200 Gb/s NIC per node shared by its GPUs)"
+    )
+    if not w.gpu:
+        return line + "."
+    slower = min(w.gpu.collective_gbs, INTER_NODE_GBS)
+    return line + f"; {w.gpu.collective_gbs:g} GB/s inside a node: the estimate uses the slower, {slower:g} GB/s."
+
+
 def _to_plan(
     w: Workload, over: Overrides, per_gpu: int, best: Candidate, candidates: list[Candidate], tight: bool
 ) -> Plan:
@@ -563,6 +577,8 @@ def _to_plan(
         f"Predicted peak {m.total:.1f} GiB per GPU of {capacity:.1f} GiB ({usable:.1f} usable with a {margin}% margin)."
         + note
     )
+    if w.nodes > 1:
+        lines.append(_across_nodes(w, s))
     if best.tokens_per_second:
         lines.append(f"Estimated {best.tokens_per_second:,.0f} tokens/s over {w.world_size} {gpu}.")
     if m.host_gib:

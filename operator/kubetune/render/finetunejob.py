@@ -157,11 +157,11 @@ def status_role_binding(ftj: FineTuneJob) -> Manifest:
 
 
 def config_text(trainer: TrainerConfig) -> str:
-    """The trainer's configuration as the pod reads it. suspend and the TTL are left out: they change the Job
-    in place, and a running Job's pod template (where this goes) cannot change."""
-    fixed = trainer.model_copy(
-        update={"spec": trainer.spec.model_copy(update={"suspend": False, "ttl_seconds_after_finished": None})}
-    )
+    """The trainer's configuration as the pod reads it. suspend, the TTL and backoffLimit are left out: the
+    trainer does not use them, the operator applies them to a running Job in place, and that Job's pod template
+    (where this goes) cannot change."""
+    operator_only = {"suspend": False, "ttl_seconds_after_finished": None, "backoff_limit": 0}
+    fixed = trainer.model_copy(update={"spec": trainer.spec.model_copy(update=operator_only)})
     # libyaml's emitter when PyYAML has it: the same text, many times faster than the pure-Python one.
     return yaml.dump(fixed.to_wire(), Dumper=SAFE_DUMPER, sort_keys=False)
 
@@ -283,7 +283,10 @@ def training_job(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfi
         "completionMode": "Indexed",
         "completions": spec.resources.nodes,
         "parallelism": spec.resources.nodes,
-        "backoffLimit": spec.backoff_limit,
+        # The first failed pod fails the Job, and the Job controller stops the other pods: the ranks fail and
+        # restart as one group. The operator decides what comes next (controllers/training.py): a new Job that
+        # resumes from the newest checkpoint, counted against spec.backoffLimit unless the pod was disrupted.
+        "backoffLimit": 0,
         "suspend": spec.suspend,
         "podFailurePolicy": {
             "rules": [
@@ -291,7 +294,7 @@ def training_job(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfi
                     "action": "FailJob",
                     "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_PERMANENT]},
                 },
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]
         },
         "template": template,

@@ -1,14 +1,20 @@
 """A FineTuneJob's status, derived from its training Job and pods (pure functions).
 
-The operator owns state, conditions, timestamps and restarts; the trainer owns progress, checkpoint, adapter
-and trainer (it patches them itself), and admission owns plan. `derive` returns only the operator's part.
+The operator owns state, conditions, timestamps, restarts and lastRestart; the trainer owns progress,
+checkpoint, adapter and trainer (it patches them itself), and admission owns plan. `derive` returns only the
+operator's part.
+
+The training pods fail and start again as one group: the first failed pod fails the Job (backoffLimit 0), and
+`group_failure` decides from that pod whether the group starts again (a new Job, from the newest checkpoint)
+or the run has failed. The decision is recorded in lastRestart with the failed Job's uid, so it is counted once
+however often it is computed.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubetune.status.conditions import Conditions, get, now_iso, set_condition
@@ -16,6 +22,8 @@ from kubetune.status.pods import PROBLEM_REASONS, ended, last_line, waiting_prob
 from kubetune.storage import join
 
 TRAINER_CONTAINER = "trainer"
+EXIT_PERMANENT = 3  # the trainer's exit code for a problem no retry can fix (render/finetunejob.py)
+CONTROLLER_UID_LABEL = "batch.kubernetes.io/controller-uid"
 # Reasons of a Pending job that someone must act on: they show in the Running condition (with a Warning Event).
 WHY_NOT_RUNNING = ("Unschedulable", *PROBLEM_REASONS)
 
@@ -32,6 +40,8 @@ class Observed:
     pods: list[dict[str, Any]]
     mount_failures: Mapping[str, str] = field(default_factory=dict)
     """Pod UID -> the message of its last FailedMount Event (pods waiting in ContainerCreating)."""
+    backoff_limit: int = 3
+    """spec.backoffLimit: group restarts tolerated."""
 
 
 @dataclass(frozen=True)
@@ -106,18 +116,120 @@ def _unschedulable(pods: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def outcome(obs: Observed) -> Outcome | None:
+@dataclass(frozen=True)
+class GroupFailure:
+    """The pod that failed a training Job, and what follows from it."""
+
+    pod: str
+    reason: str
+    message: str
+    permanent: bool
+    """The trainer's permanent exit code: no restart can help."""
+    disruption: bool
+    """A preemption, eviction or node drain (DisruptionTarget): restarted without counting."""
+
+
+def _failed_at(pod: dict[str, Any]) -> str:
+    term = _terminated(pod) or {}
+    disrupted = next((c for c in _conditions(pod) if c.get("type") == "DisruptionTarget"), {})
+    meta = pod.get("metadata") or {}
+    return str(
+        term.get("finishedAt")
+        or disrupted.get("lastTransitionTime")
+        or meta.get("deletionTimestamp")
+        or meta.get("creationTimestamp")
+        or ""
+    )
+
+
+def _conditions(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return list((pod.get("status") or {}).get("conditions") or [])
+
+
+def group_failure(pods: list[dict[str, Any]]) -> GroupFailure | None:
+    """The first pod that failed (the Job controller stops the others after it), or None when none did."""
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    if not failed:
+        return None
+    first = min(failed, key=_failed_at)
+    name = first["metadata"]["name"]
+    disrupted = next(
+        (c for c in _conditions(first) if c.get("type") == "DisruptionTarget" and c.get("status") == "True"), None
+    )
+    if disrupted is not None:
+        why = disrupted.get("message") or disrupted.get("reason") or "disrupted"
+        return GroupFailure(name, "Disruption", f"training pod {name} was disrupted: {why}", False, True)
+    reason, message = pod_failure(first) or ("TrainerFailed", f"training pod {name} failed")
+    permanent = (_terminated(first) or {}).get("exitCode") == EXIT_PERMANENT
+    return GroupFailure(name, reason, message, permanent, False)
+
+
+def restart_record(obs: Observed, now: str) -> dict[str, Any] | None:
+    """status.lastRestart when the Job failed and its group starts again; None when it does not (no failure, a
+    permanent one, or backoffLimit used up). The record of a failure already counted is returned as it is."""
+    job = obs.job or {}
+    if _job_condition(job, "Failed") is None:
+        return None
+    uid = (job.get("metadata") or {}).get("uid", "")
+    last = obs.status.get("lastRestart") or {}
+    if uid and last.get("failedJobUid") == uid:
+        return dict(last)
+    failure = group_failure(obs.pods)
+    if failure is None:  # its pods are gone already: what the Job says
+        message = f"the training Job failed: {(_job_condition(job, 'Failed') or {}).get('message', '')}"
+        failure = GroupFailure("", "TrainerFailed", message, permanent=False, disruption=False)
+    restarts = int(obs.status.get("restarts") or 0)
+    if failure.permanent or (not failure.disruption and restarts >= obs.backoff_limit):
+        return None
+    step = (obs.status.get("checkpoint") or {}).get("step")
+    return {
+        "failedJobUid": uid,
+        "pod": failure.pod,
+        "reason": failure.reason,
+        "message": failure.message,
+        "disruption": failure.disruption,
+        "resumeStep": int(step) if step is not None else None,
+        "time": now,
+    }
+
+
+def restart_message(record: dict[str, Any], restarts: int, backoff_limit: int, pods: int) -> str:
+    """E.g. "training pod sft-1-x exited with code 137 (...); all 2 training pods start again from checkpoint
+    step 40 (restart 1 of at most 3)"."""
+    step = record.get("resumeStep")
+    start = f"checkpoint step {step}" if step is not None else "the start (no checkpoint yet)"
+    count = f"restart {restarts} of at most {backoff_limit}"
+    if record.get("disruption"):
+        count = "a disruption, not counted"
+    group = f"all {pods} training pods start" if pods > 1 else "the training pod starts"
+    return f"{record.get('message', '')}; {group} again from {start} ({count})"
+
+
+def _current_pods(obs: Observed) -> list[dict[str, Any]]:
+    """The pods of the current Job (those of a Job replaced by a restart may still be terminating)."""
+    uid = ((obs.job or {}).get("metadata") or {}).get("uid")
+    if not uid:
+        return obs.pods
+    return [p for p in obs.pods if (p["metadata"].get("labels") or {}).get(CONTROLLER_UID_LABEL, uid) == uid]
+
+
+def outcome(obs: Observed, now: str | None = None) -> Outcome | None:
     """The summary state with its reason and message; None while there is no Job yet."""
     job = obs.job
     if job is None:
         return None
-    pods = obs.pods
+    pods = _current_pods(obs)
     if (cond := _job_condition(job, "Complete")) is not None:
         return Outcome("Succeeded", "Completed", "training finished; adapter at " + join(obs.output_uri, "adapter"))
     if (cond := _job_condition(job, "Failed")) is not None:
-        failure = newest_failure(pods)
+        record = restart_record(replace(obs, pods=pods), now or now_iso())
+        if record is not None:
+            restarts = _restarts_after(obs.status, record)
+            wanted = int(((job.get("spec") or {}).get("parallelism")) or 1)
+            return Outcome("Pending", "Restarting", restart_message(record, restarts, obs.backoff_limit, wanted))
+        failure = group_failure(pods)
         if failure:
-            return Outcome("Failed", *failure)
+            return Outcome("Failed", failure.reason, failure.message)
         return Outcome("Failed", cond.get("reason") or "JobFailed", cond.get("message") or "the training Job failed")
     if obs.suspend or _job_condition(job, "Suspended") is not None:
         return Outcome("Suspended", "Suspended", "spec.suspend is true: training pods are stopped")
@@ -138,6 +250,13 @@ def outcome(obs: Observed) -> Outcome | None:
     return Outcome("Pending", "PodsPending", f"waiting for {wanted} training pod(s) to start")
 
 
+def _restarts_after(status: dict[str, Any], record: dict[str, Any]) -> int:
+    """status.restarts once `record` is counted (a disruption, or a record already written, adds nothing)."""
+    restarts = int(status.get("restarts") or 0)
+    counted = (status.get("lastRestart") or {}).get("failedJobUid") == record.get("failedJobUid")
+    return restarts if counted or record.get("disruption") else restarts + 1
+
+
 def _start_time(obs: Observed, state: str) -> str | None:
     if obs.status.get("startTime"):
         return str(obs.status["startTime"])
@@ -149,16 +268,16 @@ def _start_time(obs: Observed, state: str) -> str | None:
 
 def derive(obs: Observed, now: str | None = None) -> dict[str, Any]:
     """The operator's part of the status for what it observes (unchanged fields included)."""
-    result = outcome(obs)
+    now = now or now_iso()
+    result = outcome(obs, now)
     conditions: Conditions = list(obs.status.get("conditions") or [])
     patch: dict[str, Any] = {}
     if result is None:
         return patch
     gen = obs.generation
-    now = now or now_iso()
     state = result.state
     # A job that simply waits for its pods needs no Running condition yet: the state says Pending.
-    if state != "Pending" or result.reason in WHY_NOT_RUNNING or get(conditions, "Running") is not None:
+    if state != "Pending" or result.reason in (*WHY_NOT_RUNNING, "Restarting") or get(conditions, "Running"):
         conditions = set_condition(
             conditions, "Running", state == "Running", result.reason, result.message, generation=gen, now=now
         )
@@ -181,9 +300,12 @@ def derive(obs: Observed, now: str | None = None) -> dict[str, Any]:
     patch = {
         "state": state,
         "conditions": conditions,
-        "restarts": int(job_status.get("failed") or 0),
+        "restarts": int(obs.status.get("restarts") or 0),
         "observedGeneration": gen,
     }
+    if result.reason == "Restarting" and (record := restart_record(replace(obs, pods=_current_pods(obs)), now)):
+        patch["restarts"] = _restarts_after(obs.status, record)
+        patch["lastRestart"] = record
     if start := _start_time(obs, state):
         patch["startTime"] = start
     if state in ("Succeeded", "Failed"):

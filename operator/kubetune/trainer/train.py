@@ -75,6 +75,8 @@ def trainer_arguments(config: TrainerConfig, output: Path, hidden_size: int, has
         "use_cpu": not cuda,
         "ddp_backend": "gloo" if not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         "ddp_find_unused_parameters": False,
+        # A rank whose peer is gone gives up after this and exits with the retryable code (never the 30 min default).
+        "ddp_timeout": spec.distributed.collective_timeout_seconds,
         "deepspeed": deepspeed_config(plan, hidden_size) if cuda else None,
         "gradient_checkpointing": plan.gradient_checkpointing,
         "use_liger_kernel": plan.liger_kernels and cuda,

@@ -179,6 +179,10 @@ class Distributed(KubeModel):
     image; without them the trainer uses sdpa, logs a warning and reports it in status.trainer.attention."""
     micro_batch_size: Annotated[AutoOrInt, field_rules(_micro_batch_rule)] = "auto"
     """Sequences per GPU per forward pass: auto or a number."""
+    collective_timeout_seconds: int = Field(default=600, ge=30, le=86400)
+    """How long a rank waits in a collective (all-reduce, barrier) for its peers before it gives up and exits with
+    a retryable code. A failed pod stops its whole group at once anyway; this bounds a hang the operator cannot
+    see."""
 
     rules = (
         Rule(
@@ -254,7 +258,9 @@ class FineTuneJobSpec(KubeModel):
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
     """Delete the training Job (not this FineTuneJob, not the adapter) this long after it finished."""
     backoff_limit: int = Field(default=3, ge=0, le=100)
-    """Pod failures tolerated before the run is Failed; each retry resumes from the last checkpoint."""
+    """Restarts tolerated before the run is Failed. When any training pod fails, every pod of the job stops and
+    the whole group starts again from the newest complete checkpoint; a disruption (preemption, node drain) does
+    the same without counting, a permanent error (invalid data) fails the run at once."""
     image: str | None = Field(default=None, min_length=1, max_length=512)
     """Trainer image override; the operator's configured image otherwise."""
     queue_name: DnsLabel | None = None
@@ -413,6 +419,25 @@ class CheckpointStatus(KubeModel):
     """Where it is."""
 
 
+class RestartStatus(KubeModel):
+    """One restart of every training pod of a job."""
+
+    failed_job_uid: str
+    """The training Job whose pod failed (it was replaced by a new one)."""
+    pod: str = ""
+    """The pod that failed first."""
+    reason: str
+    """Why: the trainer's reason, OOMKilled, TrainerFailed, or Disruption."""
+    message: str = ""
+    """The exit code or signal and the last log line, or the disruption's message."""
+    disruption: bool = False
+    """A preemption or node drain: not counted against backoffLimit."""
+    resume_step: int | None = None
+    """The checkpoint step the new pods resume from (none: from the start)."""
+    time: datetime | None = None
+    """When the operator restarted the group."""
+
+
 class FineTuneJobStatus(KubeModel):
     """Observed state of the run. Conditions carry the details; `state` is the summary."""
 
@@ -438,7 +463,10 @@ class FineTuneJobStatus(KubeModel):
     completion_time: datetime | None = None
     """When the run succeeded or failed."""
     restarts: int = Field(default=0, ge=0)
-    """Training pod failures so far (each restart resumes from the last checkpoint)."""
+    """Group restarts after a training pod failed (disruptions not counted); each resumes from the newest
+    complete checkpoint."""
+    last_restart: RestartStatus | None = None
+    """Why the training pods last started again."""
     observed_generation: int | None = None
     """The metadata.generation the status was computed for."""
 
