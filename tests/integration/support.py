@@ -72,8 +72,9 @@ class OperatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
-    def start(self, **extra_env: str) -> None:
-        """Start the operator; `extra_env` adds variables (e.g. KUBETUNE_CRASH_AT, kubetune/faults.py)."""
+    def start(self, *extra_args: str, **extra_env: str) -> None:
+        """Start the operator; `extra_args` add options (e.g. --leader-election), `extra_env` variables (e.g.
+        KUBETUNE_CRASH_AT, kubetune/faults.py)."""
         self.starts += 1
         log = open(self.log_dir / f"operator-{self.starts}.log", "wb")  # noqa: SIM115 (owned by the process)
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1", **extra_env}
@@ -81,7 +82,7 @@ class OperatorProcess:
             env["KUBETUNE_OPERATOR_CONFIG"] = str(self.config)
         metrics = f"127.0.0.1:{self.metrics_port}" if self.metrics_port else ""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune", "operator", "--liveness", "", "--metrics-address", metrics],
+            [sys.executable, "-m", "kubetune", "operator", "--liveness", "", "--metrics-address", metrics, *extra_args],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

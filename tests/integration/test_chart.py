@@ -155,10 +155,16 @@ def rendered_children(namespace: str) -> tuple[dict[str, Any], list[dict[str, An
 
 
 def operator_pod(api: Api) -> dict[str, Any]:
-    pods = api.kube.list("Pod", NS, "app.kubernetes.io/component=operator")
-    running = [p for p in pods if p["status"].get("phase") == "Running"]
-    assert len(running) == 1, [p["metadata"]["name"] for p in pods]
-    return running[0]
+    """The operator pod that reconciles: the holder of the Lease (the chart runs two replicas; one waits)."""
+
+    def leader() -> dict[str, Any] | None:
+        pods = api.kube.list("Pod", NS, "app.kubernetes.io/component=operator")
+        running = {p["metadata"]["name"]: p for p in pods if p["status"].get("phase") == "Running"}
+        lease = api.get("Lease", NS, "kubetune") or {}
+        holder = (lease.get("spec") or {}).get("holderIdentity")
+        return running[holder] if len(running) == 2 and holder in running else None
+
+    return wait_for(leader, 60, "two operator replicas, one of them holding the Lease")
 
 
 def test_rendered_chart_is_accepted_by_the_api_server(api: Api) -> None:

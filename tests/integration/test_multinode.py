@@ -43,12 +43,13 @@ def ns(api: Api, operator: OperatorProcess, agent: AgentProcess) -> Iterator[str
     api.kube.delete("Namespace", "", name)
 
 
-def final_loss(agent: AgentProcess, ns: str, name: str) -> float:
-    """The training loss of the last step, from rank 0's log (the pod of completion index 0)."""
-    (rank0,) = [p for p in job_pods_all(agent, ns, name) if p.parent.name.startswith(f"{name}-0-")]
-    losses = [e["loss"] for e in events_of(rank0.read_text()) if e["event"] == "progress" and "loss" in e]
-    assert losses, rank0.read_text()[-2000:]
-    return float(losses[-1])
+def trained(agent: AgentProcess, ns: str, name: str) -> tuple[float, dict[str, Any]]:
+    """The run's mean training loss over all its steps and the adapter's tensors, as the trainer wrote them."""
+    from safetensors.numpy import load_file
+
+    adapter = agent.state_dir / "pvc" / ns / "adapters" / name / "adapter"
+    metrics = json.loads((adapter / "kubetune.json").read_text())["metrics"]
+    return float(metrics["train_loss"]), load_file(str(adapter / "adapter_model.safetensors"))
 
 
 def job_pods_all(agent: AgentProcess, ns: str, name: str) -> list[Path]:
@@ -84,7 +85,11 @@ def test_two_pods_train_one_model_with_the_loss_of_one_pod(api: Api, ns: str, ag
     assert start["worldSize"] == 2
     # One progress stream: only rank 0 reports (its status is the job's).
     assert two["progress"]["step"] == 6, dump(two)
-    assert final_loss(agent, ns, "two") == pytest.approx(final_loss(agent, ns, "one"), abs=1e-3)
+    # One model: the same loss over the run and the same adapter.
+    (loss_two, weights_two), (loss_one, weights_one) = trained(agent, ns, "two"), trained(agent, ns, "one")
+    assert loss_two == pytest.approx(loss_one, abs=1e-3)
+    assert weights_two.keys() == weights_one.keys()
+    assert max(float(abs(weights_two[k] - weights_one[k]).max()) for k in weights_one) < 1e-4
 
 
 def restart_after(api: Api, ns: str, agent: AgentProcess, name: str, kill: Any) -> tuple[dict[str, Any], float]:

@@ -62,15 +62,29 @@ def test_operator_runs_restricted_with_its_configuration() -> None:
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     config = find(objects, "ConfigMap", "kubetune-config")["data"]["config.yaml"]
     assert OperatorConfig.model_validate(yaml.safe_load(config)) == OperatorConfig()
+    # Two replicas, one of which reconciles (the Lease's holder); a rolling update starts standbys first.
     deployment = find(objects, "Deployment")
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert "--leader-election" in container["args"] and "--lease=kubetune" in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    leader = find(objects, "Role", "kubetune-leader")
+    assert leader["metadata"]["namespace"] == "kubetune-system"
+    assert leader["rules"][1] == {
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "resourceNames": ["kubetune"],
+        "verbs": ["get", "update"],
+    }
 
 
 def test_cluster_wide_by_default_and_namespaced_when_asked() -> None:
-    kinds = [o["kind"] for o in template()]
-    assert kinds.count("ClusterRole") == 2 and kinds.count("ClusterRoleBinding") == 2 and "Role" not in kinds
+    objects = template()
+    kinds = [o["kind"] for o in objects]
+    assert kinds.count("ClusterRole") == 2 and kinds.count("ClusterRoleBinding") == 2
+    assert [r["metadata"]["name"] for r in objects if r["kind"] == "Role"] == ["kubetune-leader"]  # the Lease only
     objects = template(watchNamespaces='["team-a","team-b"]')
-    roles = [o for o in objects if o["kind"] == "Role"]
+    roles = [o for o in objects if o["kind"] == "Role" and o["metadata"]["name"] == "kubetune"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     # Cluster-wide, only reading CRDs (kopf follows them) remains.
     (cluster_role,) = [o for o in objects if o["kind"] == "ClusterRole"]

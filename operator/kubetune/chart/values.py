@@ -85,6 +85,9 @@ class ChartValues(_Values):
     image: Image = Field(default_factory=Image)
     image_pull_secrets: list[dict[str, str]] = Field(default_factory=list)
     crds: Crds = Field(default_factory=Crds)
+    replicas: int = Field(default=2, ge=1, le=5)
+    """Operator replicas. One reconciles while it holds the Lease; the others wait and take over within seconds
+    when it stops or is lost (leader election, docs/helm.md)."""
     watch_namespaces: list[str] = Field(default_factory=list)
     """Namespaces the operator watches (RBAC granted only there); empty: the whole cluster."""
     admission_policy: AdmissionPolicy = Field(default_factory=AdmissionPolicy)

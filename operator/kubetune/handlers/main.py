@@ -1,9 +1,17 @@
-"""`kubetune operator`: registers the handlers, configures kopf, runs until stopped."""
+"""`kubetune operator`: registers the handlers, configures kopf, runs until stopped (with --leader-election, only
+while this replica holds the Lease)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.server
 import logging
+import os
+import socket
+import threading
+import urllib.parse
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
@@ -11,7 +19,9 @@ import kopf
 from kubetune import config as operator_config
 from kubetune.controllers import metrics
 from kubetune.controllers.context import CHILD_KINDS, Context
+from kubetune.controllers.leader import LeaderElection
 from kubetune.handlers import children, finetunejob, modelserver  # noqa: F401  (registers the handlers)
+from kubetune.k8s.client import Kube
 from kubetune.render.common import MANAGED_BY
 
 log = logging.getLogger(__name__)
@@ -52,6 +62,22 @@ def run(argv: list[str]) -> int:
     parser.add_argument(
         "--metrics-address", default="0.0.0.0:8000", help="HOST:PORT of the Prometheus /metrics endpoint ('' = off)"
     )
+    parser.add_argument(
+        "--leader-election",
+        action="store_true",
+        help="run as one of several replicas: reconcile only while holding the Lease (controllers/leader.py)",
+    )
+    parser.add_argument("--lease", default="kubetune-operator", help="NAME of the Lease (with --leader-election)")
+    parser.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the Lease (default: $POD_NAMESPACE)",
+    )
+    parser.add_argument(
+        "--identity",
+        default=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+        help="this replica's name in the Lease (default: $POD_NAME)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -64,11 +90,47 @@ def run(argv: list[str]) -> int:
             parser.error(f"--metrics-address {args.metrics_address}: {err}")
     if not args.verbose:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    kopf.run(
-        standalone=True,
-        clusterwide=not args.namespace,
-        namespaces=args.namespace,
-        liveness_endpoint=args.liveness or None,
-        memo=kopf.Memo(config_path=args.config),
-    )
+    election = None
+    if args.leader_election:
+        election = LeaderElection(Kube.connect(), args.lease_namespace, args.lease, args.identity)
+        with standby_liveness(args.liveness):
+            election.wait_until_leader()
+        election.keep_renewing()
+    try:
+        kopf.run(
+            standalone=True,
+            clusterwide=not args.namespace,
+            namespaces=args.namespace,
+            liveness_endpoint=args.liveness or None,
+            memo=kopf.Memo(config_path=args.config),
+        )
+    finally:
+        if election is not None:
+            election.release()
     return 0
+
+
+@contextlib.contextmanager
+def standby_liveness(endpoint: str) -> Iterator[None]:
+    """Answer the liveness probe while this replica waits for the Lease (kopf serves it once it runs)."""
+    if not endpoint:
+        yield
+        return
+    url = urllib.parse.urlsplit(endpoint)
+
+    class Alive(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path.split("?")[0] == (url.path or "/") else 404)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((url.hostname or "0.0.0.0", url.port or 80), Alive)
+    thread = threading.Thread(target=server.serve_forever, name="standby-liveness", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()

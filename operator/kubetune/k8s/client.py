@@ -41,6 +41,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "ServiceAccount": ("/api/v1", "serviceaccounts"),
     "Deployment": ("/apis/apps/v1", "deployments"),
     "Job": ("/apis/batch/v1", "jobs"),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "FineTuneJob": ("/apis/kubetune.io/v1alpha1", "finetunejobs"),
@@ -220,6 +221,11 @@ class Kube:
         except ApiError as err:
             if not err.not_found:
                 raise
+
+    def replace(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """PUT the whole object; 409 Conflict when its metadata.resourceVersion is no longer the stored one."""
+        meta = obj["metadata"]
+        return self.request("PUT", path(obj["kind"], meta.get("namespace"), meta["name"]), body=obj)
 
     def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Create the object; ApiError 409 AlreadyExists when the name is taken (nothing is overwritten)."""
