@@ -50,3 +50,11 @@ def operator(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iter
 @pytest.fixture(scope="session")
 def api(cluster: Cluster) -> Api:
     return Api(cluster)
+
+
+@pytest.fixture
+def ns(api: Api, operator: OperatorProcess) -> Iterator[str]:
+    """A namespace of its own for one test, with the operator running; deleted afterwards."""
+    name = api.create_namespace()
+    yield name
+    api.kube.delete("Namespace", "", name)

@@ -4,7 +4,6 @@ killed four times while 100 jobs are admitted, and children deleted by hand come
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,13 +14,6 @@ FTJ = "FineTuneJob"
 LABEL = "kubetune.io/finetunejob"
 TWO_NODES = {"nodes": 2, "gpusPerNode": 1, "gpuType": "rtx-4090d"}  # with the headless Service
 SUPPORT = ("ServiceAccount", "Role", "RoleBinding", "Service")
-
-
-@pytest.fixture
-def ns(api: Api, operator: OperatorProcess) -> Iterator[str]:
-    name = api.create_namespace()
-    yield name
-    api.kube.delete("Namespace", "", name)
 
 
 def children_of(api: Api, ns: str, name: str) -> dict[str, dict[str, Any] | None]:

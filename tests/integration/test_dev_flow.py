@@ -31,7 +31,15 @@ from tests.integration.support import (
     dump,
     wait_for,
 )
-from tests.integration.training import SELECTOR, events_of, job_pods, pod_logs, training_job, wait_done
+from tests.integration.training import (
+    SELECTOR,
+    events_of,
+    job_pods,
+    pod_logs,
+    tiny_model_namespace,
+    training_job,
+    wait_done,
+)
 
 from kubetune.dev.controlplane import Cluster
 
@@ -64,21 +72,8 @@ def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @pytest.fixture(scope="module")
 def scene(api: Api, operator: OperatorProcess, agent: AgentProcess) -> Iterator[Scene]:
-    ns = api.create_namespace()
-    wait_for(lambda: api.get("ServiceAccount", ns, "default"), 30, f"ServiceAccount default in {ns}")
-    for claim in ("models", "data", "adapters"):
-        api.create_bound_pvc(ns, claim)
-    root = agent.state_dir / "pvc" / ns
-    serving.build_model(root)  # pvc://models/tiny and pvc://data/sft.jsonl
-    try:
-        yield Scene(ns, root, agent)
-    finally:
-        # Pods go while the agent still runs, so it stops their processes.
-        api.kubectl(
-            "delete", "finetunejobs,modelservers,deployments,jobs,pods", "--all", "-n", ns, "--wait=false", check=False
-        )
-        wait_for(lambda: not api.kube.list("Pod", ns) or None, 90, f"pods of {ns} to go")
-        api.kube.delete("Namespace", "", ns)
+    for ns in tiny_model_namespace(api, agent):
+        yield Scene(ns, agent.state_dir / "pvc" / ns, agent)
 
 
 def test_sft_job_trains_for_real_and_reports_progress(api: Api, scene: Scene) -> None:

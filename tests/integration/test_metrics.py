@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import Iterator
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.support import Api, OperatorProcess, simulated_ftj, wait_for
-
-
-@pytest.fixture
-def ns(api: Api, operator: OperatorProcess) -> Iterator[str]:
-    name = api.create_namespace()
-    yield name
-    api.kube.delete("Namespace", "", name)
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.integration import serving
 from tests.integration.support import AGENT_GPU_TYPE, AgentProcess, Api, OperatorProcess, cpu_agent, dump, wait_for
-from tests.integration.training import events_of, job_pods, training_job, wait_done
+from tests.integration.training import events_of, job_pods, tiny_model_namespace, training_job, wait_done
 
 from kubetune.dev.controlplane import Cluster
 
@@ -32,15 +31,7 @@ def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @pytest.fixture(scope="module")
 def ns(api: Api, operator: OperatorProcess, agent: AgentProcess) -> Iterator[str]:
-    name = api.create_namespace()
-    wait_for(lambda: api.get("ServiceAccount", name, "default"), 30, f"ServiceAccount default in {name}")
-    for claim in ("models", "data", "adapters"):
-        api.create_bound_pvc(name, claim)
-    serving.build_model(agent.state_dir / "pvc" / name)
-    yield name
-    api.kubectl("delete", "finetunejobs,jobs,pods", "--all", "-n", name, "--wait=false", check=False)
-    wait_for(lambda: not api.kube.list("Pod", name) or None, 90, f"pods of {name} to go")
-    api.kube.delete("Namespace", "", name)
+    yield from tiny_model_namespace(api, agent)
 
 
 def trained(agent: AgentProcess, ns: str, name: str) -> tuple[float, dict[str, Any]]:

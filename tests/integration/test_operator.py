@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,13 +19,6 @@ from tests.rejections import CASES, EXAMPLES, IMMUTABLE, Rejection, with_changes
 
 FTJ = "FineTuneJob"
 LABEL = "kubetune.io/finetunejob"
-
-
-@pytest.fixture
-def ns(api: Api, operator: OperatorProcess) -> Iterator[str]:
-    name = api.create_namespace()
-    yield name
-    api.kube.delete("Namespace", "", name)
 
 
 # --- the API as users meet it --------------------------------------------------------------------

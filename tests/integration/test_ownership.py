@@ -3,21 +3,12 @@ show on the object, and a gpuType the installation does not know is refused inst
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-from tests.integration.support import Api, OperatorProcess, dump, example, simulated_ftj, wait_for
+from tests.integration.support import Api, dump, example, simulated_ftj, wait_for
 
 FTJ = "FineTuneJob"
 MS = "ModelServer"
-
-
-@pytest.fixture
-def ns(api: Api, operator: OperatorProcess) -> Iterator[str]:
-    name = api.create_namespace()
-    yield name
-    api.kube.delete("Namespace", "", name)
 
 
 def simulated_server(name: str, ns: str, **spec: Any) -> dict[str, Any]:

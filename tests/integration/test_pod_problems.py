@@ -12,7 +12,6 @@ from tests.integration.support import (
     AGENT_GPU_TYPE,
     AgentProcess,
     Api,
-    OperatorProcess,
     cpu_agent,
     dump,
     example,
@@ -31,13 +30,6 @@ UNPULLABLE = "registry.invalid/kubetune/trainer:0.1.0"
 @pytest.fixture(scope="module")
 def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     yield from cpu_agent(cluster, tmp_path_factory.mktemp("problems-agent"), "problems")
-
-
-@pytest.fixture
-def ns(api: Api, operator: OperatorProcess) -> Iterator[str]:
-    name = api.create_namespace()
-    yield name
-    api.kube.delete("Namespace", "", name)
 
 
 def job_on_agent(name: str, ns: str, **spec: Any) -> dict[str, Any]:

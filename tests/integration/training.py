@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from tests.integration import serving
@@ -75,3 +76,21 @@ def job_pods(api: Api, ns: str, name: str) -> list[dict[str, Any]]:
     """The FineTuneJob's training pods, oldest first."""
     pods = api.kube.list("Pod", ns, f"kubetune.io/finetunejob={name}")
     return sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"] + p["metadata"]["name"])
+
+
+def tiny_model_namespace(api: Api, agent: AgentProcess) -> Iterator[str]:
+    """A namespace whose claims models, data and adapters are folders of the agent, with the tiny model and its SFT
+    data in them (pvc://models/tiny, pvc://data/sft.jsonl). At the end its pods go while the agent still runs, so
+    that it stops their processes, then the namespace."""
+    ns = api.create_namespace()
+    wait_for(lambda: api.get("ServiceAccount", ns, "default"), 30, f"ServiceAccount default in {ns}")
+    for claim in ("models", "data", "adapters"):
+        api.create_bound_pvc(ns, claim)
+    serving.build_model(agent.state_dir / "pvc" / ns)
+    try:
+        yield ns
+    finally:
+        kinds = "finetunejobs,modelservers,deployments,jobs,pods"
+        api.kubectl("delete", kinds, "--all", "-n", ns, "--wait=false", check=False)
+        wait_for(lambda: not api.kube.list("Pod", ns) or None, 90, f"pods of {ns} to go")
+        api.kube.delete("Namespace", "", ns)
