@@ -72,6 +72,12 @@ CASES = [
         "dpo-prompt-response", DPO, {"spec.dataset.format": "prompt-response"}, "method DPO needs preference data"
     ),
     Rejection(
+        "dpo-packing-on",
+        DPO,
+        {"spec.hyperparameters.packing": "on"},
+        "hyperparameters.packing on is for SFT; DPO batches pairs of similar length instead",
+    ),
+    Rejection(
         "rank-too-large",
         SFT,
         {"spec.lora.r": 2048},

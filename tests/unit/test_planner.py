@@ -5,6 +5,7 @@ plan list."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,12 +110,14 @@ def assert_batch(p: Plan, global_batch: int = 64) -> None:
 def test_one_h200_needs_no_deepspeed_and_no_checkpointing() -> None:
     p = plan()
     assert (p.zero_stage, p.offload, p.gradient_checkpointing) == (0, "none", False)
-    assert p.compile and not p.liger_kernels and p.attention == "sdpa"
+    assert p.compile and not p.liger_kernels and p.packing and p.attention == "flex_attention"
     assert p.micro_batch_size >= 1
     assert_batch(p)
     assert p.memory.total_gib <= p.memory.available_gib
-    assert p.estimated_tokens_per_second and p.estimated_tokens_per_second > 1.8 * 8238
+    assert p.estimated_tokens_per_second and p.estimated_tokens_per_second > 1.7 * 8238  # record tokens only
     assert len(p.explanation) >= 6
+    full_length = plan(packing="off")  # as GPU.md's recipe ran: every record fills maxSeqLength
+    assert full_length.estimated_tokens_per_second and full_length.estimated_tokens_per_second > 1.8 * 8238
 
 
 def test_four_rtx_4090d_7b_at_8192_shards_the_weights_and_checkpoints() -> None:
@@ -201,6 +204,66 @@ def test_global_batch_that_does_not_split_is_infeasible() -> None:
         plan(gpus=4, overrides=Overrides(micro_batch=3))
 
 
+# --- Packing ----------------------------------------------------------------------------------------------
+
+
+def test_packing_auto_is_on_for_sft_with_flex_attention_and_off_for_dpo() -> None:
+    sft = plan()
+    assert sft.packing and sft.attention == "flex_attention"
+    assert any(
+        line.startswith("Packing on (auto for SFT)") and "globalBatchSize counts windows" in line
+        for line in sft.explanation
+    )
+    assert any("record tokens" in line for line in sft.explanation)
+    dpo = plan(method="DPO", seq=2048)
+    assert not dpo.packing and dpo.micro_batch_size > 1
+    assert any(line.startswith("No packing (DPO)") and "similar length" in line for line in dpo.explanation)
+
+
+def test_packing_on_and_off_as_set() -> None:
+    on = plan(packing="on")
+    assert on.packing and any("as set in hyperparameters.packing" in line for line in on.explanation)
+    off = plan(packing="off")
+    assert not off.packing and off.attention == "sdpa"
+    assert any(line.startswith("Packing off as set in hyperparameters.packing") for line in off.explanation)
+    # Record tokens only: a packed window is not all records.
+    assert on.estimated_tokens_per_second is not None and off.estimated_tokens_per_second is not None
+    assert on.estimated_tokens_per_second < off.estimated_tokens_per_second
+
+
+def test_packing_with_a_fixed_sdpa_keeps_it_and_pays_for_the_dense_mask() -> None:
+    flex = plan(seq=4096, packing="on")
+    sdpa = plan(seq=4096, packing="on", overrides=Overrides(attention="sdpa"))
+    assert sdpa.packing and sdpa.attention == "sdpa"
+    assert any("dense block-diagonal mask" in line for line in sdpa.explanation)
+    assert sdpa.estimated_tokens_per_second and flex.estimated_tokens_per_second
+    assert sdpa.estimated_tokens_per_second < flex.estimated_tokens_per_second
+    # The dense mask spans the micro-batch's whole row: (2 x 8192)^2 entries of a bool and a bf16 bias.
+    w = Workload(QWEN7B, seq=8192, global_batch=8, gpu=H200)
+    unmasked = estimate(w, Setup(0, "none", False, "liger", "flex_attention", 2, True))
+    masked = estimate(w, Setup(0, "none", False, "liger", "sdpa", 2, True))
+    assert masked.activations - unmasked.activations >= 3 * (2 * 8192) ** 2 / 2**30 * 0.99
+
+
+def test_packing_memory_counts_the_repeated_kv_heads() -> None:
+    # Qwen2.5-7B has 28 query heads, not a power of 2: flex_attention gets keys and values repeated to 28 heads.
+    w = Workload(QWEN7B, seq=8192, global_batch=8, gpu=H200)
+    plain = estimate(w, Setup(0, "none", False, "compile", "sdpa", 1))
+    packed = estimate(w, Setup(0, "none", False, "compile", "flex_attention", 1, True))
+    extra = 4 * (QWEN7B.q_dim - QWEN7B.kv_dim) * 8192 * QWEN7B.num_layers / 2**30
+    assert packed.activations - plain.activations == pytest.approx(extra, rel=0.05)
+
+
+def test_plan_job_reads_hyperparameters_packing() -> None:
+    assert plan_job(load_spec("finetunejob-sft.yaml")).packing
+    assert not plan_job(load_spec("finetunejob-sft.yaml", **{"hyperparameters.packing": "off"})).packing
+    assert not plan_job(load_spec("finetunejob-dpo.yaml")).packing
+    tiny = load_spec("finetunejob-sft.yaml", **{"baseModel.uri": "pvc://models/tiny-random-llama"})
+    conservative = plan_job(tiny)  # an unknown architecture packs too
+    assert conservative.packing and conservative.attention == "flex_attention"
+    assert any(line.startswith("Packing on") for line in conservative.explanation)
+
+
 # --- User overrides -------------------------------------------------------------------------------------
 
 
@@ -220,7 +283,10 @@ def test_auto_attention_is_sdpa_as_the_api_says() -> None:
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     described = spec["properties"]["distributed"]["properties"]["attention"]["description"]
     assert described.startswith("Attention kernel. auto is sdpa")
-    assert plan(overrides=Overrides.from_distributed(Distributed())).attention == "sdpa"
+    assert "for packed SFT records (hyperparameters.packing) auto is flex_attention" in " ".join(described.split())
+    assert plan(overrides=Overrides.from_distributed(Distributed()), packing="off").attention == "sdpa"
+    assert plan(overrides=Overrides.from_distributed(Distributed())).attention == "flex_attention"
+    assert plan(method="DPO", seq=2048).attention == "sdpa"
     flash = plan(overrides=Overrides(attention="flash_attention_2"))
     assert flash.attention == "flash_attention_2"
     assert any("needs the flash-attn package" in line for line in flash.explanation)
@@ -392,6 +458,9 @@ def test_cli_table(capsys: pytest.CaptureFixture[str]) -> None:
     for text in ("ZeRO stage", "gradient checkpointing", "Memory per GPU (GiB)", "total (predicted peak)", "Why:"):
         assert text in out
     assert "tokens/s" in out
+    assert re.search(r"packing\s+yes", out)
+    assert planner_cli.main(["--model", "Qwen/Qwen2.5-7B", "--gpu-type", "h200", "--packing", "off"]) == 0
+    assert re.search(r"packing\s+no", capsys.readouterr().out)
 
 
 def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:

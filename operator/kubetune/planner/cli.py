@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--attention", choices=("auto", "sdpa", "flash_attention_2", "eager"), default="auto")
     p.add_argument("--micro-batch", default="auto", help="auto or a number")
+    p.add_argument("--packing", choices=("auto", "on", "off"), default="auto", help="pack SFT records into windows")
     p.add_argument("--output", choices=("table", "json"), default="table")
     return p
 
@@ -82,6 +83,7 @@ def _table(plan: Plan, title: str) -> str:
         ("attention", plan.attention),
         ("Liger kernels", yes[plan.liger_kernels]),
         ("torch.compile", yes[plan.compile]),
+        ("packing", yes[plan.packing]),
     ]
     lines = [title, ""]
     lines += [f"  {k:<26}{v}" for k, v in rows]
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             gpu_memory_gib=_gib(args.gpu_memory),
             host_memory_gib=_gib(args.host_memory),
             overrides=_overrides(args),
+            packing=args.packing,
         )
     except PlanInfeasible as err:
         if args.output == "json":

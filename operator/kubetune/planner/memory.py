@@ -12,7 +12,9 @@ lora         per trainable parameter: plain PyTorch keeps fp32 adapters (PEFT au
              fp32 gradients and two fp32 AdamW moments = 16 bytes (+4 for DDP's gradient buckets);
              DeepSpeed bf16 keeps a bf16 copy and bf16 gradients plus an fp32 master, gradient and the
              moments, sharded by ZeRO-2/3 and moved to the host by optimizer offload.
-activations  bytes per token and layer, with SDPA (flash/efficient kernels, no seq x seq matrix):
+activations  bytes per token and layer, with SDPA (flash/efficient kernels, no seq x seq matrix; with packing,
+             SDPA gets transformers' dense block-diagonal mask, kept once per micro-batch, and its keys and values
+             are repeated up to the query heads, as flex_attention does for head counts that are not a power of 2):
              RMSNorm input x2 (bf16 with Liger/compile, an fp32 copy in eager HF code), q and out (q_dim
              each), k and v (kv_dim each), SwiGLU gate and up (eager also keeps silu(gate)), and for each
              adapted linear a bf16 copy of its input plus the dropout mask (3 bytes x in_features; 2 without
@@ -88,14 +90,40 @@ def layer_activation_bytes(w: Workload, s: Setup) -> float:
     norms = 2 * (2 if fused else 4) * a.hidden_size
     if a.qk_norm:
         norms += (2 if fused else 4) * (a.q_dim + a.kv_dim)
-    attention = 2 * a.q_dim + 4 * a.kv_dim + 2 * a.q_dim + 4 * a.num_heads
+    attention = 2 * a.q_dim + 4 * kv_saved_width(w, s) + 2 * a.q_dim + 4 * a.num_heads
     if s.attention == "eager":
-        # The softmax output in fp32 and its bf16 copy, seq entries per head per token.
-        attention += 6 * a.num_heads * w.seq
+        # The softmax output in fp32 and its bf16 copy, one entry per head per key the token attends over.
+        attention += 6 * a.num_heads * attended_keys(w, s)
     mlp = (4 if fused else 6) * a.intermediate_size
     dropout = w.lora_dropout > 0 and w.method != "DPO"
     lora = (3 if dropout else 2) * a.lora_input_features(w.lora_targets)
     return norms + attention + mlp + lora
+
+
+def attended_keys(w: Workload, s: Setup) -> int:
+    """Keys each query's attention row spans: the sequence, or with a dense packing mask the micro-batch's whole
+    row of windows (the mask hides the other records but the row is still computed)."""
+    return s.micro_batch * w.seq if s.dense_packing_mask else w.seq
+
+
+def kv_saved_width(w: Workload, s: Setup) -> int:
+    """Width of the keys and values attention keeps for the backward pass. Transformers repeats the KV heads up to
+    the query heads when SDPA gets a mask (packing) and for flex_attention when the query heads are not a power of
+    two (Qwen2.5-7B has 28); otherwise the GQA kernels read the KV heads as they are."""
+    a = w.arch
+    heads = a.num_heads
+    if (s.packing and s.attention == "sdpa") or (s.attention == "flex_attention" and heads & (heads - 1)):
+        return a.q_dim
+    return a.kv_dim
+
+
+def packing_mask_bytes(w: Workload, s: Setup) -> float:
+    """The dense block-diagonal mask transformers builds from packed position ids for SDPA (bool, and the bf16
+    bias SDPA turns it into) or eager (bf16), per micro-batch; flex_attention's block mask is a few KiB."""
+    if not s.dense_packing_mask:
+        return 0.0
+    row = float(s.micro_batch * w.seq)
+    return (3.0 if s.attention == "sdpa" else 2.0) * row * row
 
 
 def backward_transient_bytes(w: Workload) -> float:
@@ -187,6 +215,7 @@ def estimate(w: Workload, s: Setup) -> MemoryBreakdown:
     else:
         kept = a.num_layers * layer + head
         in_backward = transient
+    kept += packing_mask_bytes(w, s)
     logits = logits_bytes(w, s)
     # Peak: end of forward (kept + logits, + DPO's reference pass) or start of backward (kept + in_backward).
     activations = kept + max(reference_pass_bytes(w, s), in_backward - logits, 0.0)

@@ -135,6 +135,7 @@ def plan_job(spec: FineTuneJobSpec, *, gpu_memory_gib: float | None = None, gpu_
         gpu_memory_gib=gpu_memory_gib or quantity_gib(res.gpu_memory),
         host_memory_gib=quantity_gib(res.memory),
         overrides=Overrides.from_distributed(spec.distributed),
+        packing=spec.hyperparameters.packing,
     )
 
 
@@ -154,16 +155,18 @@ def plan_training(
     gpu_memory_gib: float | None = None,
     host_memory_gib: float | None = None,
     overrides: Overrides | None = None,
+    packing: PackingRequest = "auto",
 ) -> Plan:
     """The plan for a model architecture (None: unknown) on `nodes` x `gpus_per_node` GPUs."""
     over = overrides or Overrides()
     world = nodes * gpus_per_node
     per_gpu = _samples_per_gpu(global_batch, world, over.micro_batch, method)
     gpu = gpu_type(gpu_type_name)
+    packs = PackingChoice(packing_decision(method, packing, over.attention), packing)
     if arch is None:
         name = model_name.rsplit("/", 1)[-1] or model_name
         return _conservative_plan(
-            world, per_gpu, over, f"The architecture of {name} is unknown, so memory was not estimated."
+            world, per_gpu, over, packs, f"The architecture of {name} is unknown, so memory was not estimated.", method
         )
     w = Workload(
         arch=arch,
@@ -187,12 +190,52 @@ def plan_training(
     if w.capacity_gib is None:
         what = f"GPU type {gpu_type_name!r} is unknown" if gpu_type_name else "no GPU type is given"
         plan = _conservative_plan(
-            world, per_gpu, over, f"The {what} and resources.gpuMemory is not set, so memory was not checked."
+            world,
+            per_gpu,
+            over,
+            packs,
+            f"The {what} and resources.gpuMemory is not set, so memory was not checked.",
+            method,
         )
         setup = _setup_of(plan)
         plan.memory = _memory_estimate(memory.estimate(w, setup), 0.0)
         return plan
-    return _plan_with_memory(w, over, per_gpu)
+    return _plan_with_memory(w, over, per_gpu, packs)
+
+
+# --- Packing --------------------------------------------------------------------------------------
+
+PackingRequest = Literal["auto", "on", "off"]
+
+ISOLATING_ATTENTION = ("flex_attention", "sdpa", "eager", "flash_attention_2")
+"""Attention paths that keep packed records apart. flash_attention_2 runs its variable-length kernels on the
+record boundaries TRL's collator passes; the others get a mask that transformers (>= 4.53) builds from the
+per-record position ids when there is no attention_mask: flex_attention a block mask whose masked blocks are
+skipped, sdpa and eager a dense block-diagonal one (tests/trainer/test_packing.py checks all of them)."""
+
+
+@dataclass(frozen=True)
+class PackingChoice:
+    """hyperparameters.packing as asked, and resolved."""
+
+    on: bool
+    requested: PackingRequest = "auto"
+
+
+def packing_decision(method: str, requested: PackingRequest, attention: str | None) -> bool:
+    """Whether SFT records are packed: `on`/`off` as asked, auto on for SFT when the attention path keeps packed
+    records apart. DPO never (TRL 1.16 has no padding-free DPO; the trainer batches pairs by length instead)."""
+    if method.upper() == "DPO":
+        return False
+    if requested != "auto":
+        return requested == "on"
+    return (attention or "flex_attention") in ISOLATING_ATTENTION
+
+
+def planned_attention(over: Overrides, packing: bool) -> str:
+    """The attention the plan names: the fixed one, else flex_attention for packed records (its block mask skips
+    the blocks between records; SDPA would get a dense mask that turns its flash kernel off), else sdpa."""
+    return over.attention or ("flex_attention" if packing else "sdpa")
 
 
 # --- Planning -------------------------------------------------------------------------------------
@@ -267,14 +310,14 @@ def _families(w: Workload, over: Overrides) -> list[tuple[int, Offload, bool, Ke
     return families
 
 
-def _fitting(w: Workload, over: Overrides, per_gpu: int, usable: float) -> list[Candidate]:
+def _fitting(w: Workload, over: Overrides, per_gpu: int, usable: float, packing: PackingChoice) -> list[Candidate]:
     """For each family, the largest micro-batch that fits; offload families only when needed."""
-    attention = over.attention or "sdpa"
+    attention = planned_attention(over, packing.on)
     micros = [over.micro_batch] if over.micro_batch is not None else _divisors_desc(per_gpu)
     by_offload: dict[Offload, list[Candidate]] = {"none": [], "optimizer": [], "all": []}
     for stage, offload, ckpt, kernels in _families(w, over):
         for micro in micros:
-            setup = Setup(stage, offload, ckpt, kernels, attention, micro)
+            setup = Setup(stage, offload, ckpt, kernels, attention, micro, packing.on)
             m = memory.estimate(w, setup)
             if m.total <= usable and _host_fits(w, m):
                 tps = throughput.tokens_per_second(w, setup, w.gpu) if w.gpu else None
@@ -301,17 +344,17 @@ def _best(candidates: list[Candidate]) -> Candidate:
     return min(candidates, key=_preference)
 
 
-def _plan_with_memory(w: Workload, over: Overrides, per_gpu: int) -> Plan:
-    candidates = _fitting(w, over, per_gpu, _usable_gib(w))
+def _plan_with_memory(w: Workload, over: Overrides, per_gpu: int, packing: PackingChoice) -> Plan:
+    candidates = _fitting(w, over, per_gpu, _usable_gib(w), packing)
     tight = False
     if not candidates and over.constrains_memory():
         # What the user fixed is kept as long as the prediction stays under the card's capacity.
-        candidates = _fitting(w, over, per_gpu, _usable_gib(w, margin=0.0))
+        candidates = _fitting(w, over, per_gpu, _usable_gib(w, margin=0.0), packing)
         tight = bool(candidates)
     if not candidates:
-        raise PlanInfeasible(_infeasible_reason(w, over))
+        raise PlanInfeasible(_infeasible_reason(w, over, packing))
     best = _best(candidates)
-    return _to_plan(w, over, per_gpu, best, candidates, tight)
+    return _to_plan(w, over, per_gpu, best, candidates, tight, packing)
 
 
 # --- Infeasible -----------------------------------------------------------------------------------
@@ -341,13 +384,13 @@ def _world_sizes_beyond(w: Workload) -> list[tuple[int, int]]:
     return [s for s in shapes if s[0] * s[1] > w.world_size and w.global_batch % (s[0] * s[1]) == 0]
 
 
-def _infeasible_reason(w: Workload, over: Overrides) -> str:
+def _infeasible_reason(w: Workload, over: Overrides, packing: PackingChoice) -> str:
     name, gpu = w.arch.display_name, _gpu_name(w)
     what = f"{name} ({w.method}, LoRA r{w.lora_rank}) at seq {w.seq}"
     usable = _usable_gib(w)
     if over.fixed():
         try:
-            auto = _plan_with_memory(w, Overrides(), w.samples_per_gpu)
+            auto = _plan_with_memory(w, Overrides(), w.samples_per_gpu, packing)
         except PlanInfeasible:
             auto = None
         if auto is not None:
@@ -379,7 +422,9 @@ def _infeasible_reason(w: Workload, over: Overrides) -> str:
 # --- The Plan ----------------------------------------------------------------------------------------
 
 
-def _conservative_plan(world: int, per_gpu: int, over: Overrides, why: str) -> Plan:
+def _conservative_plan(
+    world: int, per_gpu: int, over: Overrides, packing: PackingChoice, why: str, method: str = "SFT"
+) -> Plan:
     stage = over.zero_stage if over.zero_stage is not None else (3 if world > 1 or over.offload == "cpu" else 0)
     offload = over.offload if over.offload is not None else "none"
     ckpt = over.checkpointing if over.checkpointing is not None else True
@@ -393,10 +438,12 @@ def _conservative_plan(world: int, per_gpu: int, over: Overrides, why: str) -> P
     ckpt_line = f"Gradient checkpointing {'on' if ckpt else 'off'}" + (
         ": the safe choice when memory is unknown." if over.checkpointing is None else ", as fixed."
     )
+    attention = planned_attention(over, packing.on)
     explanation = [
         why,
         zero_line,
         ckpt_line,
+        _packing_line(packing, micro, attention, method),
         f"Micro-batch {micro} x accumulation {per_gpu // micro} x {world} GPU(s) = global batch {per_gpu * world}.",
     ]
     return Plan(
@@ -405,11 +452,36 @@ def _conservative_plan(world: int, per_gpu: int, over: Overrides, why: str) -> P
         micro_batch_size=micro,
         gradient_accumulation_steps=per_gpu // micro,
         gradient_checkpointing=ckpt,
-        attention=over.attention or "sdpa",
+        attention=attention,
         liger_kernels=False,
         compile=False,
+        packing=packing.on,
         world_size=world,
         explanation=explanation,
+    )
+
+
+def _packing_line(packing: PackingChoice, micro: int, attention: str, method: str = "SFT") -> str:
+    """The sentence for the packing decision."""
+    if method.upper() == "DPO":
+        if micro == 1:
+            return "No packing (DPO): TRL 1.16 has no padding-free DPO; one pair per micro-batch pads nothing."
+        return (
+            f"No packing (DPO): TRL 1.16 has no padding-free DPO; pairs of similar length are batched together, so "
+            f"micro-batches of {micro} pairs carry little padding."
+        )
+    if not packing.on:
+        why = "as set in hyperparameters.packing" if packing.requested == "off" else f"({attention} mixes records)"
+        return f"Packing off {why}: each micro-batch of {micro} record(s) is padded to its longest record."
+    how = {
+        "flex_attention": "flex_attention's block mask skips the blocks between records",
+        "flash_attention_2": "flash_attention_2 runs variable-length kernels on the record boundaries",
+    }.get(attention, f"{attention} gets a dense block-diagonal mask over each micro-batch (slower than flex_attention)")
+    asked = "as set in hyperparameters.packing" if packing.requested == "on" else "(auto for SFT)"
+    return (
+        f"Packing on {asked}: records share windows of maxSeqLength tokens with their own position ids, so no "
+        f"padding is computed between them; attention and loss never cross a record ({how}); globalBatchSize counts "
+        "windows."
     )
 
 
@@ -421,6 +493,7 @@ def _setup_of(plan: Plan) -> Setup:
         kernels="compile" if plan.compile else "liger" if plan.liger_kernels else "eager",
         attention=plan.attention,
         micro_batch=plan.micro_batch_size,
+        packing=plan.packing,
     )
 
 
@@ -484,7 +557,13 @@ def _across_nodes(w: Workload, s: Setup) -> str:
 
 
 def _to_plan(
-    w: Workload, over: Overrides, per_gpu: int, best: Candidate, candidates: list[Candidate], tight: bool
+    w: Workload,
+    over: Overrides,
+    per_gpu: int,
+    best: Candidate,
+    candidates: list[Candidate],
+    tight: bool,
+    packing: PackingChoice,
 ) -> Plan:
     s, m = best.setup, best.memory
     usable = _usable_gib(w)
@@ -547,7 +626,8 @@ def _to_plan(
         )
         lines.append(f"Liger kernels (fused RMSNorm, SwiGLU, RoPE): {reason}.")
 
-    # Attention.
+    # Packing and attention.
+    lines.append(_packing_line(packing, s.micro_batch, s.attention, w.method))
     if over.attention == "flash_attention_2":
         lines.append(
             "Attention flash_attention_2 as fixed in spec.distributed.attention: it needs the flash-attn package"
@@ -555,6 +635,11 @@ def _to_plan(
         )
     elif over.attention is not None:
         lines.append(f"Attention {s.attention} as fixed in spec.distributed.attention.")
+    elif s.attention == "flex_attention":
+        lines.append(
+            "flex_attention: PyTorch's compiled block-sparse attention, no dependency on the flash-attn package "
+            "(a trainer without a GPU uses sdpa, which keeps packed records apart too: status.trainer.attention)."
+        )
     else:
         lines.append("SDPA attention: PyTorch's flash kernels, no dependency on the flash-attn package.")
 
@@ -580,7 +665,13 @@ def _to_plan(
     if w.nodes > 1:
         lines.append(_across_nodes(w, s))
     if best.tokens_per_second:
-        lines.append(f"Estimated {best.tokens_per_second:,.0f} tokens/s over {w.world_size} {gpu}.")
+        real = (
+            f" (record tokens: windows taken as {throughput.PACKING_FILL:.0%} full, each costed as one record filling "
+            "it)"
+            if s.packing
+            else ""
+        )
+        lines.append(f"Estimated {best.tokens_per_second:,.0f} tokens/s over {w.world_size} {gpu}{real}.")
     if m.host_gib:
         available = _host_available_gib(w)
         assumed = "" if w.host_memory_gib else " (resources.memory unset: a typical server of this GPU type assumed)"
@@ -597,6 +688,7 @@ def _to_plan(
         attention=s.attention,
         liger_kernels=s.kernels == "liger",
         compile=s.kernels == "compile",
+        packing=s.packing,
         world_size=w.world_size,
         memory=_memory_estimate(m, capacity * (1 - safety_margin(capacity))),
         estimated_tokens_per_second=round(best.tokens_per_second) if best.tokens_per_second else None,

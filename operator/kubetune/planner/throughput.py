@@ -14,6 +14,10 @@ overlapped with compute by prefetching. DDP all-reduces the (small) LoRA gradien
 offload adds the host optimizer step and PCIe copies, and with weight offload a host-to-device copy of
 every weight shard per pass. DPO under ZeRO-3 pays a measured 0.9 s per micro-batch.
 
+With packing the estimate counts record tokens only (windows PACKING_FILL full). The planner does not see the
+dataset, so every window's attention is costed as one record filling it: the estimate is a lower bound for
+data of short records, which flex_attention's block mask makes cheaper.
+
 Calibrated on the seven H200 figures of docs/gpu-baselines.md (all within 3%); other GPUs scale by their
 peak matmul speed and memory bandwidth, which is an assumption, not a measurement.
 """
@@ -28,6 +32,15 @@ LINEAR_EFFICIENCY: dict[Kernels, float] = {"eager": 0.69, "liger": 0.74, "compil
 ATTENTION_EFFICIENCY = 0.39
 """Fraction of the matmul speed SDPA's flash kernels reach on causal attention (forward + backward)."""
 EAGER_ATTENTION_EFFICIENCY = 0.15
+FLEX_ATTENTION_EFFICIENCY = 0.34
+"""flex_attention on the blocks its block mask keeps: ~0.87 of SDPA's flash kernels, the ratio its authors
+published against FlashAttention-2. An assumption until bench/trainer_realistic.py measures it."""
+MASKED_SDPA_EFFICIENCY = 0.25
+"""SDPA's memory-efficient kernel, which it falls back to when given a dense mask (packing with sdpa). An
+assumption, not measured."""
+PACKING_FILL = 0.98
+"""Share of a packed window that holds record tokens (best-fit decreasing over many records of mixed lengths);
+the rest is padding that is computed but not counted in tokens/s."""
 LORA_BYTES_PER_FEATURE = 48.0
 """Memory traffic per token per input feature of an adapted linear (fp32 cast, dropout, bf16 cast...)."""
 MICRO_BATCH_SECONDS = 0.008
@@ -49,7 +62,12 @@ def flops_per_token(w: Workload, s: Setup) -> tuple[float, float]:
     n, n_lora = float(a.matmul_params), float(w.lora_params)
     recompute = 1 if s.checkpointing else 0
     linear = (4 + 2 * recompute) * n + (6 + 2 * recompute) * n_lora
+    # Causal attention over seq keys; packed records are counted as if one record filled the window (an upper
+    # bound: flex_attention skips the blocks between records). A dense packing mask computes the whole square of
+    # the micro-batch's row.
     attention_pass = 2.0 * w.seq * a.q_dim * a.num_layers
+    if s.dense_packing_mask:
+        attention_pass *= 2.0 * s.micro_batch
     attention = (3 + recompute) * attention_pass
     if w.method == "DPO":
         linear += 2 * n
@@ -61,7 +79,7 @@ def compute_seconds_per_token(w: Workload, s: Setup, gpu: GpuType) -> float:
     """GPU time per token of forward and backward on one GPU, without communication."""
     peak = gpu.bf16_tflops * 1e12 * gpu.matmul_efficiency
     linear, attention = flops_per_token(w, s)
-    attention_eff = EAGER_ATTENTION_EFFICIENCY if s.attention == "eager" else ATTENTION_EFFICIENCY
+    attention_eff = attention_efficiency(s)
     lora_features = w.arch.lora_input_features(w.lora_targets) * w.arch.num_layers
     lora_bytes = LORA_BYTES_PER_FEATURE * lora_features * (1.5 if s.checkpointing else 1.0)
     return (
@@ -69,6 +87,17 @@ def compute_seconds_per_token(w: Workload, s: Setup, gpu: GpuType) -> float:
         + attention / (peak * attention_eff)
         + lora_bytes / (gpu.memory_bandwidth_gbs * 1e9)
     )
+
+
+def attention_efficiency(s: Setup) -> float:
+    """Fraction of the matmul speed the attention kernel of `s` reaches."""
+    if s.attention == "eager":
+        return EAGER_ATTENTION_EFFICIENCY
+    if s.dense_packing_mask:
+        return MASKED_SDPA_EFFICIENCY
+    if s.attention == "flex_attention":
+        return FLEX_ATTENTION_EFFICIENCY
+    return ATTENTION_EFFICIENCY
 
 
 def collective_gbs(w: Workload, gpu: GpuType) -> float:
@@ -110,4 +139,5 @@ def tokens_per_second(w: Workload, s: Setup, gpu: GpuType) -> float:
         step_extra += shard / CPU_ADAM_PARAMS_PER_SECOND + shard * 6.0 / (gpu.host_link_gbs * 1e9)
 
     step = accumulation * micro + step_extra
-    return world * accumulation * tokens_micro / step
+    real = PACKING_FILL if s.packing else 1.0
+    return real * world * accumulation * tokens_micro / step

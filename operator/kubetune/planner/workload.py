@@ -77,3 +77,14 @@ class Setup:
     """liger: Liger's RMSNorm/SwiGLU/RoPE kernels; compile: torch.compile of each decoder layer."""
     attention: str = "sdpa"
     micro_batch: int = 1
+    """Sequences per forward pass; with packing, windows of `Workload.seq` tokens."""
+    packing: bool = False
+    """SFT records packed into windows of `Workload.seq` tokens, flattened into one row per micro-batch with
+    per-record position ids (no padding between records; attention isolated by `attention`'s mask)."""
+
+    @property
+    def dense_packing_mask(self) -> bool:
+        """Packed records isolated by a dense block-diagonal mask over the micro-batch's row (sdpa, eager):
+        SDPA loses its flash kernel and attention spans the whole row, where flex_attention skips masked blocks and
+        flash_attention_2 runs variable-length kernels."""
+        return self.packing and self.attention in ("sdpa", "eager")

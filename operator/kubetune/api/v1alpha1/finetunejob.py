@@ -113,6 +113,10 @@ class Hyperparameters(KubeModel):
     """DPO temperature: how far the policy may move from the reference. Ignored by SFT."""
     seed: int = Field(default=42, ge=0, le=2**31 - 1)
     """Random seed for data order and adapter initialisation."""
+    packing: Literal["auto", "on", "off"] = "auto"
+    """SFT: pack several records into each window of maxSeqLength tokens instead of padding them; attention and
+    loss never cross a record's boundary, and globalBatchSize then counts windows. auto is on for SFT (see
+    status.plan.packing). DPO never packs: pairs of similar length are batched together instead."""
 
     rules = (
         Rule(
@@ -175,8 +179,10 @@ class Distributed(KubeModel):
     """Recompute activations in the backward pass: less memory, about 25% more compute."""
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     """Attention kernel. auto is sdpa: PyTorch's fused attention (its flash and memory-efficient kernels),
-    which needs no extra package. flash_attention_2 needs a GPU and the flash-attn package in the trainer
-    image; without them the trainer uses sdpa, logs a warning and reports it in status.trainer.attention."""
+    which needs no extra package; for packed SFT records (hyperparameters.packing) auto is flex_attention,
+    PyTorch's block-sparse attention, which skips the blocks between records. flash_attention_2 needs a GPU and
+    the flash-attn package in the trainer image; without them the trainer uses sdpa, logs a warning and reports it
+    in status.trainer.attention."""
     micro_batch_size: Annotated[AutoOrInt, field_rules(_micro_batch_rule)] = "auto"
     """Sequences per GPU per forward pass: auto or a number."""
     collective_timeout_seconds: int = Field(default=600, ge=30, le=86400)
@@ -282,6 +288,11 @@ class FineTuneJobSpec(KubeModel):
             check=lambda s: not (s.method == Method.SFT and s.dataset.format == DatasetFormat.PREFERENCE),
         ),
         Rule(
+            cel="!(self.method == 'DPO' && self.hyperparameters.packing == 'on')",
+            message="hyperparameters.packing on is for SFT; DPO batches pairs of similar length instead (use auto)",
+            check=lambda s: not (s.method == Method.DPO and s.hyperparameters.packing == "on"),
+        ),
+        Rule(
             cel="!(self.method == 'DPO' && self.dataset.format in ['prompt-response', 'messages'])",
             message="method DPO needs preference data: dataset.format preference or auto",
             check=lambda s: (
@@ -377,6 +388,8 @@ class Plan(KubeModel):
     """Liger fused RMSNorm/SwiGLU/RoPE/cross-entropy kernels."""
     compile: bool = False
     """torch.compile of each decoder layer."""
+    packing: bool = False
+    """SFT records packed into windows of maxSeqLength tokens (hyperparameters.packing resolved)."""
     world_size: int = 1
     """Training processes (GPUs) in all."""
     memory: MemoryEstimate = Field(default_factory=MemoryEstimate)
