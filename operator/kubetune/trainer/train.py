@@ -23,6 +23,7 @@ from transformers.trainer_callback import ProgressCallback as TqdmCallback
 
 from kubetune.api.v1alpha1 import Method, Plan, TrainerConfig, TrainerRuntime
 from kubetune.trainer import adapter, checkpoints
+from kubetune.trainer.batching import length_grouped_dpo_trainer, packing_report, sft_packing_arguments
 from kubetune.trainer.callbacks import CheckpointCallback, ProgressCallback, StopOnSignal
 from kubetune.trainer.data import load_tokenizer
 from kubetune.trainer.deepspeed_config import deepspeed_config
@@ -39,13 +40,18 @@ LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy"
 
 def attention_implementation(requested: str) -> tuple[str, str]:
     """The attention to load the model with for the plan's `requested` one, and why it differs ("" when it does
-    not): flash_attention_2 needs a GPU and the flash-attn package, else sdpa. auto is sdpa, as in the planner."""
+    not): flash_attention_2 needs a GPU and the flash-attn package, flex_attention a GPU, else sdpa (which keeps
+    packed records apart too, with a dense mask). auto is sdpa, as in the planner."""
     if requested in ("sdpa", "eager"):
         return requested, ""
-    if requested != "flash_attention_2":
+    if requested not in ("flash_attention_2", "flex_attention"):
         return "sdpa", ""
     if not torch.cuda.is_available():
-        return "sdpa", "flash_attention_2 needs a GPU"
+        # flex_attention runs on CPU too, but compiles its kernels through a C++ compiler first: minutes for a
+        # small run, where sdpa's dense mask costs nothing.
+        return "sdpa", f"{requested} needs a GPU"
+    if requested == "flex_attention":
+        return "flex_attention", ""
     if importlib.util.find_spec("flash_attn") is None:
         return "sdpa", "the flash-attn package is not installed in this image"
     return "flash_attention_2", ""
@@ -99,7 +105,7 @@ def trainer_arguments(config: TrainerConfig, output: Path, hidden_size: int, has
         return DPOConfig(**common, beta=hp.beta)
     from trl import SFTConfig
 
-    return SFTConfig(**common, packing=False)
+    return SFTConfig(**common, **sft_packing_arguments(plan, hp.max_seq_length))
 
 
 def load_model(model_dir: Path, plan: Plan) -> PreTrainedModel:
@@ -155,7 +161,8 @@ def build_trainer(config: TrainerConfig, inputs: Inputs, callbacks: list[Any]) -
     if config.spec.method == Method.DPO:
         from trl import DPOTrainer
 
-        trainer_class = DPOTrainer
+        # One pair per micro-batch pads nothing; larger micro-batches draw pairs of similar length together.
+        trainer_class = length_grouped_dpo_trainer() if config.plan.micro_batch_size > 1 else DPOTrainer
         if inputs.init_adapter:
             from peft import PeftModel
 
@@ -312,6 +319,9 @@ def run(config: TrainerConfig, inputs: Inputs) -> int:
         trainer = build_trainer(config, inputs, callbacks)
         if rank == 0:
             report_attention(config.plan, trainer.model, reporter, config.job.uid)
+            if config.plan.packing:
+                max_len = config.spec.hyperparameters.max_seq_length
+                log_event("packing", **packing_report(trainer.train_dataset, max_len))
             for c in checkpoints.remove_incomplete(root):
                 log_event("checkpoint-discarded", step=c.step, reason="incomplete")
             if resume:
