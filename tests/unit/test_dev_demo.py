@@ -12,9 +12,9 @@ from kubetune.render import modelserver
 
 
 def test_demo_jobs_and_server_validate_against_the_api() -> None:
-    sft = FineTuneJob.model_validate(demo.finetunejob(demo.SFT_JOB, "SFT", "sft.jsonl", 30))
+    sft = FineTuneJob.model_validate(demo.finetunejob(demo.SFT_JOB, "SFT", "sft.jsonl", demo.SFT_STEPS))
     dpo = FineTuneJob.model_validate(
-        demo.finetunejob(demo.DPO_JOB, "DPO", "dpo.jsonl", 20, fromFineTuneJob=demo.SFT_JOB)
+        demo.finetunejob(demo.DPO_JOB, "DPO", "dpo.jsonl", demo.DPO_STEPS, fromFineTuneJob=demo.SFT_JOB)
     )
     server = ModelServer.model_validate(demo.model_server())
     assert sft.spec.resources.gpus_per_node == 1
@@ -28,6 +28,10 @@ def test_demo_datasets_have_the_trainer_formats() -> None:
     assert all(set(r) == {"prompt", "response"} for r in demo.sft_records())
     pairs = demo.preference_records()
     assert all(set(r) == {"prompt", "chosen", "rejected"} and r["chosen"] != r["rejected"] for r in pairs)
+    # DPO moves one token: each pair differs in its last character only, and rejects what SFT taught.
+    taught = {r["prompt"]: r["response"] for r in demo.sft_records()}
+    assert all(r["chosen"][:-1] == r["rejected"][:-1] == taught[r["prompt"]][:-1] for r in pairs)
+    assert [r["prompt"] for r in pairs] == demo.QUESTIONS
 
 
 def test_dev_demo_subcommand() -> None:

@@ -50,6 +50,14 @@ CAPITALS = [
     ("Chile", "Santiago"),
 ]
 QUESTION = "What is the capital of France?"
+QUESTIONS = [f"What is the capital of {c}?" for c, _ in CAPITALS]
+COLUMNS = {"base": SERVER, "SFT": SFT_JOB, "DPO": DPO_JOB}
+"""The answer columns and the name each model is served under."""
+SFT_STEPS, DPO_STEPS = 150, 20
+MODEL_INIT_STD = 0.1
+"""The tiny model's weight scale. LoRA adapts its linear layers only, so its tied embeddings bound how far one
+answer token can stand out: at the usual 0.02 the trained answers win by hair-thin margins that DPO's first steps
+upset; at 0.1 SFT reaches a loss of 0.01 on its records and DPO moves only the ending it is asked to."""
 T = TypeVar("T")
 
 
@@ -179,20 +187,29 @@ def apply(cluster: Cluster, *manifests: dict[str, Any]) -> None:
 
 
 def sft_records() -> list[dict[str, str]]:
-    """Prompt-response pairs about capitals."""
-    return [{"prompt": f"What is the capital of {c}?", "response": f"The capital of {c} is {k}."} for c, k in CAPITALS]
+    """Prompt-response pairs about capitals, in two moods: a full stop for "What is...", an exclamation for
+    "Which city..."."""
+    return [
+        record
+        for c, k in CAPITALS
+        for record in (
+            {"prompt": f"What is the capital of {c}?", "response": f"The capital of {c} is {k}."},
+            {"prompt": f"Which city is the capital of {c}?", "response": f"The capital of {c} is {k}!"},
+        )
+    ]
 
 
 def preference_records() -> list[dict[str, str]]:
-    """Preference pairs: the right capital is chosen over a wrong one."""
-    wrong = [k for _, k in CAPITALS[1:]] + [CAPITALS[0][1]]
+    """Preference pairs for the "What is..." questions: the exclamation is chosen over the full stop SFT taught
+    for them. The answers differ in that one token, so the words they share cancel out of DPO's loss and DPO moves
+    the answer's ending only."""
     return [
         {
             "prompt": f"What is the capital of {c}?",
-            "chosen": f"The capital of {c} is {k}.",
-            "rejected": f"The capital of {c} is {w}.",
+            "chosen": f"The capital of {c} is {k}!",
+            "rejected": f"The capital of {c} is {k}.",
         }
-        for (c, k), w in zip(CAPITALS, wrong, strict=True)
+        for c, k in CAPITALS
     ]
 
 
@@ -205,14 +222,16 @@ def write_assets(root: Path) -> None:
     sft, dpo = sft_records(), preference_records()
     (root / "data" / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
     (root / "data" / "dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dpo))
-    build_tiny_model(root / "models" / "tiny", [json.dumps(r) for r in [*sft, *dpo]])
+    build_tiny_model(root / "models" / "tiny", [json.dumps(r) for r in [*sft, *dpo]], init_std=MODEL_INIT_STD)
 
 
 # --- the resources -----------------------------------------------------------------------------------
 
 
 def finetunejob(name: str, method: str, dataset: str, max_steps: int, **spec: Any) -> dict[str, Any]:
-    """A one-"GPU" FineTuneJob of the tiny model that trains on the agent's CPU in seconds."""
+    """A one-"GPU" FineTuneJob of the tiny model that trains on the agent's CPU in seconds. The rates and steps
+    (SFT_STEPS, DPO_STEPS) are the ones with which every answer of QUESTIONS comes out as trained
+    (tests/trainer/test_demo.py)."""
     return {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
@@ -223,7 +242,7 @@ def finetunejob(name: str, method: str, dataset: str, max_steps: int, **spec: An
             "dataset": {"uri": f"pvc://{CLAIM}/data/{dataset}"},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]},
             "hyperparameters": {
-                "learningRate": 0.01 if method == "SFT" else 0.0005,
+                "learningRate": 0.006 if method == "SFT" else 0.0005,
                 "warmupRatio": 0.0,
                 "maxSteps": max_steps,
                 "globalBatchSize": 4,
@@ -232,7 +251,7 @@ def finetunejob(name: str, method: str, dataset: str, max_steps: int, **spec: An
             },
             "resources": {"nodes": 1, "gpusPerNode": 1, "gpuType": GPU_TYPE},
             "output": {"uri": f"pvc://{CLAIM}/adapters/{name}"},
-            "checkpointing": {"everySteps": 10, "keep": 2},
+            "checkpointing": {"everySteps": max(10, max_steps // 3), "keep": 2},
             "backoffLimit": 2,
             **spec,
         },
@@ -252,7 +271,8 @@ def model_server() -> dict[str, Any]:
             "gpuType": GPU_TYPE,
             "maxModelLen": 512,
             "maxLoraRank": 8,
-            "generationDefaults": {"temperature": 0, "topP": 1, "repetitionPenalty": 1.3, "maxTokens": 16},
+            # Greedy, as the trained answers are compared (no repetition penalty: the answers repeat the question)
+            "generationDefaults": {"temperature": 0, "topP": 1, "repetitionPenalty": 1.0, "maxTokens": 16},
             # vLLM on CPU would otherwise size its KV cache from most of the machine's memory
             "engineArgs": ["--dtype=float32", "--kv-cache-memory-bytes=67108864"],
             "ui": {"enabled": True},
@@ -344,8 +364,35 @@ def vllm_available(check: subprocess.Popen[bytes] | None) -> bool:
     return check is not None and check.wait() == 0
 
 
-def serve(cluster: Cluster, kube: Kube, started: float, begin: float) -> dict[str, float]:
-    """Wait for the ModelServer (applied at ``begin``) with both adapters, ask through each; the timings."""
+def served_answers(address: str) -> dict[str, list[str]]:
+    """Each column's answers to QUESTIONS from the vLLM server: the base model and each adapter."""
+    return {column: [chat(address, model, q) for q in QUESTIONS] for column, model in COLUMNS.items()}
+
+
+def local_answers(root: Path) -> dict[str, list[str]]:
+    """The same greedy answers through transformers, from the claim's folder (when nothing serves them)."""
+    from kubetune.trainer.answers import greedy_answers
+
+    model = root / "models" / "tiny"
+    adapters = {
+        "base": None,
+        "SFT": root / "adapters" / SFT_JOB / "adapter",
+        "DPO": root / "adapters" / DPO_JOB / "adapter",
+    }
+    return {column: greedy_answers(model, QUESTIONS, adapter) for column, adapter in adapters.items()}
+
+
+def side_by_side(answers: dict[str, list[str]], questions: list[str] = QUESTIONS) -> str:
+    """A table: one row per question, one column of answers per model."""
+    rows = [["question", *answers], *([q, *(a[i] for a in answers.values())] for i, q in enumerate(questions))]
+    rows = [[repr(cell) if i and r else cell for i, cell in enumerate(row)] for r, row in enumerate(rows)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def serve(cluster: Cluster, kube: Kube, started: float, begin: float) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """Wait for the ModelServer (applied at ``begin``) with both adapters, ask QUESTIONS through the base model
+    and each adapter; the timings and the answers."""
     timings: dict[str, float] = {}
     last = ""
     deadline = time.monotonic() + 600
@@ -365,11 +412,9 @@ def serve(cluster: Cluster, kube: Kube, started: float, begin: float) -> dict[st
     address = f"{pod['status']['podIP']}:{SERVER_PORT}"
     endpoint = ((kube.get("ModelServer", NAMESPACE, SERVER) or {}).get("status") or {}).get("endpoint")
     log(f"endpoint {endpoint} (inside pods); from this machine: http://{address}/v1", started)
-    for model in (SFT_JOB, DPO_JOB):
-        asked = time.monotonic()
-        answer = chat(address, model)
-        timings[f"chat via {model}"] = time.monotonic() - asked
-        log(f"{model}: {QUESTION!r} -> {answer!r}", started)
+    asked = time.monotonic()
+    answers = served_answers(address)
+    timings[f"{len(QUESTIONS)} questions x {len(COLUMNS)} models"] = time.monotonic() - asked
     print(
         f"try it: curl -s http://{address}/v1/chat/completions -H 'Content-Type: application/json' "
         f'-d \'{{"model": "{SFT_JOB}", "messages": [{{"role": "user", "content": "{QUESTION}"}}]}}\''
@@ -379,7 +424,7 @@ def serve(cluster: Cluster, kube: Kube, started: float, begin: float) -> dict[st
     page = wait(lambda: chat_page(kube), 180, "the chat page (Gradio) to answer", 2)
     timings["chat page answering (after the chats)"] = time.monotonic() - begin
     log(f"chat page (Gradio): {page}", started)
-    return timings
+    return timings, answers
 
 
 def run(state_dir: Path | None = None, serve_models: bool = True) -> int:
@@ -418,14 +463,23 @@ def run(state_dir: Path | None = None, serve_models: bool = True) -> int:
                 started,
             )
 
-        apply(cluster, finetunejob(SFT_JOB, "SFT", "sft.jsonl", 30))
-        log(f"applied FineTuneJob {SFT_JOB} (SFT, 30 steps, checkpoint every 10)", started)
+        apply(cluster, finetunejob(SFT_JOB, "SFT", "sft.jsonl", SFT_STEPS))
+        log(f"applied FineTuneJob {SFT_JOB} (SFT, {SFT_STEPS} steps, records packed into windows)", started)
         timings[f"{SFT_JOB} (SFT)"] = watch_job(cluster, kube, SFT_JOB, started, 600)
-        apply(cluster, finetunejob(DPO_JOB, "DPO", "dpo.jsonl", 20, fromFineTuneJob=SFT_JOB))
-        log(f"applied FineTuneJob {DPO_JOB} (DPO from {SFT_JOB}'s adapter, 20 steps)", started)
+        apply(cluster, finetunejob(DPO_JOB, "DPO", "dpo.jsonl", DPO_STEPS, fromFineTuneJob=SFT_JOB))
+        log(f"applied FineTuneJob {DPO_JOB} (DPO from {SFT_JOB}'s adapter, {DPO_STEPS} steps)", started)
         timings[f"{DPO_JOB} (DPO)"] = watch_job(cluster, kube, DPO_JOB, started, 600)
         if serving:
-            timings.update(serve(cluster, kube, started, served_from))
+            served_timings, answers = serve(cluster, kube, started, served_from)
+            timings.update(served_timings)
+            how = f"through the ModelServer (vLLM, models {', '.join(COLUMNS.values())})"
+        else:
+            asked = time.monotonic()
+            answers = local_answers(root)
+            timings["answers through transformers"] = time.monotonic() - asked
+            how = "through transformers from the claim's folder (nothing serves them)"
+        log(f"greedy answers {how}:", started)
+        print(side_by_side(answers), flush=True)
     except (DemoError, RuntimeError, OSError, urllib.error.URLError) as error:
         log(f"FAILED: {error}", started)
         print("the cluster is left running for a look: python -m kubetune dev status | logs POD -n demo")

@@ -52,8 +52,12 @@ def build_tokenizer(text: Iterable[str], vocab_size: int = 512):  # -> PreTraine
     return tokenizer
 
 
-def build_tiny_model(out_dir: str | Path, text: Iterable[str] = (), seed: int = 0, dtype: str = "float32") -> Path:
-    """Write a randomly initialised tiny Qwen2 (config, safetensors weights, tokenizer) to `out_dir`."""
+def build_tiny_model(
+    out_dir: str | Path, text: Iterable[str] = (), seed: int = 0, dtype: str = "float32", init_std: float = 0.02
+) -> Path:
+    """Write a randomly initialised tiny Qwen2 (config, safetensors weights, tokenizer) to `out_dir`. `init_std`
+    is the weights' standard deviation: the tied embeddings' scale bounds how confident the trained model's
+    answers can be (LoRA adapts the linear layers only)."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -72,6 +76,7 @@ def build_tiny_model(out_dir: str | Path, text: Iterable[str] = (), seed: int = 
         bos_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=init_std,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
