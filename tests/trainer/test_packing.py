@@ -288,3 +288,30 @@ def test_dpo_batches_pairs_of_similar_length_and_starts_at_ln_2(pvc: Path, tiny_
     first = run.of("progress")[0]
     assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference
     assert first["metrics"]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+
+# --- Full-length data ---------------------------------------------------------------------------------------
+
+
+def test_records_share_windows_exactly_when_trls_packing_puts_two_together() -> None:
+    import random
+
+    from datasets import Dataset
+    from trl import pack_dataset
+
+    from kubetune.trainer.batching import records_share_windows
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 64) for _ in range(rng.randint(1, 12))]
+        examples = [{"input_ids": [7] * n} for n in lengths]
+        packed = pack_dataset(Dataset.from_list(examples), 64, "bfd")
+        assert records_share_windows(examples, 64) == any(len(w) > 1 for w in packed["seq_lengths"]), lengths
+
+
+def test_windows_of_one_record_each_keep_sdpas_causal_kernel() -> None:
+    from kubetune.trainer.train import attention_implementation
+
+    used, why = attention_implementation("flex_attention", single_record_windows=True)
+    assert used == "sdpa" and "no two records fit in one window" in why
+    assert attention_implementation("sdpa", single_record_windows=True) == ("sdpa", "")

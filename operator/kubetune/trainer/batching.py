@@ -38,6 +38,13 @@ def sft_packing_arguments(plan: Plan, max_len: int) -> dict[str, Any]:
     }
 
 
+def records_share_windows(examples: list[dict[str, Any]], max_len: int) -> bool:
+    """Whether packing puts two records into one window. Best-fit decreasing does exactly when the two shortest
+    records fit in one together (the shorter one then finds room, at the latest, beside the longer)."""
+    shortest = sorted(len(e["input_ids"]) for e in examples)[:2]
+    return len(shortest) == 2 and sum(shortest) <= max_len
+
+
 def packing_report(train: Any, max_len: int) -> dict[str, Any]:
     """What packing made of the training records: windows, records per window, the share of window tokens that
     are record tokens (the rest is padding)."""

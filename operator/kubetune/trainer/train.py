@@ -23,7 +23,12 @@ from transformers.trainer_callback import ProgressCallback as TqdmCallback
 
 from kubetune.api.v1alpha1 import Method, Plan, TrainerConfig, TrainerRuntime
 from kubetune.trainer import adapter, checkpoints
-from kubetune.trainer.batching import length_grouped_dpo_trainer, packing_report, sft_packing_arguments
+from kubetune.trainer.batching import (
+    length_grouped_dpo_trainer,
+    packing_report,
+    records_share_windows,
+    sft_packing_arguments,
+)
 from kubetune.trainer.callbacks import CheckpointCallback, ProgressCallback, StopOnSignal
 from kubetune.trainer.data import load_tokenizer
 from kubetune.trainer.deepspeed_config import deepspeed_config
@@ -38,14 +43,18 @@ log = logging.getLogger(__name__)
 LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False}
 
 
-def attention_implementation(requested: str) -> tuple[str, str]:
+def attention_implementation(requested: str, single_record_windows: bool = False) -> tuple[str, str]:
     """The attention to load the model with for the plan's `requested` one, and why it differs ("" when it does
-    not): flash_attention_2 needs a GPU and the flash-attn package, flex_attention a GPU, else sdpa (which keeps
-    packed records apart too, with a dense mask). auto is sdpa, as in the planner."""
+    not): flash_attention_2 needs a GPU and the flash-attn package, flex_attention a GPU and packed windows that
+    hold several records, else sdpa (which keeps packed records apart too, with a dense mask). auto is sdpa, as in
+    the planner."""
     if requested in ("sdpa", "eager"):
         return requested, ""
     if requested not in ("flash_attention_2", "flex_attention"):
         return "sdpa", ""
+    if requested == "flex_attention" and single_record_windows:
+        # Full-length data: no boundaries to mask, and SDPA's causal flash kernel is the faster one.
+        return "sdpa", "no two records fit in one window, so there is no boundary to mask"
     if not torch.cuda.is_available():
         # flex_attention runs on CPU too, but compiles its kernels through a C++ compiler first: minutes for a
         # small run, where sdpa's dense mask costs nothing.
@@ -108,7 +117,13 @@ def trainer_arguments(config: TrainerConfig, output: Path, hidden_size: int, has
     return SFTConfig(**common, **sft_packing_arguments(plan, hp.max_seq_length))
 
 
-def load_model(model_dir: Path, plan: Plan) -> PreTrainedModel:
+def single_record_windows(config: TrainerConfig, inputs: Inputs) -> bool:
+    """The plan packs, but no two training records fit in one window."""
+    max_len = config.spec.hyperparameters.max_seq_length
+    return config.plan.packing and not records_share_windows(inputs.data.train, max_len)
+
+
+def load_model(model_dir: Path, plan: Plan, single_record_windows: bool = False) -> PreTrainedModel:
     """The base model in bf16 on GPUs (fp32 on CPU) with the planned attention kernel."""
     cuda = torch.cuda.is_available()
     # Straight onto this rank's GPU, except under ZeRO-3, which shards the weights while they load.
@@ -116,17 +131,19 @@ def load_model(model_dir: Path, plan: Plan) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir),
         dtype=torch.bfloat16 if cuda else torch.float32,
-        attn_implementation=attention_implementation(plan.attention)[0],
+        attn_implementation=attention_implementation(plan.attention, single_record_windows)[0],
         device_map=device_map,
     )
     model.config.use_cache = False
     return model
 
 
-def report_attention(plan: Plan, model: Any, reporter: StatusReporter, uid: str) -> str:
+def report_attention(
+    plan: Plan, model: Any, reporter: StatusReporter, uid: str, single_record_windows: bool = False
+) -> str:
     """Say which attention the model runs with (an `attention` event and status.trainer.attention), with a
     warning when it is not the plan's. Returns it."""
-    chosen, why = attention_implementation(plan.attention)
+    chosen, why = attention_implementation(plan.attention, single_record_windows)
     # The loaded model's own setting is the truth: transformers may change what it was given.
     used = str(getattr(model.config, "_attn_implementation", None) or chosen)
     why = why or ("" if used == chosen else "transformers loaded the model with it")
@@ -152,7 +169,8 @@ def build_trainer(config: TrainerConfig, inputs: Inputs, callbacks: list[Any]) -
     model_config = AutoConfig.from_pretrained(str(inputs.model_dir))
     args = trainer_arguments(config, inputs.output_dir, model_config.hidden_size, bool(inputs.data.validation))
     set_seed(config.spec.hyperparameters.seed)
-    model: Any = load_model(inputs.model_dir, config.plan)  # after the arguments: ZeRO-3 shards it while loading
+    # After the arguments: ZeRO-3 shards the model while it loads.
+    model: Any = load_model(inputs.model_dir, config.plan, single_record_windows(config, inputs))
     tokenizer = load_tokenizer(inputs.model_dir)
     train = Dataset.from_list(inputs.data.train)
     evaluation = Dataset.from_list(inputs.data.validation) if inputs.data.validation else None
@@ -318,7 +336,9 @@ def run(config: TrainerConfig, inputs: Inputs) -> int:
         resume = checkpoints.latest_complete(root)
         trainer = build_trainer(config, inputs, callbacks)
         if rank == 0:
-            report_attention(config.plan, trainer.model, reporter, config.job.uid)
+            report_attention(
+                config.plan, trainer.model, reporter, config.job.uid, single_record_windows(config, inputs)
+            )
             if config.plan.packing:
                 max_len = config.spec.hyperparameters.max_seq_length
                 log_event("packing", **packing_report(trainer.train_dataset, max_len))
