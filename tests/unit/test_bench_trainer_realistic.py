@@ -78,6 +78,13 @@ def test_ratios_and_padding() -> None:
     assert ratios["full_length_plan_over_recipe"] == {
         "of": "full-plan / full-recipe", "value": None, "target": 2.0, "met": False
     }  # fmt: skip
+    # A failed planner's run: the same plan with sdpa stands in for it.
+    failed = {
+        **runs,
+        "sft-plan": {"exit_code": 1, "tokens_per_second": None},
+        "sft-plan-sdpa": {"tokens_per_second": 11000.0},
+    }
+    assert bench.ratios(failed)["realistic_plan_over_recipe"]["of"] == "sft-plan-sdpa / sft-recipe"
     assert bench.padding_fraction({"microBatchSize": 1}, {"packing": {"fill": 0.97}}) == pytest.approx(0.03)
     assert bench.padding_fraction({"microBatchSize": 1}, {"packing": None}) == 0.0
     assert bench.padding_fraction({"microBatchSize": 2}, {"packing": None}) is None

@@ -56,8 +56,7 @@ def attention_implementation(requested: str, single_record_windows: bool = False
         # Full-length data: no boundaries to mask, and SDPA's causal flash kernel is the faster one.
         return "sdpa", "no two records fit in one window, so there is no boundary to mask"
     if not torch.cuda.is_available():
-        # flex_attention runs on CPU too, but compiles its kernels through a C++ compiler first: minutes for a
-        # small run, where sdpa's dense mask costs nothing.
+        # flex_attention has no backward pass on CPU (torch 2.13); sdpa's dense mask keeps packed records apart.
         return "sdpa", f"{requested} needs a GPU"
     if requested == "flex_attention":
         return "flex_attention", ""
