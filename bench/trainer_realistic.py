@@ -42,7 +42,7 @@ recompute counted) over the card's dense bf16 peak (989 TFLOP/s) and over its me
 ratios the targets of issue 18 name: sft-plan / sft-recipe (>= 5), sft-plan / full-plan (>= 0.85), full-plan /
 full-recipe (>= 2.0). Writes bench/results/trainer_realistic_<gpu>.json (h100 or h200; and a copy under --out).
 
-On the GPU machine (the wheels of ../shared/GPU.md in .whl/, as for bench/trainer_gpu.py), about 8 minutes:
+On the GPU machine (the wheels of docs/gpu-baselines.md in .whl/, as for bench/trainer_gpu.py), about 8 minutes:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
         .whl/*.whl && export PYTHONPATH=/tmp/site:operator PYTHONUNBUFFERED=1 && \\

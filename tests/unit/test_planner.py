@@ -116,7 +116,7 @@ def test_one_h200_needs_no_deepspeed_and_no_checkpointing() -> None:
     assert p.memory.total_gib <= p.memory.available_gib
     assert p.estimated_tokens_per_second and p.estimated_tokens_per_second > 1.7 * 8238  # record tokens only
     assert len(p.explanation) >= 6
-    full_length = plan(packing="off")  # as GPU.md's recipe ran: every record fills maxSeqLength
+    full_length = plan(packing="off")  # as the baselines ran: every record fills maxSeqLength
     assert full_length.estimated_tokens_per_second and full_length.estimated_tokens_per_second > 1.8 * 8238
 
 
