@@ -53,11 +53,11 @@ QUESTION = "What is the capital of France?"
 QUESTIONS = [f"What is the capital of {c}?" for c, _ in CAPITALS]
 COLUMNS = {"base": SERVER, "SFT": SFT_JOB, "DPO": DPO_JOB}
 """The answer columns and the name each model is served under."""
-SFT_STEPS, DPO_STEPS = 150, 20
+SFT_STEPS, DPO_STEPS = 60, 20
 MODEL_INIT_STD = 0.1
 """The tiny model's weight scale. LoRA adapts its linear layers only, so its tied embeddings bound how far one
 answer token can stand out: at the usual 0.02 the trained answers win by hair-thin margins that DPO's first steps
-upset; at 0.1 SFT reaches a loss of 0.01 on its records and DPO moves only the ending it is asked to."""
+upset; at 0.1 SFT reaches a loss of about 0.02 on its records and DPO moves only the ending it is asked to."""
 T = TypeVar("T")
 
 
@@ -242,7 +242,7 @@ def finetunejob(name: str, method: str, dataset: str, max_steps: int, **spec: An
             "dataset": {"uri": f"pvc://{CLAIM}/data/{dataset}"},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]},
             "hyperparameters": {
-                "learningRate": 0.006 if method == "SFT" else 0.0005,
+                "learningRate": 0.01 if method == "SFT" else 0.0005,
                 "warmupRatio": 0.0,
                 "maxSteps": max_steps,
                 "globalBatchSize": 4,
