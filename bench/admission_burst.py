@@ -7,9 +7,8 @@ runs the operator as bench/operator_scale.py does, and creates `--bursts` bursts
 (each burst measured by operator_scale's `run_size`: its create -> Job p50 is printed per burst). Then, per
 job, from the audit log's timestamps (when the API server received each request and when it answered):
 
-- operator reaction: the FineTuneJob's create answered -> the ServiceAccount's apply received;
-- the ServiceAccount in the API server;
-- ServiceAccount answered -> the Job's apply received (the operator between its two requests);
+- operator reaction: the FineTuneJob's create answered -> the Job's create received (the namespace's trainer
+  ServiceAccount, Role and RoleBinding are written once per namespace, before the first Job);
 - the Job in the API server;
 - create answered -> Job answered, the sum.
 
@@ -44,14 +43,8 @@ import operator_scale as scale  # noqa: E402
 
 from kubetune.k8s.client import Kube  # noqa: E402
 
-STEPS = (
-    "operator reaction",
-    "ServiceAccount in the API server",
-    "ServiceAccount -> Job sent",
-    "Job in the API server",
-    "create -> Job answered",
-)
-CHILD_RESOURCES = ("finetunejobs", "serviceaccounts", "jobs")
+STEPS = ("operator reaction", "Job in the API server", "create -> Job answered")
+CHILD_RESOURCES = ("finetunejobs", "jobs")
 
 
 class AuditedControlPlane(scale.BenchControlPlane):
@@ -92,8 +85,7 @@ def steps_per_job(audit_log: Path) -> list[tuple[float, ...]]:
             continue
         if ref.get("subresource"):
             continue
-        # the ServiceAccount is named after its job: NAME-trainer
-        job = (ref.get("name") or "").removesuffix("-trainer")
+        job = ref.get("name") or ""
         received, answered = seconds(entry["requestReceivedTimestamp"]), seconds(entry["stageTimestamp"])
         who = "operator" if entry["user"]["username"] == scale.OPERATOR.user else "other"
         requests.setdefault((ref["namespace"], job), []).append((received, answered, ref["resource"], who))
@@ -101,18 +93,9 @@ def steps_per_job(audit_log: Path) -> list[tuple[float, ...]]:
     for found in requests.values():
         found.sort()
         create = next((r for r in found if r[2] == "finetunejobs" and r[3] == "other"), None)
-        account = next((r for r in found if r[2] == "serviceaccounts" and r[3] == "operator"), None)
         job = next((r for r in found if r[2] == "jobs" and r[3] == "operator"), None)
-        if create and account and job:
-            rows.append(
-                (
-                    account[0] - create[1],
-                    account[1] - account[0],
-                    job[0] - account[1],
-                    job[1] - job[0],
-                    job[1] - create[1],
-                )
-            )
+        if create and job:
+            rows.append((job[0] - create[1], job[1] - job[0], job[1] - create[1]))
     return rows
 
 

@@ -94,7 +94,7 @@ def finetunejob(name: str, namespace: str) -> dict[str, Any]:
 
 def bare_job(name: str, namespace: str) -> dict[str, Any]:
     """The training Job the operator would render for `finetunejob(name, namespace)`, standing alone: no
-    owner, and the namespace's default ServiceAccount (the operator's per-job one is not created)."""
+    owner, and the namespace's default ServiceAccount (the operator's kubetune-trainer is not created)."""
     body = finetunejob(name, namespace)
     body["metadata"]["uid"] = "00000000-0000-0000-0000-000000000000"
     ftj = FineTuneJob.model_validate(body)

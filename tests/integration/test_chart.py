@@ -221,7 +221,7 @@ def test_install_upgrade_and_run_the_flow_with_the_charts_rbac_only(
     api.apply(simulated_ftj("sft", ns))
     status = api.wait_state("FineTuneJob", ns, "sft", "Succeeded", 120)
     assert status["conditions"]
-    assert api.kube.list("Role", ns), "the operator could not grant the trainer its per-job Role"
+    assert api.get("Role", ns, "kubetune-trainer"), "the operator could not grant the trainer its Role"
     server = example("modelserver.yaml", "qwen", ns, adapters=[], ui={"enabled": False})
     del server["spec"]["adapterSelector"]
     api.apply(server)
@@ -281,6 +281,7 @@ def test_charts_service_account_has_what_the_operator_does(api: Api) -> None:
         ("watch", "rolebindings.rbac.authorization.k8s.io"),
         ("get", "jobs.batch"),
         ("list", "events"),
+        ("watch", "events"),
     ):
         assert can_i(api, *args, "-n", "default"), args
 
@@ -323,8 +324,8 @@ REFUSED: list[tuple[str, str, Callable[[dict[str, Any], list[dict[str, Any]]], d
         "Job in kube-system as another account",
         "kube-system",
         lambda job, _: with_pod_spec(job, serviceAccountName="generic-garbage-collector"),
-        "A Job of the kubetune operator must run as the trainer ServiceAccount of its FineTuneJob, "
-        "qwen-sft-trainer, not as generic-garbage-collector.",
+        "A Job of the kubetune operator must run as the namespace's trainer ServiceAccount, kubetune-trainer, "
+        "not as generic-garbage-collector.",
     ),
     (
         "Deployment as cluster-admin-sa",

@@ -13,22 +13,31 @@ from tests.integration.support import Api, OperatorProcess, dump, example, simul
 FTJ = "FineTuneJob"
 LABEL = "kubetune.io/finetunejob"
 TWO_NODES = {"nodes": 2, "gpusPerNode": 1, "gpuType": "rtx-4090d"}  # with the headless Service
-SUPPORT = ("ServiceAccount", "Role", "RoleBinding", "Service")
+ACCESS = ("ServiceAccount", "Role", "RoleBinding")  # the namespace's, kubetune-trainer
+SUPPORT = (*ACCESS, "Service")
+
+
+def child_name(kind: str, job: str) -> str:
+    return "kubetune-trainer" if kind in ACCESS else f"{job}-trainer"
 
 
 def children_of(api: Api, ns: str, name: str) -> dict[str, dict[str, Any] | None]:
-    """Each child a two-node job must have, by kind (None when missing)."""
-    found: dict[str, dict[str, Any] | None] = {kind: api.get(kind, ns, f"{name}-trainer") for kind in SUPPORT}
+    """Each object a two-node job must have, by kind (None when missing)."""
+    found: dict[str, dict[str, Any] | None] = {kind: api.get(kind, ns, child_name(kind, name)) for kind in SUPPORT}
     found["Job"] = api.get("Job", ns, name)
     return found
 
 
 def assert_whole(api: Api, ns: str, name: str) -> None:
-    """Every child exists, once, controlled by this FineTuneJob."""
+    """Every object exists, once: the Service and Job controlled by this FineTuneJob, the trainer access
+    kubetune's (no owner)."""
     ftj = api.get(FTJ, ns, name)
     assert ftj is not None
     for kind, child in children_of(api, ns, name).items():
         assert child is not None, f"{name}: {kind} is missing"
+        if kind in ACCESS:
+            assert "ownerReferences" not in child["metadata"], f"{name}: {kind} {dump(child['metadata'])}"
+            continue
         owner = next(r for r in child["metadata"]["ownerReferences"] if r.get("controller"))
         assert (owner["kind"], owner["uid"]) == (FTJ, ftj["metadata"]["uid"]), f"{name}: {kind} {dump(owner)}"
     assert len(api.children("Job", ns, LABEL, name)) == 1
@@ -54,8 +63,8 @@ def test_killed_at_each_step_of_admission_the_job_still_trains(
 ) -> None:
     operator.stop()
     try:
-        # The job's children are named crash-trainer (and crash, the Job): armed for this namespace's only.
-        subject = f"{ns}/crash" if point in ("after-write:Job", "after-admitted") else f"{ns}/crash-trainer"
+        # Armed for this namespace's objects only: its trainer access, and crash (the Job and the FineTuneJob).
+        subject = f"{ns}/crash" if point in ("after-write:Job", "after-admitted") else f"{ns}/kubetune-trainer"
         operator.start(KUBETUNE_CRASH_AT=f"{point}@{subject}")
         api.apply(simulated_ftj("crash", ns, run_seconds=2, resources=TWO_NODES))
         proc = operator.proc
@@ -98,15 +107,19 @@ def test_a_kill_storm_during_100_admissions_leaves_every_job_whole(
 def test_a_child_deleted_by_hand_comes_back(api: Api, ns: str, kind: str) -> None:
     api.apply(simulated_ftj("keep", ns, run_seconds=300, resources=TWO_NODES))
     api.wait_state(FTJ, ns, "keep", "Running", 60)
-    before = api.get(kind, ns, "keep-trainer")
+    name = child_name(kind, "keep")
+    before = api.get(kind, ns, name)
     assert before is not None
-    api.kube.delete(kind, ns, "keep-trainer")
+    api.kube.delete(kind, ns, name)
     back = wait_for(
-        lambda: (c := api.get(kind, ns, "keep-trainer")) and c["metadata"]["uid"] != before["metadata"]["uid"] and c,
+        lambda: (c := api.get(kind, ns, name)) and c["metadata"]["uid"] != before["metadata"]["uid"] and c,
         15,
         f"the {kind} to come back",
     )
-    assert back["metadata"]["ownerReferences"][0]["uid"] == api.get(FTJ, ns, "keep")["metadata"]["uid"]
+    if kind in ACCESS:
+        assert back["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetune-operator"
+    else:
+        assert back["metadata"]["ownerReferences"][0]["uid"] == api.get(FTJ, ns, "keep")["metadata"]["uid"]
 
 
 def test_a_deleted_training_job_comes_back_while_the_run_is_unfinished(api: Api, ns: str) -> None:

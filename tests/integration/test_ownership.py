@@ -30,21 +30,23 @@ def test_a_role_someone_else_holds_is_not_taken_over(api: Api, ns: str) -> None:
     foreign = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": {"name": "clash-trainer", "namespace": ns},
+        "metadata": {"name": "kubetune-trainer", "namespace": ns},
         "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}],
     }
     api.kube.create(foreign)
     api.apply(simulated_ftj("clash", ns, run_seconds=2))
     cond = wait_for(lambda: condition_with(api, FTJ, ns, "clash", "Admitted", "NameConflict"), 30, "NameConflict")
-    assert cond["status"] == "False" and "Role clash-trainer already exists" in cond["message"], cond
+    assert cond["status"] == "False" and "Role kubetune-trainer already exists" in cond["message"], cond
     assert api.status(FTJ, ns, "clash")["state"] == "Pending"
     wait_for(lambda: warnings(api, ns, "clash", "NameConflict"), 15, "a NameConflict Warning Event")
     # Nothing of the job's runs while a name is held: no pod may run bound to someone else's Role.
     assert api.get("Job", ns, "clash") is None
-    role = api.get("Role", ns, "clash-trainer")
-    assert role["rules"] == foreign["rules"] and not role["metadata"].get("ownerReferences"), dump(role)
+    role = api.get("Role", ns, "kubetune-trainer")
+    assert role["rules"] == foreign["rules"] and "app.kubernetes.io/managed-by" not in (
+        role["metadata"].get("labels") or {}
+    ), dump(role)
     # Once the owner of the name gives it up, the job goes on by itself (the retry's back-off starts at 5 s).
-    api.kube.delete("Role", ns, "clash-trainer")
+    api.kube.delete("Role", ns, "kubetune-trainer")
     api.wait_state(FTJ, ns, "clash", "Succeeded", 60)
     assert api.condition(FTJ, ns, "clash", "Admitted")["status"] == "True"
 

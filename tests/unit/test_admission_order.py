@@ -60,25 +60,32 @@ def body(nodes: int) -> dict[str, Any]:
     }
 
 
-def admit(nodes: int) -> list[list[str]]:
+def admit(nodes: int, namespace_written: bool = False) -> list[list[str]]:
     kube: Any = RecordingKube()
     ctx = Context(kube=kube, config=OperatorConfig(), status=StatusWriter(kube))
     ctx.indexes = {"finetunejobs": {}, "training_jobs": {}, "training_pods": {}}
+    if namespace_written:
+        ctx.trainer_access.add("ns")
     finetunejob.admit(ctx, body(nodes), None)
     return kube.trips
 
 
 def test_the_job_goes_after_everything_its_pods_need_and_the_status_last() -> None:
     trips = admit(nodes=1)
-    # A pod must never run as an object that someone else put under the name of one of the job's children: the
-    # ServiceAccount, Role and RoleBinding are all written (and found to be the job's own) first, together in one
-    # round trip, and only then the Job. The Admitted status comes after every write, so an operator killed in
-    # between admits the job again after its restart.
+    # A pod must never run as an object that someone else put under the name of what it needs: the namespace's
+    # trainer ServiceAccount, Role and RoleBinding are all written (and found to be kubetune's) first, together
+    # in one round trip, and only then the Job. The Admitted status comes after every write, so an operator
+    # killed in between admits the job again after its restart. An admission posts no Event (the status shows it).
     assert sorted(trips[0]) == ["Role", "RoleBinding", "ServiceAccount"]
-    assert trips[1:] == [["Job"], ["FineTuneJob/status"], ["Event"]]
+    assert trips[1:] == [["Job"], ["FineTuneJob/status"]]
+
+
+def test_the_next_job_of_a_namespace_sends_only_its_job_and_status() -> None:
+    assert admit(nodes=1, namespace_written=True) == [["Job"], ["FineTuneJob/status"]]
 
 
 def test_a_multi_node_jobs_service_goes_with_the_other_supporting_children() -> None:
     trips = admit(nodes=2)
     assert sorted(trips[0]) == ["Role", "RoleBinding", "Service", "ServiceAccount"]
     assert trips[1] == ["Job"]
+    assert admit(nodes=2, namespace_written=True)[:2] == [["Service"], ["Job"]]

@@ -30,7 +30,7 @@ def test_bare_job_is_the_operators_job_without_owner_or_its_service_account() ->
     rendered = render.training_job(ftj, render.trainer_config(ftj, plan, None), config)
 
     assert "ownerReferences" in rendered["metadata"] and "ownerReferences" not in job["metadata"]
-    assert rendered["spec"]["template"]["spec"]["serviceAccountName"] == "job-0007-trainer"
+    assert rendered["spec"]["template"]["spec"]["serviceAccountName"] == "kubetune-trainer"
     assert job["spec"]["template"]["spec"]["serviceAccountName"] == "default"
     # Apart from those two, the very Job the operator applies: same pods, labels (the bench's pod watch
     # finds them by the FineTuneJob label), GPU request, node selection and kwok run time.
@@ -93,16 +93,15 @@ def test_admission_burst_reads_each_step_from_the_audit_log(tmp_path: Path) -> N
         "\n".join(
             [
                 entry("finetunejobs", "job-0001", "admin", "00.000000", "00.010000"),
-                entry("serviceaccounts", "job-0001-trainer", operator, "00.060000", "00.080000"),
+                entry("serviceaccounts", "kubetune-trainer", operator, "00.060000", "00.080000"),
                 entry("jobs", "job-0001", operator, "00.095000", "00.140000"),
                 entry("finetunejobs", "job-0001", operator, "00.150000", "00.170000", subresource="status"),
-                entry("configmaps", "job-0001-trainer", operator, "00.141000", "00.160000"),
                 entry("finetunejobs", "job-0002", "admin", "01.000000", "01.010000"),  # never admitted
             ]
         )
     )
     [steps] = burst.steps_per_job(log)
-    assert [round(s, 3) for s in steps] == [0.05, 0.02, 0.015, 0.045, 0.13]
+    assert [round(s, 3) for s in steps] == [0.085, 0.045, 0.13]
 
 
 def test_log_problems_counts_each_kind_of_warning_once_for_all_jobs(tmp_path: Path) -> None:

@@ -49,3 +49,14 @@ def test_seen_reads_uid_controller_and_field_managers() -> None:
 def test_an_object_applied_once_needs_no_renamed_entry() -> None:
     managers = (("kubetune-operator", "Update"), ("kubetune-operator", "Apply"))
     assert Seen("r1", None, managers).created_entry("kubetune-operator") is None
+
+
+def test_an_ownerless_object_is_the_operators_only_with_its_label_and_no_controller() -> None:
+    # A namespace's trainer access (kubetune-trainer) has no owner: kubetune's own carries its managed-by label.
+    access = {"kind": "Role", "metadata": {"name": "kubetune-trainer", "namespace": "team-a"}}
+    assert conflict(access, Seen("r1", None, managed=True)) is None
+    refused = conflict(access, Seen("r1", None, managed=False))
+    assert refused is not None
+    assert refused.message.startswith("Role kubetune-trainer already exists and is not kubetune's")
+    assert conflict(access, Seen("r1", Controller("FineTuneJob", "sft", "u-sft"), managed=True)) is not None
+    assert seen({"metadata": {"uid": "r1", "labels": {"app.kubernetes.io/managed-by": "kubetune-operator"}}}).managed

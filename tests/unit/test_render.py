@@ -10,7 +10,7 @@ import yaml
 
 from kubetune.api.v1alpha1 import FineTuneJob, ModelServer, Plan, S3Access
 from kubetune.config import OperatorConfig, UnknownGpuType
-from kubetune.render import finetunejob, modelserver
+from kubetune.render import finetunejob, modelserver, trainer_access
 from kubetune.render.common import ANNOTATION_SPEC_HASH
 from tests.rejections import EXAMPLES
 
@@ -53,13 +53,21 @@ def test_dpo_children_mount_the_init_adapter() -> None:
 
 def test_training_job_contract() -> None:
     ftj = load_ftj("finetunejob-sft.yaml")
-    kinds = [c["kind"] for c in finetunejob.children(ftj, PLAN, CONFIG)]
-    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "Job"]  # one node: no Service
-    job = finetunejob.children(ftj, PLAN, CONFIG)[-1]
-    for child in finetunejob.children(ftj, PLAN, CONFIG):
-        owner = child["metadata"]["ownerReferences"][0]
-        assert (owner["kind"], owner["name"], owner["controller"]) == ("FineTuneJob", "qwen-sft", True)
+    children = finetunejob.children(ftj, PLAN, CONFIG)
+    assert [(c["kind"], c["metadata"]["name"]) for c in children] == [
+        ("ServiceAccount", "kubetune-trainer"),  # the namespace's, shared by its jobs: no owner
+        ("Role", "kubetune-trainer"),
+        ("RoleBinding", "kubetune-trainer"),
+        ("Job", "qwen-sft"),  # one node: no Service
+    ]
+    job = children[-1]
+    for child in children:
         assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetune-operator"
+        assert child["metadata"]["namespace"] == "team-a"
+    assert not any("ownerReferences" in c["metadata"] for c in children[:3])
+    owner = job["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == ("FineTuneJob", "qwen-sft", True)
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "kubetune-trainer"
     spec = job["spec"]
     assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 1, 1)
     # The first failed pod fails the Job and stops the others: the group restarts as one (the operator decides).
@@ -90,16 +98,20 @@ def test_training_job_contract() -> None:
     assert "subdomain" not in pod and pod["restartPolicy"] == "Never"
 
 
-def test_status_role_allows_only_this_jobs_status() -> None:
-    role = finetunejob.status_role(load_ftj("finetunejob-sft.yaml"))
-    assert role["rules"] == [
-        {
-            "apiGroups": ["kubetune.io"],
-            "resources": ["finetunejobs/status"],
-            "resourceNames": ["qwen-sft"],
-            "verbs": ["get", "patch"],
-        }
-    ]
+def test_the_trainer_role_allows_only_patching_finetunejob_status() -> None:
+    account, role, binding = trainer_access.namespace_objects("team-a")
+    assert role["rules"] == [{"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"], "verbs": ["patch"]}]
+    subject = {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "team-a"}
+    assert binding["subjects"] == [subject]
+    assert trainer_access.is_trainer_access(role["metadata"]["labels"])
+
+
+def test_the_status_policy_applies_to_the_trainer_account_only() -> None:
+    policy, binding = trainer_access.status_policy()
+    (condition,) = policy["spec"]["matchConditions"]
+    assert ":kubetune-trainer'" in condition["expression"]
+    assert policy["spec"]["matchConstraints"]["resourceRules"][0]["resources"] == ["finetunejobs/status"]
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
 
 
 def test_suspend_does_not_change_the_job_hash_but_hyperparameters_do() -> None:

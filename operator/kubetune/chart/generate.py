@@ -5,6 +5,8 @@
 - ``templates/crds/*.yaml``: the CRDs of crdgen, wrapped in ``crds.install`` and kept on uninstall.
   They are templates, not the chart's ``crds/`` folder, because Helm installs that folder once and never
   upgrades it.
+- ``templates/trainer-policy.yaml``: the policy that keeps each training pod to its own job's status
+  (render/trainer_access.py), with the chart's other admission policy (``admissionPolicy.enabled``).
 - ``values.schema.json``: the JSON schema of :class:`~kubetune.chart.values.ChartValues`.
 - ``files/argocd/``: a copy of the Argo CD health checks under ``argocd/`` (Helm reads only files inside
   the chart).
@@ -22,6 +24,7 @@ import yaml
 from kubetune.api.v1alpha1 import KINDS
 from kubetune.chart.values import ChartValues
 from kubetune.crdgen import crd_for
+from kubetune.render.trainer_access import status_policy
 
 REPO = Path(__file__).resolve().parents[3]
 ARGOCD_SOURCE = REPO / "argocd" / "resource_customizations"
@@ -45,6 +48,13 @@ def crd_templates() -> dict[str, str]:
         name = f"templates/crds/{crd['spec']['group']}_{plural}.yaml"
         files[name] = HEADER + "{{- if .Values.crds.install }}\n" + body + "{{- end }}\n"
     return files
+
+
+def trainer_policy_template() -> dict[str, str]:
+    """Path inside the chart -> text of the trainer status policy template."""
+    body = yaml.safe_dump_all(status_policy(), sort_keys=False, width=100)
+    text = HEADER + "{{- if .Values.admissionPolicy.enabled }}\n" + body + "{{- end }}\n"
+    return {"templates/trainer-policy.yaml": text}
 
 
 def _without_titles(node: Any) -> Any:
@@ -73,7 +83,7 @@ def argocd_files(source: Path = ARGOCD_SOURCE) -> dict[str, str]:
 
 def generated_files() -> dict[str, str]:
     """Every generated file of the chart: path inside the chart -> text."""
-    return {**crd_templates(), "values.schema.json": values_schema(), **argocd_files()}
+    return {**crd_templates(), **trainer_policy_template(), "values.schema.json": values_schema(), **argocd_files()}
 
 
 def write(chart_dir: Path) -> list[Path]:

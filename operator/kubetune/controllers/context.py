@@ -112,8 +112,8 @@ class Context:
     """Children writes the API server refused, per owner UID."""
     mount_failures: dict[str, str] = field(default_factory=dict)
     """Pod UID -> its last FailedMount Event's message, while it waits in ContainerCreating (controllers/mounts.py)."""
-    mount_looked: dict[str, float] = field(default_factory=dict)
-    """Pod UID -> time.monotonic() of the last look at its FailedMount Events."""
+    trainer_access: set[str] = field(default_factory=set)
+    """Namespaces whose trainer access (render/trainer_access.py) this process has written."""
     replicas: ReplicaClient = field(default_factory=HttpReplicas)
     """How the ModelServer controller talks to its server pods (vLLM, the adapter fetcher)."""
     workers: ThreadPoolExecutor = field(

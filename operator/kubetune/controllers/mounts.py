@@ -1,76 +1,61 @@
-"""FailedMount Events of pods that stay in ContainerCreating.
+"""FailedMount Events of the operator's pods that wait in ContainerCreating.
 
 The kubelet reports a volume it cannot mount (a missing ConfigMap or Secret, a claim that does not attach)
-only in an Event, never in the pod's status, and the pod then changes no more: no watch event brings the
-operator back. So for such a pod the operator reads its FailedMount Events itself, five seconds after it was
-scheduled (at once when it waits longer already, e.g. after an operator restart) and then every half minute
-while it stays so and nothing was found, and hands the messages to the status (status/pods.py).
+only in an Event, never in the pod's status, and the pod then changes no more: no pod watch event brings the
+operator back. So the operator follows the FailedMount Events of the cluster (its namespaces) through one watch
+that the API server filters by reason (k8s/watch.py: no request per pod), keeps the newest message of each of
+its own pods while that pod waits, and has the pod's owner compute its status again (status/pods.py turns the
+message into MountFailed).
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
-from kubetune.controllers.context import Context
-from kubetune.k8s import events
-from kubetune.k8s.client import ApiError
-from kubetune.status.pods import creating_since
+from kubetune.controllers.context import Context, Key
+from kubetune.status.pods import CREATING_REASONS
 
-log = logging.getLogger(__name__)
-FIRST_LOOK_S = 5.0
-LOOK_EVERY_S = 30.0
+FIELDS = "reason=FailedMount,involvedObject.kind=Pod"
+POD_INDEXES = ("training_pods", "server_pods")
 
 
-def look_later(ctx: Context, owner: tuple[str, ...], pods: list[dict[str, Any]], then: Callable[[], None]) -> None:
-    """Schedule one look at the FailedMount Events of `owner`'s pods that set up their containers and have no
-    known failure; `then` runs after it (a status sync, which schedules the next look if still needed)."""
-    wall, now = datetime.now(UTC), time.monotonic()
-    waiting: dict[str, str] = {}
-    waits: list[float] = []
+def record(ctx: Context, event: dict[str, Any]) -> tuple[str, Key] | None:
+    """Keep the message of a FailedMount Event about one of the operator's pods that waits for its volumes;
+    returns (the pods' index, the owner's key) of that pod, None for any other pod."""
+    involved = event.get("involvedObject") or {}
+    uid = str(involved.get("uid") or "")
+    found = _owner_of(ctx, uid)
+    if found is None:
+        return None
+    index, key, pod = found
+    if past_volumes(pod):
+        return None  # its volumes are mounted since: that failure is history
+    ctx.mount_failures[uid] = str(event.get("message") or "")
+    return index, key
+
+
+def forget_started(ctx: Context, pods: list[dict[str, Any]]) -> None:
+    """Pods past their volumes (a container started, the pod ended or goes) no longer wait for one."""
     for pod in pods:
-        uid = pod["metadata"]["uid"]
-        since = creating_since(pod)
-        if since is None:  # started (or gone): what failed before is history
-            ctx.mount_failures.pop(uid, None)
-            ctx.mount_looked.pop(uid, None)
-            continue
-        if uid in ctx.mount_failures:
-            continue
-        looked = ctx.mount_looked.get(uid)
-        age = (wall - since).total_seconds()
-        waits.append(FIRST_LOOK_S - age if looked is None else LOOK_EVERY_S - (now - looked))
-        waiting[uid] = pod["metadata"]["namespace"]
-    if waiting:
-        ctx.later_once(("mounts", *owner), max(min(waits), 0.0), _look, ctx, waiting, then)
+        if past_volumes(pod):
+            ctx.mount_failures.pop(pod["metadata"]["uid"], None)
 
 
-def look_now(ctx: Context, pods: list[dict[str, Any]]) -> None:
-    """Look at once at pods that wait longer than the first look's delay and were never looked at (after an
-    operator restart): the status computed next then keeps the reason it already shows."""
-    wall = datetime.now(UTC)
-    due = {
-        p["metadata"]["uid"]: p["metadata"]["namespace"]
-        for p in pods
-        if (since := creating_since(p)) is not None
-        and p["metadata"]["uid"] not in ctx.mount_looked
-        and (wall - since).total_seconds() >= FIRST_LOOK_S
-    }
-    if due:
-        _look(ctx, due, lambda: None)
+def past_volumes(pod: dict[str, Any]) -> bool:
+    """The kubelet has mounted the pod's volumes (a container got further than ContainerCreating), or the pod
+    ended or is being deleted. A pod that shows no container yet has not."""
+    status = pod.get("status") or {}
+    if status.get("phase") != "Pending" or (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return True
+    containers = [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+    states = [c.get("state") or {} for c in containers]
+    return any(set(s) - {"waiting"} or (s.get("waiting") or {}).get("reason") not in CREATING_REASONS for s in states)
 
 
-def _look(ctx: Context, waiting: dict[str, str], then: Callable[[], None]) -> None:
-    for uid, namespace in waiting.items():
-        ctx.mount_looked[uid] = time.monotonic()
-        try:
-            message = events.newest_message(ctx.kube, namespace, uid, "FailedMount")
-        except ApiError as err:
-            log.warning("could not read the FailedMount events of pod %s: %s", uid, err)
-            continue
-        if message:
-            ctx.mount_failures[uid] = message
-    then()
+def _owner_of(ctx: Context, uid: str) -> tuple[str, Key, dict[str, Any]] | None:
+    for index in POD_INDEXES:
+        for key, pods in list((ctx.indexes.get(index) or {}).items()):
+            for pod in list(pods):
+                if pod["metadata"]["uid"] == uid:
+                    return index, key, pod
+    return None

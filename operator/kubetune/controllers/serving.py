@@ -161,7 +161,6 @@ def sync_status(
     views: list[server_status.AdapterView],
 ) -> None:
     deployment = ctx.latest("server_deployments", key)
-    mounts.look_now(ctx, ctx.objects("server_pods", key))
     observed = server_status.ServerObserved(
         status=dict(body.get("status") or {}),
         generation=server.metadata.generation,
@@ -186,7 +185,7 @@ def sync_status(
     if ("state" in diff and diff["state"] != before.get("state")) or (warning and was != result.reason):
         ctx.event(KIND, body["metadata"], warning, result.reason, result.message)
     _post_adapter_events(ctx, body["metadata"], before.get("adapters") or [], views)
-    mounts.look_later(ctx, ("modelserver", *key), observed.pods, lambda: reconcile(ctx, key))
+    mounts.forget_started(ctx, observed.pods)
 
 
 def _post_adapter_events(

@@ -8,9 +8,10 @@ status, so an operator restart simply reconciles again. handlers/finetunejob.py 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -26,6 +27,7 @@ from kubetune.k8s.children import NameConflict
 from kubetune.k8s.client import ApiError
 from kubetune.planner import PlanInfeasible, plan_job
 from kubetune.render import finetunejob as render
+from kubetune.render import trainer_access
 from kubetune.render.common import ANNOTATION_SPEC_HASH
 from kubetune.status import finetunejob as job_status
 from kubetune.status.admission import Admitted, Blocked, check_reference
@@ -65,7 +67,7 @@ def needs_admission(status: dict[str, Any], generation: int, first_look: bool) -
 
 def children_missing(ctx: Context, body: dict[str, Any], status: Status) -> list[str]:
     """The children of an admitted, unfinished job that the operator's view lacks (a crash between two writes,
-    or a deletion by hand), e.g. ["Role sft-trainer"]."""
+    or a deletion by hand), e.g. ["Role kubetune-trainer"]."""
     meta = body["metadata"]
     admitted = get(status.get("conditions") or [], "Admitted") or {}
     if meta.get("deletionTimestamp") or admitted.get("status") != "True" or status.get("state") in FINISHED:
@@ -86,7 +88,7 @@ def _write_admission(
     **fields: Any,
 ) -> None:
     """Set the Admitted condition (and state when given), and what `then` derives from that status, in one
-    patch; post an Event when anything changed."""
+    patch; post a Warning Event when a refusal changed anything."""
     meta = body["metadata"]
 
     def desired(current: Status) -> Status:
@@ -97,8 +99,8 @@ def _write_admission(
         return {**wanted, **then({**current, **wanted})} if then else wanted
 
     _, diff = ctx.status.update(KIND, meta, dict(body.get("status") or {}), desired)
-    if diff:
-        ctx.event(KIND, meta, not admitted, reason, message)
+    if diff and not admitted:  # an admission shows in the status (Admitted, plan); a refusal also as a Warning
+        ctx.event(KIND, meta, True, reason, message)
 
 
 def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
@@ -151,10 +153,37 @@ def _write_children(ctx: Context, ftj: FineTuneJob, plan: Plan, init_adapter_uri
     *support, job = render.children(ftj, plan, ctx.config, init_adapter_uri)
     _replace_changed_job(ctx, job, ctx.latest("training_jobs", (ftj.metadata.namespace, ftj.metadata.name)))
     # The pods need every supporting object: the ServiceAccount to be admitted, the Role to report, the Service to
-    # meet. All are written (and found to be this job's own) before the Job, so a pod never runs as an object that
+    # meet. All are written (and found to be kubetune's own) before the Job, so a pod never runs as an object that
     # someone else put under that name. They go together, in one round trip.
-    children.start_writes(ctx.kube, support, ctx.owned)()
+    own = [m for m in support if not trainer_access.is_trainer_access(m["metadata"]["labels"])]
+    with _trainer_access_to_write(ctx, ftj.metadata.namespace) as access:
+        children.start_writes(ctx.kube, [*access, *own], ctx.owned)()
     return children.write(ctx.kube, job, ctx.owned(job))
+
+
+@contextlib.contextmanager
+def _trainer_access_to_write(ctx: Context, namespace: str) -> Iterator[list[dict[str, Any]]]:
+    """The namespace's trainer ServiceAccount, Role and RoleBinding when this process has not written them yet
+    (else nothing): the first admission in a namespace writes them while the others there wait for it, and
+    they are written again after one of them was deleted (`trainer_access_deleted`)."""
+    if namespace in ctx.trainer_access:
+        yield []
+        return
+    with ctx.lock(f"trainer-access/{namespace}"):
+        if namespace in ctx.trainer_access:
+            yield []
+            return
+        yield trainer_access.namespace_objects(namespace)
+        ctx.trainer_access.add(namespace)
+
+
+def trainer_access_deleted(ctx: Context, namespace: str) -> None:
+    """The trainer ServiceAccount, Role or RoleBinding of a namespace was deleted: every unfinished job there
+    writes its children again (the first one the access)."""
+    ctx.trainer_access.discard(namespace)
+    for key in list(ctx.indexes.get("finetunejobs") or {}):
+        if key[0] == namespace:
+            ctx.later(0, recheck, ctx, key)
 
 
 def _write_admitted(
@@ -265,7 +294,6 @@ def sync_status(ctx: Context, key: Key, body: dict[str, Any]) -> None:
     job = ctx.latest("training_jobs", key)
     if job is None:
         return  # no Job yet: admission owns the status until it exists
-    mounts.look_now(ctx, ctx.objects("training_pods", key))
     observed = _observed(ctx, key, body, job)
     result = job_status.outcome(observed)
     before, diff = ctx.status.update(KIND, body["metadata"], observed.status, _derived(observed))
@@ -275,18 +303,20 @@ def sync_status(ctx: Context, key: Key, body: dict[str, Any]) -> None:
             _after_success(ctx, key)
         if result.reason == "Restarting":
             _replace_failed_job(ctx, job)
-    mounts.look_later(ctx, ("finetunejob", *key), observed.pods, lambda: sync_status_locked(ctx, key))
+    mounts.forget_started(ctx, observed.pods)
 
 
 def _post_events(
     ctx: Context, meta: dict[str, Any], before: Status, diff: Status, result: job_status.Outcome
 ) -> None:
-    """Events for what changed: the state; a reason to act while pods wait (a missing Secret, an image that
-    cannot be pulled); a group of training pods that starts again."""
+    """Events for what changed: the end (Succeeded, Failed) and suspension; a reason to act while pods wait (a
+    missing Secret, an image that cannot be pulled); a group of training pods that starts again. Every job
+    passes through Pending and Running: those show in the status only (an Event each would cost every job two
+    more requests)."""
     was = (get(before.get("conditions") or [], "Running") or {}).get("reason")
     if "lastRestart" in diff:
         ctx.event(KIND, meta, True, "TrainerRestarted", result.message)
-    elif "state" in diff and diff["state"] != before.get("state"):
+    elif "state" in diff and diff["state"] != before.get("state") and diff["state"] not in ("Pending", "Running"):
         ctx.event(KIND, meta, result.state == "Failed", result.reason, result.message)
     elif result.reason in job_status.WHY_NOT_RUNNING and "conditions" in diff and was != result.reason:
         ctx.event(KIND, meta, True, result.reason, result.message)
@@ -327,13 +357,6 @@ def _after_success(ctx: Context, key: Key) -> None:
     namespace, _ = key
     for other in set(ctx.objects("finetunejobs_waiting", key)):
         ctx.later(0, reconcile, ctx, (namespace, other), True)
-
-
-def look_at_mounts_later(ctx: Context, key: Key) -> None:
-    """After a pod event that leaves the status as it is: a pod that waits for its volumes changes no more, so
-    its FailedMount Events are looked at later (a timer; nothing blocks now)."""
-    pods = ctx.objects("training_pods", key)
-    mounts.look_later(ctx, ("finetunejob", *key), pods, lambda: sync_status_locked(ctx, key))
 
 
 def status_would_change(ctx: Context, key: Key, body: dict[str, Any]) -> bool:

@@ -139,11 +139,13 @@ def start_operator(state_dir: Path, kubeconfig: Path, config_text: str, metrics_
 
 
 def apply_crd_files(cluster: Cluster, paths: list[Path]) -> None:
-    """Server-side apply the CRDs and wait until they are Established."""
+    """Server-side apply the files of crds/ (the CRDs and the trainer's status policy) and wait until the CRDs
+    are Established."""
     files = [f"--filename={path}" for path in paths]
+    crds = [f"--filename={path}" for path in paths if "CustomResourceDefinition" in path.read_text()]
     try:
         cluster.kubectl("apply", "--server-side", "--force-conflicts", *files)
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *files)
+        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *crds)
     except KubectlError as error:
         raise RuntimeError(f"the cluster runs, but applying crds/ failed:\n{error.stderr.strip()}") from error
 

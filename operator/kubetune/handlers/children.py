@@ -19,6 +19,7 @@ from kubetune.handlers.watch import context
 from kubetune.k8s.children import Seen, seen
 from kubetune.k8s.client import RESOURCES
 from kubetune.render.common import LABEL_FINETUNEJOB, LABEL_MODELSERVER
+from kubetune.render.trainer_access import is_trainer_access
 
 
 def resource(kind: str) -> tuple[str, str, str]:
@@ -39,7 +40,9 @@ async def child_deleted(event: kopf.RawEvent, labels: kopf.Labels, memo: kopf.Me
         return
     ctx = context(memo, kwargs)
     namespace = event["object"]["metadata"].get("namespace") or ""
-    if job := labels.get(LABEL_FINETUNEJOB):
+    if is_trainer_access(labels):
+        training.trainer_access_deleted(ctx, namespace)
+    elif job := labels.get(LABEL_FINETUNEJOB):
         ctx.later(0, training.recheck, ctx, (namespace, job))
     elif server := labels.get(LABEL_MODELSERVER):
         ctx.later(0, serving.reconcile, ctx, (namespace, server), True)

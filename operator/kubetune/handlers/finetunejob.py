@@ -65,5 +65,3 @@ async def child_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.M
         return
     if training.status_would_change(ctx, key, body):
         await in_worker(ctx, training.sync_status_locked, ctx, key)
-    else:  # a pod that waits for its volumes changes no more: look at its FailedMount Events later
-        training.look_at_mounts_later(ctx, key)

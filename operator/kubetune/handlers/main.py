@@ -17,10 +17,11 @@ from typing import Any
 import kopf
 
 from kubetune import config as operator_config
-from kubetune.controllers import metrics
+from kubetune.controllers import metrics, mounts, serving, training
 from kubetune.controllers.context import CHILD_KINDS, Context
 from kubetune.controllers.leader import LeaderElection
 from kubetune.handlers import children, finetunejob, modelserver  # noqa: F401  (registers the handlers)
+from kubetune.k8s import watch
 from kubetune.k8s.client import Kube
 from kubetune.render.common import MANAGED_BY
 
@@ -52,6 +53,20 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     if memo.get("context") is None:
         context = memo.context = Context.create(operator_config.load(memo.get("config_path")))
         metrics.REGISTRY.register(metrics.ObjectsCollector(lambda: context.indexes))
+        namespaces = memo.get("namespaces") or []
+        watch.start(context.kube, "Event", namespaces, mounts.FIELDS, lambda event: failed_mount(context, event))
+
+
+def failed_mount(ctx: Context, event: dict[str, Any]) -> None:
+    """A FailedMount Event: when it is about a pod of the operator's that waits, its owner looks again."""
+    found = mounts.record(ctx, event)
+    if found is None:
+        return
+    index, key = found
+    if index == "training_pods":
+        ctx.later(0, training.sync_status_locked, ctx, key)
+    else:
+        ctx.later(0, serving.reconcile, ctx, key)
 
 
 def run(argv: list[str]) -> int:
@@ -102,7 +117,7 @@ def run(argv: list[str]) -> int:
             clusterwide=not args.namespace,
             namespaces=args.namespace,
             liveness_endpoint=args.liveness or None,
-            memo=kopf.Memo(config_path=args.config),
+            memo=kopf.Memo(config_path=args.config, namespaces=args.namespace),
         )
     finally:
         if election is not None:

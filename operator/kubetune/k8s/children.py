@@ -12,6 +12,9 @@ ownerReference is not the object it reconciles:
   place meanwhile is refused, not overwritten;
 - anything else is a NameConflict, which the handler reports on the owner.
 
+Objects without an owner (a namespace's trainer access, shared by its jobs) are the operator's when they carry
+its managed-by label and no controller: those it applies onto; any other object of that name is a NameConflict.
+
 A POST records the operator's fields under an Update entry of managedFields, which server-side apply does not
 count as its own: a field that a later apply leaves out (an env var removed from spec.env) would stay forever.
 So before the first apply onto an object it created, the operator renames that entry to Apply (a JSON patch
@@ -26,6 +29,8 @@ from typing import Any
 
 from kubetune import faults
 from kubetune.k8s.client import ApiError, Kube
+
+MANAGED_BY = "kubetune-operator"  # render.common.MANAGED_BY (k8s/ imports nothing of render/)
 
 Manifest = dict[str, Any]
 
@@ -45,6 +50,8 @@ class Seen:
     uid: str
     controller: Controller | None
     managers: tuple[tuple[str, str], ...] = ()
+    managed: bool = False
+    """Labelled app.kubernetes.io/managed-by=kubetune-operator."""
 
     def created_entry(self, manager: str) -> int | None:
         """The index of `manager`'s Update entry when it has no Apply entry: an object it created by POST and never
@@ -65,7 +72,8 @@ def controller_of(meta: Mapping[str, Any]) -> Controller | None:
 def seen(body: Mapping[str, Any]) -> Seen:
     meta = body.get("metadata") or {}
     managers = tuple((str(m.get("manager", "")), str(m.get("operation", ""))) for m in meta.get("managedFields") or [])
-    return Seen(str(meta.get("uid", "")), controller_of(meta), managers)
+    managed = (meta.get("labels") or {}).get("app.kubernetes.io/managed-by") == MANAGED_BY
+    return Seen(str(meta.get("uid", "")), controller_of(meta), managers, managed)
 
 
 class NameConflict(Exception):
@@ -84,12 +92,21 @@ def conflict(manifest: Manifest, existing: Seen) -> NameConflict | None:
     holder = existing.controller
     if owner is not None and holder is not None and holder.uid == owner.uid:
         return None
+    if owner is None and holder is None and existing.managed:
+        return None  # an ownerless object of the operator's
     kind, name = manifest["kind"], manifest["metadata"]["name"]
     by = f"{holder.kind} {holder.name}" if holder else "no controller"
-    wanted = f"{owner.kind} {owner.name}" if owner else "kubetune"
+    if owner is None:
+        message = (
+            f"{kind} {name} already exists and is not kubetune's (kubetune's own has no controller and the label "
+            f"app.kubernetes.io/managed-by={MANAGED_BY}): kubetune does not take over objects it did not create; "
+            f"delete or rename that {kind}"
+        )
+        return NameConflict(kind, name, message)
+    wanted = f"{owner.kind} {owner.name}"
     message = (
         f"{kind} {name} already exists and is controlled by {by}, not by {wanted}: kubetune does not take over "
-        f"objects it did not create; delete or rename that {kind}, or give the {wanted.split()[0]} another name"
+        f"objects it did not create; delete or rename that {kind}, or give the {owner.kind} another name"
     )
     return NameConflict(kind, name, message)
 
@@ -156,6 +173,9 @@ def start_writes(
 ) -> Callable[[], list[Manifest]]:
     """Write children that do not depend on one another concurrently (one round trip); the returned function
     waits and returns them in order, or raises the first error (a NameConflict before an ApiError)."""
+    if not manifests:
+        return list
+
     def writer(manifest: Manifest) -> Callable[[], Manifest]:
         return lambda: write(kube, manifest, lookup(manifest))
 

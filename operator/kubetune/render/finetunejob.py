@@ -1,13 +1,14 @@
-"""A FineTuneJob's children: ServiceAccount, Role, RoleBinding, Indexed Job, and a headless Service when the
-job spans several nodes. The Job is named like the FineTuneJob, everything else `<job>-trainer`: ModelServer
-names may not end in -trainer, so the two kinds never want the same Service.
+"""A FineTuneJob's children: an Indexed Job, and a headless Service when the job spans several nodes. The Job is
+named like the FineTuneJob, the Service `<job>-trainer`: ModelServer names may not end in -trainer, so the two
+kinds never want the same Service.
 
 The trainer's configuration travels in an annotation of the pod template, which a downwardAPI volume shows
 to the trainer as a file: no ConfigMap to create, to lose in a crash, to be taken over, or for the operator to
 be allowed to read.
 
-The training pods' ServiceAccount may only get and patch the status of its own FineTuneJob; that is
-how the trainer reports progress (docs/progress.md).
+The training pods run as their namespace's `kubetune-trainer` ServiceAccount, which may only patch the status
+of the pod's own FineTuneJob (render/trainer_access.py); that is how the trainer reports progress
+(docs/progress.md).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from kubetune.render.common import (
     storage_parts,
     user_env,
 )
+from kubetune.render.trainer_access import TRAINER_ACCOUNT, namespace_objects
 from kubetune.storage import CONFIG_DIR, parse
 
 TRAINER_CONTAINER = "trainer"
@@ -58,10 +60,6 @@ class Names:
     """Names of a FineTuneJob's children (all derived from the job's name)."""
 
     job: str
-
-    @property
-    def service_account(self) -> str:
-        return f"{self.job}-trainer"
 
     @property
     def service(self) -> str:
@@ -92,25 +90,19 @@ def trainer_config(ftj: FineTuneJob, plan: Plan, init_adapter_uri: str | None) -
 def children(
     ftj: FineTuneJob, plan: Plan, config: OperatorConfig, init_adapter_uri: str | None = None
 ) -> list[Manifest]:
-    """Every object the operator applies for a FineTuneJob, in creation order."""
+    """Every object the operator writes for a FineTuneJob, in creation order: its namespace's trainer access
+    (shared with the namespace's other jobs), then the job's own children."""
     trainer = trainer_config(ftj, plan, init_adapter_uri)
     # One node rendezvouses on its own pod: a Service would only cost API writes and endpoint updates.
     service = [headless_service(ftj, config)] if ftj.spec.resources.nodes > 1 else []
-    return [
-        service_account(ftj),
-        status_role(ftj),
-        status_role_binding(ftj),
-        *service,
-        training_job(ftj, trainer, config),
-    ]
+    return [*namespace_objects(ftj.metadata.namespace), *service, training_job(ftj, trainer, config)]
 
 
 def expected_children(namespace: str, name: str, nodes: int) -> list[Manifest]:
-    """Kind and name (no content) of every child that `children` renders for a job of `nodes` nodes: what must
+    """Kind and name (no content) of every object that `children` renders for a job of `nodes` nodes: what must
     exist while the job runs, known without planning it."""
     names = Names(name)
-    wanted = [("ServiceAccount", names.service_account), ("Role", names.service_account)]
-    wanted += [("RoleBinding", names.service_account)]
+    wanted = [(m["kind"], TRAINER_ACCOUNT) for m in namespace_objects(namespace)]
     wanted += [("Service", names.service)] if nodes > 1 else []
     wanted += [("Job", names.training_job)]
     return [{"kind": kind, "metadata": {"namespace": namespace, "name": child}} for kind, child in wanted]
@@ -118,42 +110,6 @@ def expected_children(namespace: str, name: str, nodes: int) -> list[Manifest]:
 
 def _meta(ftj: FineTuneJob, name: str) -> dict[str, Any]:
     return metadata(name, ftj.metadata.namespace, ftj, labels(LABEL_FINETUNEJOB, ftj.metadata.name, "trainer"))
-
-
-def service_account(ftj: FineTuneJob) -> Manifest:
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": _meta(ftj, Names(ftj.metadata.name).service_account),
-    }
-
-
-def status_role(ftj: FineTuneJob) -> Manifest:
-    """May read and patch the status of this one FineTuneJob, nothing else."""
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": _meta(ftj, Names(ftj.metadata.name).service_account),
-        "rules": [
-            {
-                "apiGroups": ["kubetune.io"],
-                "resources": ["finetunejobs/status"],
-                "resourceNames": [ftj.metadata.name],
-                "verbs": ["get", "patch"],
-            }
-        ],
-    }
-
-
-def status_role_binding(ftj: FineTuneJob) -> Manifest:
-    names = Names(ftj.metadata.name)
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": _meta(ftj, names.service_account),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.service_account},
-        "subjects": [{"kind": "ServiceAccount", "name": names.service_account, "namespace": ftj.metadata.namespace}],
-    }
 
 
 def config_text(trainer: TrainerConfig) -> str:
@@ -250,7 +206,7 @@ def pod_template(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfi
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod_spec: dict[str, Any] = {
-        "serviceAccountName": names.service_account,
+        "serviceAccountName": TRAINER_ACCOUNT,
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": config.trainer_termination_grace_seconds,
         "containers": [container],

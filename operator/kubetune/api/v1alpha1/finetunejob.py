@@ -499,6 +499,18 @@ class FineTuneJob(KubeModel):
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     )
 
+    # Its training pods are named <name>-<index>-<suffix>, and a pod's token names its pod: that is how a
+    # pod may report the status of its own job only (render/trainer_access.py). Kubernetes cuts the pod names'
+    # prefix <name>-<index>- at 58 characters; with an index below 1024, 52 keep it whole.
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="size(self.metadata.name) <= 52",
+            message="a FineTuneJob's name may have at most 52 characters: its training pods are named "
+            "<name>-<index>-<suffix>, and Kubernetes shortens longer pod names",
+            check=lambda s: len(s.metadata.name) <= 52,
+        ),
+    )
+
     api_version: Literal["kubetune.io/v1alpha1"] = "kubetune.io/v1alpha1"
     kind: Literal["FineTuneJob"] = "FineTuneJob"
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)

@@ -246,13 +246,13 @@ class ModelServer(KubeModel):
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     )
 
-    # Children names: <server> (Deployment, Service) and <server>-ui (the chat page); FineTuneJobs' are
-    # <job>-trainer. Reserving the suffixes keeps the names of two objects' children apart.
+    # Children names: <server> (Deployment, Service) and <server>-ui (the chat page); a multi-node
+    # FineTuneJob's Service is <job>-trainer. Reserving the suffixes keeps the names of two objects' children apart.
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
             cel="!self.metadata.name.endsWith('-ui') && !self.metadata.name.endsWith('-trainer')",
             message="a ModelServer's name may not end in -ui or -trainer: its chat page is named <name>-ui, "
-            "and FineTuneJobs name their ServiceAccount, ConfigMap and Service <job>-trainer",
+            "and a FineTuneJob names its Service <job>-trainer",
             check=lambda s: not s.metadata.name.endswith(("-ui", "-trainer")),
         ),
     )
