@@ -28,7 +28,10 @@ writes a CPU profile of the API server during the largest size (`go tool pprof -
 
 `--without-operator` leaves the operator out and creates the N training Jobs themselves (the Job the operator
 would render, without an owner): what the control plane alone needs for them on this machine, the floor
-under any operator.
+under any operator. `--compare` measures both in one run, size by size: first the floor (the operator
+stopped), then the same N as FineTuneJobs (the operator started again), and prints the ratios: the time until
+all FineTuneJobs Succeeded over the time until all bare Jobs completed, and the API requests per job of all
+clients with the operator against those without (issue 21's targets: at most 1.25 and 20).
 
 Targets (issue 3): p50 < 0.3 s, 1000 jobs converge in < 60 s, RSS < 250 MB. Timings are reported, never
 asserted. Results go to stdout and bench/results/operator_scale.json.
@@ -501,6 +504,27 @@ def prepare_cluster(plane: BenchControlPlane, gpu_nodes: int) -> None:
     signed_cert(plane.pki_dir, OPERATOR.file_stem, OPERATOR.subject(), CLIENT_EXTENSIONS)
 
 
+def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per size measured both ways (floor first), the operator's run against the floor's."""
+    rows = []
+    for floor, run in itertools.pairwise(results):
+        if floor["operator"] or not run["operator"] or floor["jobs"] != run["jobs"]:
+            continue
+        floor_s, operator_s = floor["all_jobs_complete_s"], run["all_succeeded_s"]
+        rows.append(
+            {
+                "jobs": run["jobs"],
+                "floor_s": floor_s,
+                "operator_s": operator_s,
+                "time_ratio": round(operator_s / floor_s, 2) if floor_s and operator_s else None,
+                "requests_per_job_floor": floor["api_requests_per_job_all_clients"],
+                "requests_per_job_with_operator": run["api_requests_per_job_all_clients"],
+                "operator_requests_per_job": run["api_requests_per_job"],
+            }
+        )
+    return rows
+
+
 def start_operator(plane: BenchControlPlane) -> subprocess.Popen[bytes]:
     """`kubetune operator` as the operator's user, its output in operator.log of the plane's state folder."""
     server = yaml.safe_load(plane.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
@@ -519,16 +543,21 @@ def start_operator(plane: BenchControlPlane) -> subprocess.Popen[bytes]:
     return operator
 
 
+def stop_operator(operator: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, killed if its backlog keeps it past 30 s (nothing of it is measured any more)."""
+    operator.send_signal(signal.SIGTERM)
+    try:
+        operator.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        operator.kill()
+        operator.wait()
+
+
 def stop(operator: subprocess.Popen[bytes] | None, plane: BenchControlPlane) -> None:
-    """Stop the operator (killed if its backlog keeps it past 30 s), then the control plane."""
+    """Stop the operator, then the control plane."""
     try:
         if operator is not None:
-            operator.send_signal(signal.SIGTERM)
-            try:
-                operator.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                operator.kill()  # still busy with a backlog: nothing of it is measured any more
-                operator.wait()
+            stop_operator(operator)
     finally:
         plane.stop()
 
@@ -558,6 +587,9 @@ def main() -> int:
         action="store_true",
         help="no operator: create the N training Jobs directly (the control plane's own time for them)",
     )
+    parser.add_argument(
+        "--compare", action="store_true", help="for each size, the floor (no operator) first, then the operator"
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "operator_scale.json")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -572,17 +604,22 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     try:
         prepare_cluster(plane, args.gpu_nodes)
-        if not args.without_operator:
-            operator = start_operator(plane)
         admin = Kube.from_kubeconfig(str(plane.kubeconfig), field_manager="bench")
         kubectl = [str(plane.cluster().kubectl_path), "--kubeconfig", str(plane.kubeconfig)]
-        operator_pid = operator.pid if operator is not None else None
+        modes = [False, True] if args.compare else [not args.without_operator]
         for n in sizes:
-            wanted = args.profile_apiserver and n == max(sizes)
-            profile = (args.profile_apiserver, args.profile_seconds) if wanted else None
-            result = run_size(n, admin, kubectl, operator_pid, plane.pids(), args.timeout, profile)
-            results.append(result)
-            print(json.dumps(result), flush=True)
+            for with_operator in modes:
+                if with_operator and operator is None:
+                    operator = start_operator(plane)
+                elif not with_operator and operator is not None:
+                    stop_operator(operator)
+                    operator = None
+                wanted = args.profile_apiserver and n == max(sizes) and with_operator
+                profile = (args.profile_apiserver, args.profile_seconds) if wanted else None
+                operator_pid = operator.pid if operator is not None else None
+                result = run_size(n, admin, kubectl, operator_pid, plane.pids(), args.timeout, profile)
+                results.append(result)
+                print(json.dumps(result), flush=True)
     finally:
         stop(operator, plane)
     problems = log_problems(state / "operator.log")
@@ -625,6 +662,19 @@ def main() -> int:
         print(f"{r['jobs']} jobs, stage by stage | p50 | p99 | last one through it (s after the first create)")
         for row in r["stages"]:
             print(f"| {row['stage']} | {row['p50_s']} s | {row['p99_s']} s | {row['last_at_s']} s |")
+    comparison = compare(results) if args.compare else []
+    if comparison:
+        print(
+            "\n| jobs | floor: all Jobs complete | operator: all Succeeded | ratio | requests/job floor "
+            "| with operator | operator's own |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for c in comparison:
+            print(
+                f"| {c['jobs']} | {show(c['floor_s'])} | {show(c['operator_s'])} | {show(c['time_ratio'], '')} "
+                f"| {c['requests_per_job_floor']} | {c['requests_per_job_with_operator']} "
+                f"| {c['operator_requests_per_job']} |"
+            )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     summary = {
         "machine": machine,
@@ -637,7 +687,7 @@ def main() -> int:
     }
     if problems:
         print(f"\nthe operator logged warnings or errors: {problems}")
-    args.output.write_text(json.dumps({**summary, "results": results}, indent=2) + "\n")
+    args.output.write_text(json.dumps({**summary, "results": results, "comparison": comparison}, indent=2) + "\n")
     return 0
 
 

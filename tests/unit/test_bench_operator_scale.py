@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
+from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.config import OperatorConfig
@@ -120,3 +121,26 @@ def test_log_problems_counts_each_kind_of_warning_once_for_all_jobs(tmp_path: Pa
         "ERROR kopf.objects: [NAMESPACE/NAME] Handler 'x' failed with an exception": 1,
     }
     assert bench.log_problems(tmp_path / "missing.log") == {}
+
+
+def test_compare_pairs_each_floor_with_the_operators_run_of_the_same_size() -> None:
+    bench = load_bench()
+
+    def run(jobs: int, operator: bool, seconds: float, requests: float) -> dict[str, Any]:
+        finished = {"all_succeeded_s": seconds} if operator else {"all_jobs_complete_s": seconds}
+        own = 4.0 if operator else None
+        return {"jobs": jobs, "operator": operator, **finished, "api_requests_per_job_all_clients": requests,
+                "api_requests_per_job": own}
+
+    rows = bench.compare([run(10, False, 2.0, 16.0), run(10, True, 2.5, 19.5), run(100, True, 9.0, 19.0)])
+    assert rows == [
+        {
+            "jobs": 10,
+            "floor_s": 2.0,
+            "operator_s": 2.5,
+            "time_ratio": 1.25,
+            "requests_per_job_floor": 16.0,
+            "requests_per_job_with_operator": 19.5,
+            "operator_requests_per_job": 4.0,
+        }
+    ]
