@@ -128,8 +128,9 @@ class Kube:
         body: Any = None,
         query: dict[str, str] | None = None,
         content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        headers = {"Accept": "application/json", "Content-Type": content_type}
+        headers = {"Accept": "application/json", "Content-Type": content_type, **(headers or {})}
         query_params = list((query or {}).items())
         method_, full_url, header_params, body_, _ = self.api.param_serialize(
             method, url, query_params=query_params, header_params=headers, body=body, auth_settings=["BearerToken"]
