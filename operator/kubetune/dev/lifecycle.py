@@ -17,9 +17,10 @@ from pathlib import Path
 import yaml
 
 from kubetune.config import load as load_operator_config
+from kubetune.dev import kueue as kueue_manager
 from kubetune.dev.agent import daemons
 from kubetune.dev.agent.logs import container_log, find_pod_log_dir, print_log
-from kubetune.dev.binaries import ensure_binaries
+from kubetune.dev.binaries import KUEUE_VERSION, ensure_binaries, ensure_kueue
 from kubetune.dev.controlplane import Cluster, ControlPlane, KubectlError, free_ports, repo_root
 from kubetune.dev.nodes import create_simulated_nodes, parse_pools, wait_nodes_ready
 from kubetune.dev.podranges import claim_pod_range, release_pod_range
@@ -60,9 +61,11 @@ def up(
     apply_crds: bool = True,
     agent: AgentOptions | None = None,
     operator: OperatorOptions | None = None,
+    kueue: bool = False,
 ) -> Cluster:
-    """Build or find the binaries, start the control plane, add the simulated nodes and the CRDs; then the
-    node agent (when ``agent`` is given) and the operator (when ``operator`` is) in the background.
+    """Build or find the binaries, start the control plane, add the simulated nodes and the CRDs; then Kueue
+    (when ``kueue``), the node agent (when ``agent`` is given) and the operator (when ``operator`` is) in the
+    background.
 
     RuntimeError when a part does not start (with the end of its log); the parts started before it keep running.
     """
@@ -70,6 +73,7 @@ def up(
     pools = parse_pools(nodes)
     operator_config = operator_config_text(operator.config, agent is not None) if operator else None
     plane = ControlPlane(state_dir, ensure_binaries())
+    built_kueue = ensure_kueue() if kueue else None
     plane.start()
     names = create_simulated_nodes(plane.kubeconfig, pools)  # meanwhile the controllers start up
     plane.wait_ready()
@@ -85,6 +89,12 @@ def up(
     if crds:
         apply_crd_files(cluster, crds)
         print(f"kubetune dev: applied {len(crds)} CRD files from crds/")
+    if built_kueue is not None:
+        pid = kueue_manager.start(cluster, plane.state_dir, built_kueue)
+        log = daemons.log_file(plane.state_dir, kueue_manager.NAME)
+        print(f"kubetune dev: Kueue {KUEUE_VERSION} running (pid {pid}, log {log})")
+    else:
+        kueue_manager.stop(cluster, plane.state_dir)  # a Kueue of an earlier `up` must not keep its webhooks
     if agent is not None:
         start_agent(plane.state_dir, plane.kubeconfig, agent)
     if operator is not None and operator_config is not None:
@@ -157,6 +167,7 @@ def down(state_dir: Path | None = None, purge: bool = False) -> None:
     if plane.state_dir.is_dir():
         daemons.stop(plane.state_dir, daemons.OPERATOR, "operator")
         daemons.stop(plane.state_dir, daemons.AGENT, "kubetune.dev.agent")
+        kueue_manager.stop(plane.cluster() if plane.state_file.exists() else None, plane.state_dir)
     plane.stop()
     if purge:
         release_pod_range(daemons.agent_dir(plane.state_dir))
@@ -167,7 +178,7 @@ def down(state_dir: Path | None = None, purge: bool = False) -> None:
 def restart(state_dir: Path | None, component: str) -> None:
     """Stop one component and start it again with the same ports, certificates and command line."""
     plane = ControlPlane(state_dir)
-    if component in (daemons.AGENT, daemons.OPERATOR):
+    if component in (daemons.AGENT, daemons.OPERATOR, kueue_manager.NAME):
         pid = daemons.restart(plane.state_dir, component, DAEMON_START_TIMEOUT_S)
     else:
         pid = plane.restart(component)
@@ -182,7 +193,7 @@ def status(state_dir: Path | None = None) -> bool:
         state = "healthy" if s.healthy else ("running" if s.running else "stopped")
         print(f"{s.name:<24} {state:<8} pid={s.pid or '-':<8} {s.detail}")
     healthy = all(s.healthy for s in statuses)
-    for name in (daemons.AGENT, daemons.OPERATOR):
+    for name in (kueue_manager.NAME, daemons.AGENT, daemons.OPERATOR):
         state, pid, detail = daemon_status(plane.state_dir, name)
         healthy = healthy and state in ("healthy", "stopped")
         print(f"{name:<24} {state:<8} pid={pid or '-':<8} {detail}")
