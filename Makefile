@@ -1,5 +1,6 @@
 # kubetune: the two entry points are `make demo` (a local cluster where a FineTuneJob trains and a
-# ModelServer answers) and `make test` (everything CI runs). Both install what they need.
+# ModelServer answers) and `make test` (everything CI runs, the Kueue tests included: `dev build --kueue` builds
+# Kueue once, about 30 min on 2 busy cores, then cached). Both install what they need.
 SHELL := /bin/bash
 PY := .venv/bin/python
 
@@ -18,14 +19,14 @@ lint: setup
 	.venv/bin/mypy
 
 test: setup lint
-	$(PY) -m kubetune dev build
+	$(PY) -m kubetune dev build --kueue
 	$(PY) -m pytest -m "not gpu" -q
 
 unit: setup
 	$(PY) -m pytest tests/unit -q
 
 integration: setup
-	$(PY) -m kubetune dev build
+	$(PY) -m kubetune dev build --kueue
 	$(PY) -m pytest tests/integration -q
 
 crds: setup

@@ -100,6 +100,9 @@ def test_operator_cannot_read_secrets_or_touch_cluster_objects() -> None:
     resources = {r for rule in rules for r in rule["resources"]}
     assert not resources & {"secrets", "namespaces", "nodes", "clusterroles", "clusterrolebindings", "*"}
     assert all("*" not in rule["verbs"] for rule in rules)
+    # Kueue's Workloads are only read (a queued job's status): the operator never writes what Kueue owns.
+    kueue = [rule for rule in rules if rule["apiGroups"] == ["kueue.x-k8s.io"]]
+    assert kueue == [{"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list", "watch"]}]
 
 
 def test_crds_are_templates_kept_on_uninstall_and_switchable() -> None:

@@ -43,6 +43,7 @@ INDEXES = (
     "finetunejobs_waiting",
     "training_jobs",
     "training_pods",
+    "training_workloads",
     "modelservers",
     "server_deployments",
     "server_pods",

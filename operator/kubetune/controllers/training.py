@@ -72,8 +72,10 @@ def children_missing(ctx: Context, body: dict[str, Any], status: Status) -> list
     admitted = get(status.get("conditions") or [], "Admitted") or {}
     if meta.get("deletionTimestamp") or admitted.get("status") != "True" or status.get("state") in FINISHED:
         return []
-    nodes = int(((body.get("spec") or {}).get("resources") or {}).get("nodes") or 1)
-    expected = render.expected_children(meta["namespace"], meta["name"], nodes)
+    spec = body.get("spec") or {}
+    nodes = int((spec.get("resources") or {}).get("nodes") or 1)
+    with_job = not render.held_without_job(spec.get("queueName"), bool(spec.get("suspend")))
+    expected = render.expected_children(meta["namespace"], meta["name"], nodes, with_job)
     return [f"{m['kind']} {m['metadata']['name']}" for m in expected if ctx.owned(m) is None]
 
 
@@ -148,17 +150,26 @@ def _plan(ctx: Context, body: dict[str, Any], ftj: FineTuneJob) -> tuple[Plan, A
     return plan, check
 
 
-def _write_children(ctx: Context, ftj: FineTuneJob, plan: Plan, init_adapter_uri: str | None) -> dict[str, Any]:
-    """Write the job's children, the training Job last; returns the Job as written."""
-    *support, job = render.children(ftj, plan, ctx.config, init_adapter_uri)
-    _replace_changed_job(ctx, job, ctx.latest("training_jobs", (ftj.metadata.namespace, ftj.metadata.name)))
+def _write_children(ctx: Context, ftj: FineTuneJob, plan: Plan, init_adapter_uri: str | None) -> dict[str, Any] | None:
+    """Write the job's children, the training Job last; returns the Job as written (None: it has none now)."""
+    rendered = render.children(ftj, plan, ctx.config, init_adapter_uri)
+    # A queued run suspended by its user has no Job (render.held_without_job): the one it had goes.
+    job = rendered[-1] if rendered[-1]["kind"] == "Job" else None
+    support = rendered[:-1] if job else rendered
+    existing = ctx.latest("training_jobs", (ftj.metadata.namespace, ftj.metadata.name))
+    if job is not None:
+        _replace_changed_job(ctx, job, existing)
     # The pods need every supporting object: the ServiceAccount to be admitted, the Role to report, the Service to
     # meet. All are written (and found to be kubetune's own) before the Job, so a pod never runs as an object that
     # someone else put under that name. They go together, in one round trip.
     own = [m for m in support if not trainer_access.is_trainer_access(m["metadata"]["labels"])]
     with _trainer_access_to_write(ctx, ftj.metadata.namespace) as access:
         children.start_writes(ctx.kube, [*access, *own], ctx.owned)()
-    return children.write(ctx.kube, job, ctx.owned(job))
+    if job is None:
+        if existing is not None and not existing["metadata"].get("deletionTimestamp"):
+            ctx.kube.delete("Job", ftj.metadata.namespace, ftj.metadata.name, propagation="Foreground")
+        return None
+    return children.write(ctx.kube, job, ctx.owned(job), release=render.create_only_fields(ftj))
 
 
 @contextlib.contextmanager
@@ -187,7 +198,7 @@ def trainer_access_deleted(ctx: Context, namespace: str) -> None:
 
 
 def _write_admitted(
-    ctx: Context, body: dict[str, Any], ftj: FineTuneJob, state: str | None, plan: Plan, job: dict[str, Any]
+    ctx: Context, body: dict[str, Any], ftj: FineTuneJob, state: str | None, plan: Plan, job: dict[str, Any] | None
 ) -> None:
     """Admitted=True with the plan, and the status the new Job implies while it waits for its pods, in one patch."""
     summary = (
@@ -292,7 +303,7 @@ def recheck(ctx: Context, key: Key) -> None:
 def sync_status(ctx: Context, key: Key, body: dict[str, Any]) -> None:
     """Recompute the operator's part of a FineTuneJob's status from the indexes and write changes."""
     job = ctx.latest("training_jobs", key)
-    if job is None:
+    if job is None and not _held(body):
         return  # no Job yet: admission owns the status until it exists
     observed = _observed(ctx, key, body, job)
     result = job_status.outcome(observed)
@@ -301,14 +312,12 @@ def sync_status(ctx: Context, key: Key, body: dict[str, Any]) -> None:
         _post_events(ctx, body["metadata"], before, diff, result)
         if result.state == "Succeeded" and diff.get("state") == "Succeeded" != before.get("state"):
             _after_success(ctx, key)
-        if result.reason == "Restarting":
+        if result.reason == "Restarting" and job is not None:
             _replace_failed_job(ctx, job)
     mounts.forget_started(ctx, observed.pods)
 
 
-def _post_events(
-    ctx: Context, meta: dict[str, Any], before: Status, diff: Status, result: job_status.Outcome
-) -> None:
+def _post_events(ctx: Context, meta: dict[str, Any], before: Status, diff: Status, result: job_status.Outcome) -> None:
     """Events for what changed: the end (Succeeded, Failed) and suspension; a reason to act while pods wait (a
     missing Secret, an image that cannot be pulled); a group of training pods that starts again. Every job
     passes through Pending and Running: those show in the status only (an Event each would cost every job two
@@ -337,8 +346,30 @@ def _derived(observed: job_status.Observed) -> Callable[[Status], Status]:
     return lambda current: job_status.derive(replace(observed, status=current))
 
 
-def _observed(ctx: Context, key: Key, body: dict[str, Any], job: dict[str, Any]) -> job_status.Observed:
+def _held(body: dict[str, Any]) -> bool:
     spec = body.get("spec") or {}
+    return render.held_without_job(spec.get("queueName"), bool(spec.get("suspend")))
+
+
+def _workload(ctx: Context, key: Key, job: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Kueue's Workload of this very training Job (a Workload of an earlier Job of the same name may linger)."""
+    uid = ((job or {}).get("metadata") or {}).get("uid")
+    return next((w for w in ctx.objects("training_workloads", key) if uid and w.get("jobUid") == uid), None)
+
+
+def _job_named_by_uid(ctx: Context, namespace: str, uid: str | None) -> str | None:
+    """The FineTuneJob of `namespace` whose training Job has `uid` (a preemptor that Kueue names by uid)."""
+    if not uid:
+        return None
+    for (ns, name), jobs in ctx.indexes["training_jobs"].items():
+        if ns == namespace and any(j["metadata"].get("uid") == uid for j in jobs):
+            return str(name)
+    return None
+
+
+def _observed(ctx: Context, key: Key, body: dict[str, Any], job: dict[str, Any] | None) -> job_status.Observed:
+    spec = body.get("spec") or {}
+    workload = _workload(ctx, key, job) if spec.get("queueName") else None
     return job_status.Observed(
         status=dict(body.get("status") or {}),
         generation=int(body["metadata"].get("generation") or 0),
@@ -348,6 +379,10 @@ def _observed(ctx: Context, key: Key, body: dict[str, Any], job: dict[str, Any])
         pods=ctx.objects("training_pods", key),
         mount_failures=ctx.mount_failures,
         backoff_limit=int(spec.get("backoffLimit", 3)),
+        queued=bool(spec.get("queueName")),
+        held=_held(body),
+        workload=workload,
+        preemptor=_job_named_by_uid(ctx, key[0], job_status.preempting_job_uid(workload)),
     )
 
 
@@ -362,7 +397,7 @@ def _after_success(ctx: Context, key: Key) -> None:
 def status_would_change(ctx: Context, key: Key, body: dict[str, Any]) -> bool:
     """Whether `sync_status` would write anything now (pure computation, no locks, no requests)."""
     job = ctx.latest("training_jobs", key)
-    if job is None:
+    if job is None and not _held(body):
         return False
     observed = _observed(ctx, key, body, job)
     return ctx.status.would_change(body["metadata"]["uid"], observed.status, _derived(observed))

@@ -410,8 +410,8 @@ def module_source(module: str, version: str, cache: Path) -> Path:
 
 
 def ensure_kueue(progress: Progress | None = None) -> Kueue:
-    """Return Kueue's manager and module source, building the manager first when missing (about N minutes on
-    2 cores the first time, see docs/dev-cluster.md)."""
+    """Return Kueue's manager and module source, building the manager first when missing (30 minutes on 2 busy
+    cores the first time: docs/dev-cluster.md, Kueue)."""
     report: Progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
     cache = cache_root()
     path = kueue_path(cache)

@@ -23,7 +23,7 @@ that first tests the entry), and from then on apply owns every field it ever set
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ from kubetune.k8s.client import ApiError, Kube
 MANAGED_BY = "kubetune-operator"  # render.common.MANAGED_BY (k8s/ imports nothing of render/)
 
 Manifest = dict[str, Any]
+Path = tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -111,11 +112,12 @@ def conflict(manifest: Manifest, existing: Seen) -> NameConflict | None:
     return NameConflict(kind, name, message)
 
 
-def write(kube: Kube, manifest: Manifest, known: Seen | None) -> Manifest:
+def write(kube: Kube, manifest: Manifest, known: Seen | None, release: Sequence[Path] = ()) -> Manifest:
     """Create or apply one child (see the module docstring); raises NameConflict or ApiError (with its
-    `subject` set to the child)."""
+    `subject` set to the child). The fields at the `release` paths are set only by the create: applies leave
+    them out, and the first one gives up the operator's claim on them (another controller owns them then)."""
     try:
-        written = _write(kube, manifest, known)
+        written = _write(kube, manifest, known, tuple(release))
     except ApiError as err:
         err.subject = f"{manifest['kind']} {manifest['metadata']['name']}"
         raise
@@ -124,10 +126,10 @@ def write(kube: Kube, manifest: Manifest, known: Seen | None) -> Manifest:
     return written
 
 
-def _write(kube: Kube, manifest: Manifest, known: Seen | None) -> Manifest:
+def _write(kube: Kube, manifest: Manifest, known: Seen | None, release: tuple[Path, ...]) -> Manifest:
     if known is not None:
         try:
-            return _apply_onto(kube, manifest, known)
+            return _apply_onto(kube, manifest, known, release)
         except ApiError as err:
             if not _replaced(err):
                 raise
@@ -142,22 +144,62 @@ def _write(kube: Kube, manifest: Manifest, known: Seen | None) -> Manifest:
     current = kube.get(manifest["kind"], meta["namespace"], meta["name"])
     if current is None:
         return kube.create(manifest)
-    return _apply_onto(kube, manifest, seen(current))
+    return _apply_onto(kube, manifest, seen(current), release)
 
 
-def _apply_onto(kube: Kube, manifest: Manifest, existing: Seen) -> Manifest:
+def _apply_onto(kube: Kube, manifest: Manifest, existing: Seen, release: tuple[Path, ...] = ()) -> Manifest:
     """Apply onto the object `existing` describes, if its owner controls it (else NameConflict)."""
     if (refused := conflict(manifest, existing)) is not None:
         raise refused
+    meta = manifest["metadata"]
     if (entry := existing.created_entry(kube.field_manager)) is not None:
-        meta = manifest["metadata"]
+        fields = _released_fields(kube, manifest, entry, release) if release else None
         try:
-            kube.rename_created_entry(manifest["kind"], meta["namespace"], meta["name"], existing.uid, entry)
+            kube.rename_created_entry(manifest["kind"], meta["namespace"], meta["name"], existing.uid, entry, fields)
         except ApiError as err:
             if err.status not in (404, 422):  # gone, or another object / entry now
                 raise
             raise ApiError(409, "Conflict", f"the object changed since it was read: {err.message}") from err
-    return kube.apply(manifest, uid=existing.uid)
+    return kube.apply(without(manifest, release), uid=existing.uid)
+
+
+def _released_fields(
+    kube: Kube, manifest: Manifest, entry: int, release: tuple[Path, ...]
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(the created entry's fieldsV1 as read, the same without the `release` paths); None when it is gone."""
+    meta = manifest["metadata"]
+    current = kube.get(manifest["kind"], meta["namespace"], meta["name"])
+    entries = ((current or {}).get("metadata") or {}).get("managedFields") or []
+    if entry >= len(entries):
+        return None
+    fields = entries[entry].get("fieldsV1") or {}
+    return fields, without_fields(fields, release)
+
+
+def without(manifest: Manifest, paths: Sequence[Path]) -> Manifest:
+    """A copy of `manifest` without the fields at `paths` (("spec", "suspend"), say)."""
+    copy = dict(manifest)
+    for path in paths:
+        copy = _dropped(copy, path)
+    return copy
+
+
+def without_fields(fields: dict[str, Any], paths: Sequence[Path]) -> dict[str, Any]:
+    """A managedFields fieldsV1 set without the fields at `paths` (keys "f:<name>")."""
+    copy = dict(fields)
+    for path in paths:
+        copy = _dropped(copy, tuple(f"f:{part}" for part in path))
+    return copy
+
+
+def _dropped(tree: dict[str, Any], path: Path) -> dict[str, Any]:
+    head, *rest = path
+    if head not in tree:
+        return tree
+    if not rest:
+        return {k: v for k, v in tree.items() if k != head}
+    inner = tree[head]
+    return {**tree, head: _dropped(inner, tuple(rest))} if isinstance(inner, dict) else tree
 
 
 def _replaced(err: ApiError) -> bool:

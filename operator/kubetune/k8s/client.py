@@ -194,17 +194,29 @@ class Kube:
 
         return wait
 
-    def rename_created_entry(self, kind: str, namespace: str, name: str, uid: str, entry: int) -> dict[str, Any]:
+    def rename_created_entry(
+        self,
+        kind: str,
+        namespace: str,
+        name: str,
+        uid: str,
+        entry: int,
+        fields: tuple[dict[str, Any], dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """Turn this field manager's Update entry (number `entry` of managedFields; an object it created by POST)
-        into an Apply entry, so that server-side apply owns, and can remove, every field the POST set. The patch
-        tests the object's uid and the entry first (422 when either changed)."""
+        into an Apply entry, so that server-side apply owns, and can remove, every field the POST set. With
+        `fields` (the entry's fieldsV1 as read, and what it becomes) the entry also gives up fields that apply
+        must not own. The patch tests the object's uid and the entry first (422 when either changed)."""
         at = f"/metadata/managedFields/{entry}"
-        ops = [
+        ops: list[dict[str, Any]] = [
             {"op": "test", "path": "/metadata/uid", "value": uid},
             {"op": "test", "path": f"{at}/manager", "value": self.field_manager},
             {"op": "test", "path": f"{at}/operation", "value": "Update"},
             {"op": "replace", "path": f"{at}/operation", "value": "Apply"},
         ]
+        if fields is not None and fields[0] != fields[1]:
+            ops[3:3] = [{"op": "test", "path": f"{at}/fieldsV1", "value": fields[0]}]
+            ops.append({"op": "replace", "path": f"{at}/fieldsV1", "value": fields[1]})
         return self.request("PATCH", path(kind, namespace, name), body=ops, content_type="application/json-patch+json")
 
     def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:

@@ -47,6 +47,11 @@ CONFIG_FILE = "trainer.yaml"
 ANNOTATION_TRAINER_CONFIG = "kubetune.io/trainer-config"
 # Exit code with which the trainer reports a problem no retry can fix (bad dataset, missing model).
 EXIT_PERMANENT = 3
+# Exit code of a trainer stopped by SIGTERM after it saved a checkpoint (trainer/main.py).
+EXIT_TERMINATED = 143
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+CREATE_ONLY_WHEN_QUEUED = (("spec", "suspend"),)
 # Rank 0 serves its progress as Prometheus metrics; the pod's podMetadata.annotations may override these.
 SCRAPE_ANNOTATIONS = {
     "prometheus.io/scrape": "true",
@@ -95,16 +100,24 @@ def children(
     trainer = trainer_config(ftj, plan, init_adapter_uri)
     # One node rendezvouses on its own pod: a Service would only cost API writes and endpoint updates.
     service = [headless_service(ftj, config)] if ftj.spec.resources.nodes > 1 else []
-    return [*namespace_objects(ftj.metadata.namespace), *service, training_job(ftj, trainer, config)]
+    # Kueue alone suspends a queued Job: a queued run that its user suspends has none (docs/kueue.md).
+    job = [] if held_without_job(ftj.spec.queue_name, ftj.spec.suspend) else [training_job(ftj, trainer, config)]
+    return [*namespace_objects(ftj.metadata.namespace), *service, *job]
 
 
-def expected_children(namespace: str, name: str, nodes: int) -> list[Manifest]:
-    """Kind and name (no content) of every object that `children` renders for a job of `nodes` nodes: what must
-    exist while the job runs, known without planning it."""
+def held_without_job(queue_name: str | None, suspend: bool) -> bool:
+    """A queued run suspended by its user: its training Job is deleted (the trainer checkpoints, Kueue releases
+    the quota) and created again, queued, when spec.suspend is false."""
+    return bool(queue_name) and suspend
+
+
+def expected_children(namespace: str, name: str, nodes: int, job: bool = True) -> list[Manifest]:
+    """Kind and name (no content) of every object that `children` renders for a job of `nodes` nodes (and its
+    training Job unless not `job`): what must exist while the job runs, known without planning it."""
     names = Names(name)
     wanted = [(m["kind"], TRAINER_ACCOUNT) for m in namespace_objects(namespace)]
     wanted += [("Service", names.service)] if nodes > 1 else []
-    wanted += [("Job", names.training_job)]
+    wanted += [("Job", names.training_job)] if job else []
     return [{"kind": kind, "metadata": {"namespace": namespace, "name": child}} for kind, child in wanted]
 
 
@@ -212,6 +225,8 @@ def pod_template(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfi
         "containers": [container],
         "volumes": parts.volumes,
     }
+    if spec.priority_class_name and not spec.queue_name:  # queued: Kueue's label on the Job (training_job)
+        pod_spec["priorityClassName"] = spec.priority_class_name
     if spec.resources.nodes > 1:
         pod_spec["subdomain"] = names.service
     if gpu.node_selector:
@@ -234,7 +249,9 @@ def training_job(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfi
     job_meta = _meta(ftj, Names(ftj.metadata.name).training_job)
     job_meta["annotations"] = {ANNOTATION_SPEC_HASH: training_hash(template)}
     if spec.queue_name:
-        job_meta["labels"]["kueue.x-k8s.io/queue-name"] = spec.queue_name
+        job_meta["labels"][KUEUE_QUEUE_LABEL] = spec.queue_name
+    if spec.queue_name and spec.priority_class_name:
+        job_meta["labels"][KUEUE_PRIORITY_LABEL] = spec.priority_class_name
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": spec.resources.nodes,
@@ -243,18 +260,37 @@ def training_job(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfi
         # restart as one group. The operator decides what comes next (controllers/training.py): a new Job that
         # resumes from the newest checkpoint, counted against spec.backoffLimit unless the pod was disrupted.
         "backoffLimit": 0,
-        "suspend": spec.suspend,
-        "podFailurePolicy": {
-            "rules": [
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_PERMANENT]},
-                },
-                {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget"}]},
-            ]
-        },
+        # Queued: created suspended, and from then on Kueue alone suspends and resumes it (CREATE_ONLY_WHEN_QUEUED).
+        "suspend": True if spec.queue_name else spec.suspend,
+        "podFailurePolicy": {"rules": _failure_rules(bool(spec.queue_name))},
         "template": template,
     }
     if spec.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_meta, "spec": job_spec}
+
+
+def _failure_rules(queued: bool) -> list[Manifest]:
+    rules: list[Manifest] = [
+        {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_PERMANENT]},
+        },
+        {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget"}]},
+    ]
+    if queued:
+        # Kueue evicts by suspending the Job, whose controller then deletes the pods: the trainer saves a checkpoint
+        # and exits 143, which is no failure (backoffLimit 0 would fail the Job); it resumes when admitted again.
+        rules.append(
+            {
+                "action": "Ignore",
+                "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_TERMINATED]},
+            }
+        )
+    return rules
+
+
+def create_only_fields(ftj: FineTuneJob) -> list[tuple[str, ...]]:
+    """Fields of the training Job that the operator sets when it creates the Job and never again: a queued Job's
+    spec.suspend belongs to Kueue once the Job exists."""
+    return list(CREATE_ONLY_WHEN_QUEUED) if ftj.spec.queue_name else []

@@ -13,6 +13,7 @@ however often it is computed.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,6 +27,10 @@ EXIT_PERMANENT = 3  # the trainer's exit code for a problem no retry can fix (re
 CONTROLLER_UID_LABEL = "batch.kubernetes.io/controller-uid"
 # Reasons of a Pending job that someone must act on: they show in the Running condition (with a Warning Event).
 WHY_NOT_RUNNING = ("Unschedulable", *PROBLEM_REASONS)
+HELD_MESSAGE = "spec.suspend is true: the queued training Job is removed until it is false (docs/kueue.md)"
+# States of a job that Kueue holds: the Running condition says why, the Queued or Preempted condition with
+# Kueue's reason.
+KUEUE_STATES = ("Queued", "Preempted")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,14 @@ class Observed:
     """Pod UID -> the message of its last FailedMount Event (pods waiting in ContainerCreating)."""
     backoff_limit: int = 3
     """spec.backoffLimit: group restarts tolerated."""
+    queued: bool = False
+    """spec.queueName is set: Kueue suspends and resumes the training Job."""
+    held: bool = False
+    """Queued and suspended by its user: the training Job is deleted on purpose (render.held_without_job)."""
+    workload: dict[str, Any] | None = None
+    """Kueue's Workload of the current training Job (its conditions), when there is one."""
+    preemptor: str | None = None
+    """The FineTuneJob whose training Job Kueue's preemption message names, when it is one."""
 
 
 @dataclass(frozen=True)
@@ -217,7 +230,7 @@ def outcome(obs: Observed, now: str | None = None) -> Outcome | None:
     """The summary state with its reason and message; None while there is no Job yet."""
     job = obs.job
     if job is None:
-        return None
+        return Outcome("Suspended", "Suspended", HELD_MESSAGE) if obs.held else None
     pods = _current_pods(obs)
     if (cond := _job_condition(job, "Complete")) is not None:
         return Outcome("Succeeded", "Completed", "training finished; adapter at " + join(obs.output_uri, "adapter"))
@@ -231,7 +244,10 @@ def outcome(obs: Observed, now: str | None = None) -> Outcome | None:
         if failure:
             return Outcome("Failed", failure.reason, failure.message)
         return Outcome("Failed", cond.get("reason") or "JobFailed", cond.get("message") or "the training Job failed")
-    if obs.suspend or _job_condition(job, "Suspended") is not None:
+    if obs.queued and (job.get("spec") or {}).get("suspend"):
+        return queue_outcome(obs.workload, obs.status, obs.preemptor)
+    # A queued Job's Suspended condition lags behind Kueue's resume: only its spec.suspend (above) counts.
+    if obs.suspend or (not obs.queued and _job_condition(job, "Suspended") is not None):
         return Outcome("Suspended", "Suspended", "spec.suspend is true: training pods are stopped")
     active = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
     # A pod that has finished counts as running until the Job controller marks the Job Complete, moments
@@ -248,6 +264,43 @@ def outcome(obs: Observed, now: str | None = None) -> Outcome | None:
     if running:
         return Outcome("Pending", "PodsStarting", f"{len(running)}/{wanted} training pods running")
     return Outcome("Pending", "PodsPending", f"waiting for {wanted} training pod(s) to start")
+
+
+def _workload_condition(workload: dict[str, Any], type_: str) -> dict[str, Any]:
+    conditions = (workload.get("status") or {}).get("conditions") or []
+    return next((dict(c) for c in conditions if c.get("type") == type_), {})
+
+
+def preempting_job_uid(workload: dict[str, Any] | None) -> str | None:
+    """The uid of the Job that Kueue's Preempted condition says its Workload made room for ("JobUID: ...")."""
+    message = _workload_condition(workload or {}, "Preempted").get("message") or ""
+    found = re.search(r"JobUID: ([0-9a-f-]+)", str(message))
+    return found.group(1) if found else None
+
+
+def queue_outcome(workload: dict[str, Any] | None, status: dict[str, Any], preemptor: str | None = None) -> Outcome:
+    """The state of a queued training Job that Kueue holds suspended, in Kueue's own words: Queued while its
+    Workload waits (the reason and message of QuotaReserved or Admitted), Preempted once Kueue evicted it (with
+    the FineTuneJob it made room for, when `preemptor` names one)."""
+    if workload is None:
+        return Outcome("Queued", "WaitingForWorkload", "waiting for Kueue to create the training Job's Workload")
+    evicted = _workload_condition(workload, "Evicted")
+    reserved = _workload_condition(workload, "QuotaReserved")
+    admitted = _workload_condition(workload, "Admitted")
+    waiting = reserved if reserved.get("status") != "True" else admitted
+    why = f"{waiting.get('reason', 'Pending')}: {waiting.get('message', 'waiting for quota')}"
+    if evicted.get("status") == "True":
+        preempted = _workload_condition(workload, "Preempted")
+        cause = preempted if preempted.get("status") == "True" else evicted
+        step = (status.get("checkpoint") or {}).get("step")
+        resume = f"checkpoint step {step}" if step is not None else "its newest checkpoint"
+        by = f" (FineTuneJob {preemptor})" if preemptor else ""
+        message = f"{cause.get('message', 'evicted by Kueue')}{by}; resumes from {resume} when admitted again ({why})"
+        return Outcome("Preempted", str(cause.get("reason") or "Evicted"), message)
+    if admitted.get("status") == "True":
+        return Outcome("Pending", "PodsPending", "admitted by Kueue: the training pods start")
+    reason, message = str(waiting.get("reason") or "Pending"), str(waiting.get("message") or "waiting for quota")
+    return Outcome("Queued", reason, message)
 
 
 def _restarts_after(status: dict[str, Any], record: dict[str, Any]) -> int:
@@ -281,6 +334,11 @@ def derive(obs: Observed, now: str | None = None) -> dict[str, Any]:
         conditions = set_condition(
             conditions, "Running", state == "Running", result.reason, result.message, generation=gen, now=now
         )
+    for kueue_state in KUEUE_STATES:
+        if state == kueue_state or get(conditions, kueue_state) is not None:
+            held = state == kueue_state
+            reason, message = (result.reason, result.message) if held else ("Admitted", "admitted by Kueue")
+            conditions = set_condition(conditions, kueue_state, held, reason, message, generation=gen, now=now)
     if state == "Suspended" or get(conditions, "Suspended") is not None:
         suspended = state == "Suspended"
         reason = "Suspended" if suspended else "Resumed"

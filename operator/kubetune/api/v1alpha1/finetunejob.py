@@ -270,7 +270,13 @@ class FineTuneJobSpec(KubeModel):
     image: str | None = Field(default=None, min_length=1, max_length=512)
     """Trainer image override; the operator's configured image otherwise."""
     queue_name: DnsLabel | None = None
-    """Kueue LocalQueue to submit to (set as the kueue.x-k8s.io/queue-name label)."""
+    """Kueue LocalQueue to submit to (the kueue.x-k8s.io/queue-name label of the training Job). The Job is created
+    suspended and Kueue alone resumes and suspends it: admission, preemption (the trainer checkpoints; the job
+    resumes from there when admitted again, not counted against backoffLimit). docs/kueue.md."""
+    priority_class_name: DnsLabel | None = None
+    """Priority of the run. With queueName: a Kueue WorkloadPriorityClass (the kueue.x-k8s.io/priority-class
+    label), which orders the queue and decides preemption by Kueue. Without: a PriorityClass for the training
+    pods (priorityClassName), which the scheduler uses."""
     env: list[EnvVar] = Field(default_factory=list, max_length=64)
     """Extra environment variables for the trainer (e.g. HF_ENDPOINT)."""
     pod_metadata: PodMetadata | None = None
@@ -319,6 +325,8 @@ class JobState(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SUSPENDED = "Suspended"
+    QUEUED = "Queued"
+    PREEMPTED = "Preempted"
 
 
 class Progress(KubeModel):
@@ -455,12 +463,13 @@ class FineTuneJobStatus(KubeModel):
     """Observed state of the run. Conditions carry the details; `state` is the summary."""
 
     state: JobState | None = None
-    """Pending, Running, Succeeded, Failed or Suspended."""
+    """Pending, Queued (waiting for Kueue), Running, Preempted (evicted by Kueue, waiting to resume),
+    Succeeded, Failed or Suspended."""
     conditions: list[Condition] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    """Succeeded, Failed, Running, Suspended and admission conditions with reasons."""
+    """Succeeded, Failed, Running, Suspended, Queued, Preempted and admission conditions with reasons."""
     progress: Progress | None = None
     """Live progress from the trainer."""
     plan: Plan | None = None

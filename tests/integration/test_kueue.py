@@ -1,0 +1,189 @@
+"""FineTuneJobs under the real Kueue: queued for quota, admitted, preempted by a higher priority, resumed from their
+checkpoint. Kueue's manager (built from its Go module) runs beside the session's control plane; the trainers run
+for real on a node agent whose two "GPUs" are more than the ClusterQueue's quota of one."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from tests.integration.support import EXAMPLES, AgentProcess, Api, OperatorProcess, cpu_agent, dump, wait_for
+from tests.integration.training import events_of, job_pods, tiny_model_namespace, training_job, wait_done
+
+from kubetune.dev import kueue
+from kubetune.dev.controlplane import Cluster
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the node agent needs root")
+FTJ = "FineTuneJob"
+QUEUE = "team-a"
+
+
+@pytest.fixture(scope="module")
+def kueue_manager(cluster: Cluster) -> Iterator[Path]:
+    """Kueue's manager for this module, in the cluster's state folder (certificates from its CA); stopped, and
+    its webhooks removed, at the end. Yields its state folder."""
+    state_dir = cluster.kubeconfig.parent
+    kueue.start(cluster, state_dir)
+    try:
+        yield state_dir
+    finally:
+        kueue.stop(cluster, state_dir)
+
+
+@pytest.fixture(scope="module")
+def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    yield from cpu_agent(cluster, tmp_path_factory.mktemp("kueue-agent"), "kueue")
+
+
+@pytest.fixture(scope="module")
+def ns(api: Api, operator: OperatorProcess, agent: AgentProcess, kueue_manager: Path) -> Iterator[str]:
+    """The tiny model's namespace with a LocalQueue in a ClusterQueue of one GPU (examples/kueue/queues.yaml)."""
+    for name in tiny_model_namespace(api, agent):
+        queues = example_queues(name, gpus=1)
+        api.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(queues))
+        try:
+            yield name
+        finally:
+            kinds = (
+                "clusterqueue/gpus-test,resourceflavor/cpu-agent,workloadpriorityclass/low,workloadpriorityclass/high"
+            )
+            api.kubectl("delete", *kinds.split(","), "--ignore-not-found", "--wait=false", check=False)
+
+
+def example_queues(namespace: str, gpus: int) -> list[dict[str, Any]]:
+    """examples/kueue/queues.yaml for the agent's Node: one team's LocalQueue in `namespace`, `gpus` of quota."""
+    docs = [d for d in yaml.safe_load_all((EXAMPLES / "kueue" / "queues.yaml").read_text()) if d]
+    kept = []
+    for doc in copy.deepcopy(docs):
+        kind, name = doc["kind"], doc["metadata"]["name"]
+        if kind == "ResourceFlavor":
+            doc["metadata"]["name"] = "cpu-agent"
+            doc["spec"] = {}
+        elif kind == "ClusterQueue":
+            doc["metadata"]["name"] = "gpus-test"
+            flavor = doc["spec"]["resourceGroups"][0]["flavors"][0]
+            flavor["name"] = "cpu-agent"
+            for resource in flavor["resources"]:
+                if resource["name"] == "nvidia.com/gpu":
+                    resource["nominalQuota"] = gpus
+        elif kind == "LocalQueue":
+            if name != QUEUE:
+                continue
+            doc["metadata"]["namespace"] = namespace
+            doc["spec"]["clusterQueue"] = "gpus-test"
+        kept.append(doc)
+    return kept
+
+
+def workload_of(api: Api, ns: str, job_name: str) -> dict[str, Any] | None:
+    """Kueue's Workload of the training Job `job_name` (its controller ownerReference)."""
+    out = api.kubectl("get", "workloads.kueue.x-k8s.io", "-n", ns, "-o", "yaml").stdout
+    for item in yaml.safe_load(out)["items"]:
+        owners = item["metadata"].get("ownerReferences") or []
+        if any(o["kind"] == "Job" and o["name"] == job_name for o in owners):
+            return dict(item)
+    return None
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
+
+
+def suspend_owners(job: dict[str, Any]) -> list[str]:
+    """The managers whose managedFields entry of the Job claims spec.suspend."""
+    entries = job["metadata"].get("managedFields") or []
+    return [e["manager"] for e in entries if "f:suspend" in ((e.get("fieldsV1") or {}).get("f:spec") or {})]
+
+
+def queued_job(name: str, ns: str, steps: int, **spec: Any) -> dict[str, Any]:
+    return training_job(name, ns, steps, 2, queueName=QUEUE, **spec)
+
+
+def test_quota_for_one_queues_the_second_with_kueues_reason_and_runs_it_after_the_first(
+    api: Api, ns: str, agent: AgentProcess
+) -> None:
+    api.apply(queued_job("first", ns, 6))
+    api.wait_state(FTJ, ns, "first", "Running", timeout=240)
+    api.apply(queued_job("second", ns, 4))
+    # A job without queueName is no business of Kueue's: it runs beside them although the quota is used up.
+    api.apply(training_job("plain", ns, 2, 2))
+
+    api.wait_state(FTJ, ns, "second", "Queued", timeout=60)
+    seen: list[Any] = []
+
+    def kueue_words() -> dict[str, Any] | None:
+        """The FineTuneJob's status once its Queued condition says what the Workload's QuotaReserved says."""
+        status = api.status(FTJ, ns, "second")
+        reserved = condition(workload_of(api, ns, "second") or {}, "QuotaReserved")
+        queued = condition({"status": status}, "Queued")
+        seen[:] = [queued, reserved]
+        words = ("reason", "message")
+        same = reserved.get("message") and all(queued.get(k) == reserved.get(k) for k in words)
+        return status if same else None
+
+    try:
+        status = wait_for(kueue_words, 60, "Kueue's reason and message on the FineTuneJob")
+    except AssertionError as err:
+        raise AssertionError(f"{err}; Queued condition, QuotaReserved: {seen}") from None
+    queued = condition({"status": status}, "Queued")
+    assert queued["status"] == "True" and status["state"] == "Queued", dump(status)
+    assert "insufficient" in queued["message"] and "nvidia.com/gpu" in queued["message"], queued
+
+    # The operator applies onto the queued Job (a spec change it makes in place): suspend stays Kueue's.
+    api.kubectl(
+        "patch", "finetunejob", "second", "-n", ns, "--type=merge", "-p", '{"spec":{"ttlSecondsAfterFinished":3600}}'
+    )
+    wait_for(lambda: (api.get("Job", ns, "second") or {}).get("spec", {}).get("ttlSecondsAfterFinished") == 3600, 30)
+    held = api.kubectl("get", "job", "second", "-n", ns, "-o", "yaml", "--show-managed-fields").stdout
+    held_job = yaml.safe_load(held)
+    assert held_job["spec"]["suspend"] is True, "the operator must not resume a Job that Kueue holds"
+    assert "kubetune" not in suspend_owners(held_job), suspend_owners(held_job)
+
+    plain = wait_done(api, ns, "plain", timeout=300)
+    plain_job = api.get("Job", ns, "plain") or {}
+    assert "kueue.x-k8s.io/queue-name" not in plain_job["metadata"]["labels"] and plain["state"] == "Succeeded"
+    assert workload_of(api, ns, "plain") is None
+
+    wait_done(api, ns, "first", timeout=300)
+    wait_done(api, ns, "second", timeout=300)
+    second = yaml.safe_load(api.kubectl("get", "job", "second", "-n", ns, "-o", "yaml", "--show-managed-fields").stdout)
+    owners = suspend_owners(second)
+    assert owners and "kubetune" not in owners, owners  # Kueue resumed it, the operator never touched it
+    final = api.status(FTJ, ns, "second")
+    assert condition({"status": final}, "Queued")["status"] == "False", dump(final)
+
+
+def test_a_higher_priority_job_preempts_a_lower_one_which_resumes_from_its_checkpoint(
+    api: Api, ns: str, agent: AgentProcess
+) -> None:
+    api.apply(queued_job("low", ns, 16, priorityClassName="low"))
+    api.wait_state(FTJ, ns, "low", "Running", timeout=240)
+    checkpoints = agent.state_dir / "pvc" / ns / "adapters" / "low" / "checkpoints"
+    wait_for(lambda: list(checkpoints.glob("checkpoint-*/kubetune-complete.json")), 300, "a checkpoint of low", 0.3)
+    first_pod = job_pods(api, ns, "low")[0]["metadata"]["name"]
+
+    api.apply(queued_job("high", ns, 2, priorityClassName="high"))
+    status = api.wait_state(FTJ, ns, "low", "Preempted", timeout=120)
+    preempted = condition({"status": status}, "Preempted")
+    workload = workload_of(api, ns, "low") or {}
+    kueue_says = condition(workload, "Preempted") or condition(workload, "Evicted")
+    assert preempted["status"] == "True" and preempted["reason"] == kueue_says["reason"], dump(status)
+    assert preempted["message"].startswith(kueue_says["message"] + " (FineTuneJob high)"), (preempted, kueue_says)
+
+    wait_done(api, ns, "high", timeout=300)
+    final = wait_done(api, ns, "low", timeout=400)
+    assert final.get("restarts", 0) == 0, dump(final)  # a preemption is no failure
+    assert condition({"status": final}, "Preempted")["status"] == "False", dump(final)
+
+    logs = sorted((agent.state_dir / "logs" / ns).glob("low-*_*/trainer.log"))
+    first = [e for log in logs if first_pod in str(log) for e in events_of(log.read_text())]
+    later = [e for log in logs if first_pod not in str(log) for e in events_of(log.read_text())]
+    stopped = [e for e in first if e["event"] == "stopped"]
+    assert stopped and stopped[0]["reason"] == "SIGTERM", first[-5:]  # it checkpointed on SIGTERM
+    resumed = [e["step"] for e in later if e["event"] == "resume"]
+    assert resumed and resumed[0] >= 2, later[:5]
