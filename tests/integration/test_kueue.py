@@ -187,3 +187,28 @@ def test_a_higher_priority_job_preempts_a_lower_one_which_resumes_from_its_check
     assert stopped and stopped[0]["reason"] == "SIGTERM", first[-5:]  # it checkpointed on SIGTERM
     resumed = [e["step"] for e in later if e["event"] == "resume"]
     assert resumed and resumed[0] >= 2, later[:5]
+
+
+def test_a_queued_job_suspended_by_its_user_gives_its_quota_back_and_resumes_queued(
+    api: Api, ns: str, agent: AgentProcess
+) -> None:
+    api.apply(queued_job("paused", ns, 10))
+    api.wait_state(FTJ, ns, "paused", "Running", timeout=240)
+    checkpoints = agent.state_dir / "pvc" / ns / "adapters" / "paused" / "checkpoints"
+    wait_for(lambda: list(checkpoints.glob("checkpoint-*/kubetune-complete.json")), 300, "a checkpoint", 0.3)
+
+    api.kubectl("patch", "finetunejob", "paused", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    status = api.wait_state(FTJ, ns, "paused", "Suspended", timeout=60)
+    assert condition({"status": status}, "Suspended")["reason"] == "Suspended", dump(status)
+    # The Job goes (its Workload with it): the quota is free for others while the user holds the run.
+    wait_for(lambda: api.get("Job", ns, "paused") is None and workload_of(api, ns, "paused") is None, 120, "no Job")
+
+    api.kubectl("patch", "finetunejob", "paused", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    final = wait_done(api, ns, "paused", timeout=400)
+    assert final.get("restarts", 0) == 0, dump(final)
+    resumed = [e["step"] for log in trainer_logs(agent, ns, "paused") for e in events_of(log) if e["event"] == "resume"]
+    assert resumed and resumed[0] >= 2, resumed
+
+
+def trainer_logs(agent: AgentProcess, ns: str, name: str) -> list[str]:
+    return [p.read_text() for p in sorted((agent.state_dir / "logs" / ns).glob(f"{name}-*_*/trainer.log"))]
