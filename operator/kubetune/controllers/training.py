@@ -317,7 +317,9 @@ def sync_status(ctx: Context, key: Key, body: dict[str, Any]) -> None:
     mounts.forget_started(ctx, observed.pods)
 
 
-def _post_events(ctx: Context, meta: dict[str, Any], before: Status, diff: Status, result: job_status.Outcome) -> None:
+def _post_events(
+    ctx: Context, meta: dict[str, Any], before: Status, diff: Status, result: job_status.Outcome
+) -> None:
     """Events for what changed: the end (Succeeded, Failed) and suspension; a reason to act while pods wait (a
     missing Secret, an image that cannot be pulled); a group of training pods that starts again. Every job
     passes through Pending and Running: those show in the status only (an Event each would cost every job two
