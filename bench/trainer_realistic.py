@@ -85,7 +85,7 @@ MEDIAN, SIGMA, MIN_TOKENS = 900, 1.0, 64
 """The realistic SFT lengths: log-normal median and sigma (tokens per record), capped at SEQ."""
 DPO_PROMPT, DPO_ANSWER = (150, 1.0), (300, 0.8)
 DPO_PART_MAX = 1024
-STEPS = 5
+STEPS = 10
 """Optimizer steps per run; the first is warm-up."""
 LORA: dict[str, Any] = {
     "r": 64,
@@ -637,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - needs the 
     parser.add_argument("--work", type=Path, default=Path("/tmp/kubetune-trainer-realistic"))
     parser.add_argument("--runs", default="", help="comma-separated, of: " + ", ".join(BY_NAME))
     parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per run (the first is warm-up)")
-    parser.add_argument("--minutes", type=float, default=8.0, help="time budget of the whole run, model build included")
+    parser.add_argument("--minutes", type=float, default=9.3, help="time budget of the whole run, model build included")
     parser.add_argument("--results", type=Path, help="results file (default bench/results/trainer_realistic_GPU.json)")
     parser.add_argument("--smoke", action="store_true", help="the whole wiring on the CPU with the tiny model")
     parser.add_argument("--dry-run", action="store_true", help="print the length figures and configurations, stop")
