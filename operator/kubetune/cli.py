@@ -37,6 +37,12 @@ def _train(argv: list[str]) -> int:
     return main(argv)
 
 
+def _prepare(argv: list[str]) -> int:
+    from kubetune.trainer.prepare import main
+
+    return main(argv)
+
+
 def _ui(argv: list[str]) -> int:
     from kubetune.server.ui import main
 
@@ -60,6 +66,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "crds": (_crds, "write the CustomResourceDefinitions generated from the API models"),
     "validate": (_validate, "check FineTuneJob/ModelServer manifests and JSONL datasets offline"),
     "plan": (_plan, "plan a training run: ZeRO stage, offload, micro-batch, memory per GPU"),
+    "prepare": (_prepare, "fetch, check and cache a FineTuneJob's inputs (its CPU prepare pod)"),
     "train": (_train, "run the trainer (inside a training pod)"),
     "ui": (_ui, "the Gradio chat page of a ModelServer (beside the server pods)"),
     "fetcher": (_fetcher, "the adapter fetcher beside vLLM: pvc:// and s3:// adapters for runtime loading"),

@@ -8,11 +8,12 @@ per key), or else from boto3's own chain (environment, IRSA, instance profile).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -102,23 +103,46 @@ def list_keys(s3: Any, uri: str) -> dict[str, int]:
     return found
 
 
-def download(s3: Any, uri: str, dest: Path) -> Path:
+def content_tag(s3: Any, uri: str) -> str:
+    """One tag of the content under `uri` (from the listing's keys and ETags, no object read): it changes when
+    any object does. S3Error(not_found) when nothing is there."""
+    bucket, prefix = split(uri)
+    tags = []
+    try:
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            tags += [f"{o['Key']}={o.get('ETag', '')}:{o['Size']}" for o in page.get("Contents", [])]
+    except Exception as err:
+        raise _error(err, f"listing {uri}") from err
+    if not tags:
+        raise S3Error(f"nothing at {uri}", not_found=True)
+    return hashlib.sha256("\n".join(sorted(tags)).encode()).hexdigest()[:32]
+
+
+def download(s3: Any, uri: str, dest: Path, progress: Callable[[int, int], None] | None = None) -> Path:
     """Download s3://BUCKET/KEY (one object) or every object under the prefix into `dest`, atomically: into a
-    sibling folder first, then renamed into place (an older copy is replaced). S3Error(not_found) when empty."""
+    sibling folder first, then renamed into place (an older copy is replaced). S3Error(not_found) when empty.
+    `progress(done, total)` is called with the bytes as they arrive."""
     keys = list_keys(s3, uri)
     if not keys:
         raise S3Error(f"nothing at {uri}", not_found=True)
     bucket, prefix = split(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")
+    total, done = sum(keys.values()), [0]
+
+    def arrived(chunk: int) -> None:
+        done[0] += chunk
+        if progress is not None:
+            progress(done[0], total)
+
     try:
         if "" in keys:  # an object: the file itself
-            s3.download_file(bucket, prefix, str(staging))
+            s3.download_file(bucket, prefix, str(staging), Callback=arrived)
         else:
             for relative in sorted(keys):
                 target = staging / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
-                s3.download_file(bucket, f"{prefix}/{relative}" if prefix else relative, str(target))
+                s3.download_file(bucket, f"{prefix}/{relative}" if prefix else relative, str(target), Callback=arrived)
         replace(staging, dest)
     except S3Error:
         raise

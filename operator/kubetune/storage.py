@@ -17,6 +17,8 @@ from typing import Any
 PVC_ROOT = "/mnt/pvc"
 CONFIGMAP_ROOT = "/mnt/configmap"
 CACHE_ROOT = "/var/cache/kubetune"
+# The cache claim shared by jobs (docs/cache.md): read-write in prepare pods, read-only in training pods.
+SHARED_CACHE_ROOT = "/var/cache/kubetune-shared"
 CONFIG_DIR = "/etc/kubetune"
 SECRETS_ROOT = "/var/run/secrets/kubetune"
 S3_SECRETS_ROOT = f"{SECRETS_ROOT}/s3"

@@ -71,6 +71,7 @@ def test_finetunejob_names_columns_and_subresources() -> None:
         "Method",
         "Model",
         "State",
+        "Prepared",
         "Progress",
         "Loss",
         "ETA",

@@ -29,6 +29,8 @@ class TokenStats:
     p50: int = 0
     p95: int = 0
     max: int = 0
+    total: int = 0
+    """Tokens of all records (before truncation)."""
 
 
 @dataclass
@@ -52,10 +54,11 @@ class DatasetReport:
 
 @dataclass
 class PreparedData:
-    """Train and validation examples ready for the TRL trainers, and the report."""
+    """Train and validation examples ready for the TRL trainers (lists, or memory-mapped datasets.Dataset objects
+    when loaded from the prepare step's cache), and the report."""
 
-    train: list[dict[str, Any]]
-    validation: list[dict[str, Any]]
+    train: Any
+    validation: Any
     report: DatasetReport
 
 
@@ -129,7 +132,12 @@ def token_stats(lengths: list[int]) -> TokenStats:
         return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
     return TokenStats(
-        min=ordered[0], mean=round(sum(ordered) / len(ordered), 1), p50=at(0.5), p95=at(0.95), max=ordered[-1]
+        min=ordered[0],
+        mean=round(sum(ordered) / len(ordered), 1),
+        p50=at(0.5),
+        p95=at(0.95),
+        max=ordered[-1],
+        total=sum(ordered),
     )
 
 
@@ -171,9 +179,11 @@ def prepare(
     max_len: int,
     validation_split: float = 0.0,
     seed: int = 42,
+    split_name: str | None = None,
 ) -> PreparedData:
-    """Read, check and tokenize the dataset; DatasetInvalid when nothing is left to train on."""
-    fmt, records = read_records(path, fmt, method)
+    """Read, check and tokenize the dataset (a file, or the files of `split_name` in a folder); DatasetInvalid
+    when nothing is left to train on."""
+    fmt, records = read_records(path, fmt, method, split_name)
     report = DatasetReport(format=fmt.value, records=len(records), max_seq_length=max_len)
     examples, lengths = [], []
     for record in records:

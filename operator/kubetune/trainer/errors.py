@@ -23,6 +23,8 @@ TERMINATION_LOG = "/dev/termination-log"
 
 DATASET_INVALID = "DatasetInvalid"
 MODEL_NOT_FOUND = "ModelNotFound"
+DATASET_NOT_FOUND = "DatasetNotFound"
+ACCESS_DENIED = "AccessDenied"
 INIT_ADAPTER_NOT_FOUND = "InitAdapterNotFound"
 CONFIG_INVALID = "ConfigInvalid"
 MODEL_UNAVAILABLE = "ModelUnavailable"

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kubetune import s3, storage
 from kubetune.api.v1alpha1 import TrainerConfig
@@ -34,6 +34,8 @@ from kubetune.trainer.errors import (
 from kubetune.trainer.progress import log_event
 from kubetune.trainer.remote import RemoteOutput
 from kubetune.trainer.retries import RetriesExhausted, RetryPolicy, call_with_retries
+
+T = TypeVar("T")
 
 
 def hf_download(uri: str, repo_type: str, revision: str | None = None) -> Path:
@@ -69,7 +71,7 @@ def fetch(uri: str, repo_type: str = "model", revision: str | None = None, acces
     return Path(storage.local_path(uri))
 
 
-def fetch_or_fail(what: str, uri: str, reasons: tuple[str, str], fetch_once: Callable[[], Path]) -> Path:
+def fetch_or_fail(what: str, uri: str, reasons: tuple[str, str], fetch_once: Callable[[], T]) -> T:
     """fetch_once() with retries; TrainerFailure with reasons[0] (permanent) or reasons[1] (retryable)."""
     policy = RetryPolicy.from_env(os.environ)
     try:
@@ -91,11 +93,11 @@ def model_path(uri: str, revision: str | None = None, access: s3.Access | None =
 
 
 def dataset_path(uri: str, access: s3.Access | None = None) -> Path:
-    """The dataset's JSONL file; DatasetInvalid when it is not there."""
+    """The dataset's file, or its folder of files (a repository, a prefix); DatasetInvalid when neither is there."""
     reasons = (DATASET_INVALID, DATASET_UNAVAILABLE)
     path = fetch_or_fail("dataset", uri, reasons, lambda: fetch(uri, "dataset", access=access))
-    if not path.is_file():
-        raise TrainerFailure(DATASET_INVALID, f"dataset {uri}: no file at {path}")
+    if not path.exists():
+        raise TrainerFailure(DATASET_INVALID, f"dataset {uri}: nothing at {path}")
     return path
 
 
@@ -124,33 +126,48 @@ class Inputs:
     init_adapter: Path | None = None
 
     def save(self, directory: Path) -> None:
-        from datasets import Dataset
-
-        for name, examples in (("train", self.data.train), ("validation", self.data.validation)):
-            if examples:  # an empty Dataset cannot be loaded back
-                Dataset.from_list(examples).save_to_disk(str(directory / name))
         paths = {"modelDir": str(self.model_dir), "outputDir": str(self.output_dir)}
         if self.init_adapter:
             paths["initAdapter"] = str(self.init_adapter)
-        (directory / "inputs.json").write_text(json.dumps({**paths, "report": self.data.report.to_dict()}))
+        save_data(self.data, directory, paths)
 
     @classmethod
     def load(cls, directory: Path) -> Inputs:
-        from datasets import load_from_disk
-
-        def examples(name: str) -> list[dict[str, Any]]:
-            path = directory / name
-            return load_from_disk(str(path)).to_list() if path.exists() else []
-
         meta = json.loads((directory / "inputs.json").read_text())
-        report = meta["report"]
-        data = PreparedData(
-            train=examples("train"),
-            validation=examples("validation"),
-            report=DatasetReport(**{**report, "tokens": TokenStats(**report["tokens"])}),
-        )
         init = meta.get("initAdapter")
-        return cls(Path(meta["modelDir"]), Path(meta["outputDir"]), data, Path(init) if init else None)
+        return cls(Path(meta["modelDir"]), Path(meta["outputDir"]), load_data(directory), Path(init) if init else None)
+
+
+def save_data(data: PreparedData, directory: Path, extra: dict[str, str] | None = None) -> None:
+    """The tokenized examples as Arrow (`train/`, `validation/`) and the report (`inputs.json`): the prepare
+    step's cache entry, and the launcher's hand-over to its workers."""
+    from datasets import Dataset
+
+    for name, examples in (("train", data.train), ("validation", data.validation)):
+        if examples:  # an empty Dataset cannot be loaded back
+            Dataset.from_list(examples).save_to_disk(str(directory / name))
+    (directory / "inputs.json").write_text(json.dumps({**(extra or {}), "report": data.report.to_dict()}))
+
+
+def load_data(directory: Path) -> PreparedData:
+    """What `save_data` wrote, as datasets.Dataset objects over the Arrow files (memory-mapped, not read whole)."""
+    from datasets import disable_caching, load_from_disk
+
+    if not os.access(directory, os.W_OK):
+        # The cache is mounted read-only in training pods: TRL's map() results go to a temporary folder instead of
+        # beside the Arrow files.
+        disable_caching()
+
+    def examples(name: str) -> Any:
+        path = directory / name
+        return load_from_disk(str(path)) if path.exists() else []
+
+    report = json.loads((directory / "inputs.json").read_text())["report"]
+    return PreparedData(
+        train=examples("train"),
+        validation=examples("validation"),
+        report=DatasetReport(**{**report, "tokens": TokenStats(**report["tokens"])}),
+    )
 
 
 def stage(config: TrainerConfig) -> Inputs:
@@ -162,9 +179,16 @@ def stage(config: TrainerConfig) -> Inputs:
         restored = remote.restore_latest(output / "checkpoints", clean=os.environ.get("NODE_RANK", "0") == "0")
         if restored is not None:
             log_event("checkpoint-downloaded", step=restored, uri=remote.checkpoint_uri(restored))
-    model_dir = model_path(spec.base_model.uri, config.base_model_revision, s3.Access.of(spec.base_model.s3))
+    prepared = config.prepared
+    if prepared and prepared.model_dir:
+        model_dir = Path(prepared.model_dir)  # the prepare step's cache entry (read-only mount)
+    else:
+        model_dir = model_path(spec.base_model.uri, config.base_model_revision, s3.Access.of(spec.base_model.s3))
     # DPO's starting adapter is another job's output: read with this job's output credentials.
     init = init_adapter_path(config.init_adapter_uri, s3.Access.of(spec.output.s3)) if config.init_adapter_uri else None
+    if prepared and prepared.dataset_dir:
+        log_event("prepared-inputs", modelDir=str(model_dir), datasetDir=prepared.dataset_dir)
+        return Inputs(model_dir, output, load_data(Path(prepared.dataset_dir)), init)
     tokenizer = load_tokenizer(model_dir)
     data = prepare(
         tokenizer,
@@ -174,5 +198,6 @@ def stage(config: TrainerConfig) -> Inputs:
         spec.hyperparameters.max_seq_length,
         spec.dataset.validation_split,
         spec.hyperparameters.seed,
+        spec.dataset.split,
     )
     return Inputs(model_dir, output, data, init)

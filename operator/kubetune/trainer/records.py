@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,10 +248,55 @@ def check_lines(lines: Iterable[bytes], fmt: DatasetFormat) -> RecordsCheck:
     return check
 
 
-def check_file(path: Path, fmt: DatasetFormat) -> RecordsCheck:
-    """check_lines over the file at `path` (read as bytes: a line that is not UTF-8 is one bad line)."""
+def check_file(path: Path, fmt: DatasetFormat, split: str | None = None) -> RecordsCheck:
+    """check_lines over the file at `path` (read as bytes: a line that is not UTF-8 is one bad line), or over
+    every data file of the folder at `path` (of `split` when given), each bad line named with its file."""
+    if not path.is_dir():
+        return check_lines(file_lines(path), fmt)
+    total = RecordsCheck(fmt)
+    for file in split_files(path, split):
+        check = check_lines(file_lines(file), total.format)
+        name = file.relative_to(path).as_posix()
+        total.format = check.format
+        total.records += check.records
+        total.errors += [f"{name}: {error}" for error in check.errors]
+    return total
+
+
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
+
+
+def split_files(folder: Path, split: str | None) -> list[Path]:
+    """The data files under `folder` (hidden ones aside), in name order; with `split`, those whose path names it
+    as a word: train.jsonl, train/part-0.parquet, data/train-00000-of-00001.parquet."""
+    files = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not path.is_file() or path.suffix not in DATA_SUFFIXES or any(p.startswith(".") for p in relative.parts):
+            continue
+        if split is None or split in re.split(r"[-_./]", relative.with_suffix("").as_posix()):
+            files.append(path)
+    return files
+
+
+def file_lines(path: Path) -> Iterator[bytes]:
+    """One JSON text per record: the lines of a JSONL file (or JSON lines), the elements of a JSON array, the rows
+    of a Parquet file. Lines and Parquet row groups are streamed; a JSON array is read whole."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield json.dumps(row, ensure_ascii=False).encode()
+        return
     with path.open("rb") as lines:
-        return check_lines(lines, fmt)
+        first = lines.read(64).lstrip()
+        lines.seek(0)
+        if path.suffix == ".json" and first.startswith(b"["):
+            for item in json.load(lines):
+                yield json.dumps(item, ensure_ascii=False).encode()
+            return
+        yield from lines
 
 
 def method_for(fmt: DatasetFormat) -> Method:
@@ -269,9 +314,15 @@ def method_mismatch(fmt: DatasetFormat, method: Method, name: str) -> str | None
     return f"method {method.value} needs {need}, {name} has {fmt.value} records"
 
 
-def read_records(path: Path, fmt: DatasetFormat, method: Method) -> tuple[DatasetFormat, list[Record]]:
-    """All records of the JSONL file at `path`; DatasetInvalid listing bad lines when any is unusable."""
-    check = check_file(path, fmt)
+def read_records(
+    path: Path, fmt: DatasetFormat, method: Method, split: str | None = None
+) -> tuple[DatasetFormat, list[Record]]:
+    """All records of the file (or folder of files) at `path`; DatasetInvalid listing bad lines when any is
+    unusable."""
+    if path.is_dir() and not split_files(path, split):
+        which = f" of split {split!r}" if split else ""
+        raise TrainerFailure(DATASET_INVALID, f"{path.name} has no {', '.join(DATA_SUFFIXES)} files{which}")
+    check = check_file(path, fmt, split)
     if check.errors:
         shown = "; ".join(check.errors[:MAX_REPORTED_ERRORS])
         extra = len(check.errors) - MAX_REPORTED_ERRORS

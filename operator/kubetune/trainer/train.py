@@ -116,6 +116,11 @@ def trainer_arguments(config: TrainerConfig, output: Path, hidden_size: int, has
     return SFTConfig(**common, **sft_packing_arguments(plan, hp.max_seq_length))
 
 
+def as_dataset(examples: Any) -> Dataset:
+    """The examples as a datasets.Dataset: the prepared Arrow files stay memory-mapped, a list is converted."""
+    return examples if isinstance(examples, Dataset) else Dataset.from_list(examples)
+
+
 def single_record_windows(config: TrainerConfig, inputs: Inputs) -> bool:
     """The plan packs, but no two training records fit in one window."""
     max_len = config.spec.hyperparameters.max_seq_length
@@ -171,8 +176,8 @@ def build_trainer(config: TrainerConfig, inputs: Inputs, callbacks: list[Any]) -
     # After the arguments: ZeRO-3 shards the model while it loads.
     model: Any = load_model(inputs.model_dir, config.plan, single_record_windows(config, inputs))
     tokenizer = load_tokenizer(inputs.model_dir)
-    train = Dataset.from_list(inputs.data.train)
-    evaluation = Dataset.from_list(inputs.data.validation) if inputs.data.validation else None
+    train = as_dataset(inputs.data.train)
+    evaluation = as_dataset(inputs.data.validation) if inputs.data.validation else None
     peft_config = lora_config(config)
     trainer_class: type[Trainer]
     if config.spec.method == Method.DPO:

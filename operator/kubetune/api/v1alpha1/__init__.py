@@ -16,6 +16,7 @@ from kubetune.api.v1alpha1.finetunejob import (
     AdapterStatus,
     CheckpointStatus,
     DatasetFormat,
+    DatasetStatus,
     FineTuneJob,
     FineTuneJobSpec,
     FineTuneJobStatus,
@@ -35,7 +36,7 @@ from kubetune.api.v1alpha1.modelserver import (
     ServedAdapterStatus,
     ServerState,
 )
-from kubetune.api.v1alpha1.trainerconfig import JobIdentity, TrainerConfig
+from kubetune.api.v1alpha1.trainerconfig import CacheSettings, JobIdentity, PreparedInputs, TrainerConfig
 
 KINDS = (FineTuneJob, ModelServer)
 
@@ -47,10 +48,12 @@ __all__ = [
     "AdapterSource",
     "AdapterState",
     "AdapterStatus",
+    "CacheSettings",
     "CheckpointStatus",
     "Condition",
     "ConditionStatus",
     "DatasetFormat",
+    "DatasetStatus",
     "FineTuneJob",
     "FineTuneJobSpec",
     "FineTuneJobStatus",
@@ -65,6 +68,7 @@ __all__ = [
     "ModelServerStatus",
     "ObjectMeta",
     "Plan",
+    "PreparedInputs",
     "Progress",
     "Rule",
     "S3Access",

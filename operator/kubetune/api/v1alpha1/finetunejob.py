@@ -56,10 +56,14 @@ class BaseModelSource(KubeModel):
 
 
 class Dataset(KubeModel):
-    """The training data: JSONL records, one per line."""
+    """The training data: records in JSONL (one per line), JSON or Parquet files."""
 
     uri: DatasetUri
-    """hf://, pvc://CLAIM/PATH, s3://BUCKET/KEY, or configmap://NAME/KEY for small data."""
+    """One file (hf://ORG/NAME/FILE, pvc://CLAIM/PATH, s3://BUCKET/KEY, configmap://NAME/KEY for small data) or a
+    folder of files: a dataset repository (hf://ORG/NAME), a prefix (s3://BUCKET/PREFIX), a folder on a claim."""
+    split: str | None = Field(default=None, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")
+    """For a folder: the split whose files are read, by name (`train` reads train.jsonl, train/*.parquet,
+    data/train-00000-of-00001.parquet, ...); unset: every .jsonl, .ndjson, .json and .parquet file."""
     format: DatasetFormat = DatasetFormat.AUTO
     """prompt-response ({"system"?, "prompt", "response"}), messages (OpenAI-style chat),
     preference ({"prompt", "chosen", "rejected"}); auto detects it from the first record."""
@@ -459,6 +463,40 @@ class RestartStatus(KubeModel):
     """When the operator restarted the group."""
 
 
+class PrepareError(KubeModel):
+    """Why the prepare step failed, as it reported it."""
+
+    reason: str
+    """DatasetInvalid, DatasetNotFound, ModelNotFound, AccessDenied, ..."""
+    message: str = ""
+    """For DatasetInvalid: the first bad lines with their numbers and reasons, then the count."""
+
+
+class DatasetStatus(KubeModel):
+    """What the prepare step (`kubetune prepare`, a CPU pod before the training pods) found, reported by it."""
+
+    inputs_hash: str = ""
+    """Hash of the spec fields the check depends on: a report of an older spec is not used."""
+    records: int = Field(default=0, ge=0)
+    """Valid records."""
+    tokens: int = Field(default=0, ge=0)
+    """Tokens of all records through the model's tokenizer and chat template (before truncation)."""
+    truncated: int = Field(default=0, ge=0)
+    """Records longer than hyperparameters.maxSeqLength (cut at the end)."""
+    dropped: int = Field(default=0, ge=0)
+    """Records whose prompt alone fills maxSeqLength (not trained on)."""
+    checked_at: datetime | None = None
+    """When the check finished."""
+    cache: str = ""
+    """Where the prepared (tokenized, Arrow) dataset is in the cache claim; empty without a cache claim."""
+    model_cache: str = ""
+    """Where the base model is in the cache claim (hf:// and s3:// models); empty otherwise."""
+    downloaded: str = ""
+    """Download progress while the prepare step runs, e.g. "base model 1.2 GB of 15.0 GB"."""
+    error: PrepareError | None = None
+    """Set when the prepare step failed."""
+
+
 class FineTuneJobStatus(KubeModel):
     """Observed state of the run. Conditions carry the details; `state` is the summary."""
 
@@ -474,6 +512,8 @@ class FineTuneJobStatus(KubeModel):
     """Live progress from the trainer."""
     plan: Plan | None = None
     """The resolved training plan."""
+    dataset: DatasetStatus | None = None
+    """The prepare step's report: the dataset checked, tokenized and cached before any GPU is requested."""
     adapter: AdapterStatus | None = None
     """The adapter, once the run succeeded."""
     checkpoint: CheckpointStatus | None = None
@@ -502,6 +542,7 @@ class FineTuneJob(KubeModel):
         {"name": "Method", "type": "string", "jsonPath": ".spec.method"},
         {"name": "Model", "type": "string", "jsonPath": ".spec.baseModel.uri"},
         {"name": "State", "type": "string", "jsonPath": ".status.state"},
+        {"name": "Prepared", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Prepared")].reason'},
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
         {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},

@@ -1,0 +1,265 @@
+"""`kubetune prepare --config FILE`: the prepare step of a FineTuneJob, in a CPU pod before any GPU is requested.
+
+It fetches the base model and the dataset (into the cache claim when the pod mounts one: trainer/cache.py),
+runs the trainer's own dataset check (every bad line by number and reason), tokenizes the records with the
+model's chat template against maxSeqLength, stores the tokenized form (Arrow) in the cache, and reports
+status.dataset through the job's status Role, the channel of the trainer's progress (trainer/progress.py).
+Exit codes are the trainer's: 0 done, 3 a definite answer (DatasetInvalid, DatasetNotFound, ModelNotFound,
+AccessDenied), 1 anything a retry may fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kubetune import s3, storage
+from kubetune.api.v1alpha1 import TrainerConfig
+from kubetune.trainer import inputs
+from kubetune.trainer.cache import Cache, entry_key
+from kubetune.trainer.config import load_config
+from kubetune.trainer.data import PreparedData, load_tokenizer, prepare
+from kubetune.trainer.errors import (
+    ACCESS_DENIED,
+    DATASET_NOT_FOUND,
+    DATASET_UNAVAILABLE,
+    EXIT_RETRY,
+    MODEL_NOT_FOUND,
+    MODEL_UNAVAILABLE,
+    TrainerFailure,
+    report_failure,
+)
+from kubetune.trainer.progress import StatusReporter, log_event, status_patch, status_sender
+
+log = logging.getLogger("kubetune.prepare")
+DENIED_MARKS = ("AccessDenied", "Forbidden", "403", "401", "GatedRepo", "Unauthorized")
+Report = dict[str, Any]
+T = TypeVar("T")
+
+
+def denied(err: BaseException) -> bool:
+    """Whether an error (or one of its causes) is a refusal of access rather than a missing object."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if any(mark in f"{type(seen).__name__} {seen}" for mark in DENIED_MARKS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def fetched(what: str, uri: str, not_found: str, unavailable: str, fetch_once: Callable[[], T]) -> T:
+    """inputs.fetch_or_fail, with AccessDenied told apart from not found."""
+    try:
+        return inputs.fetch_or_fail(what, uri, (not_found, unavailable), fetch_once)
+    except TrainerFailure as failure:
+        if not failure.retryable and denied(failure):
+            raise TrainerFailure(ACCESS_DENIED, failure.message) from failure
+        raise
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files with their names (read in blocks: files may be large)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        with file.open("rb") as data:
+            for block in iter(lambda: data.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def size_text(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+class Preparer:
+    """One prepare run: the config, the cache (or none), and the status reporter."""
+
+    def __init__(self, config: TrainerConfig, reporter: StatusReporter) -> None:
+        self.config = config
+        self.reporter = reporter
+        self.cache = Cache(Path(config.cache.root)) if config.cache else None
+        self.started = time.time()
+
+    def send(self, dataset: Report) -> None:
+        patch = status_patch({"dataset": {"inputsHash": self.config.inputs_hash or "", **dataset}}, self.config.job.uid)
+        self.reporter.submit(patch)
+
+    def progress(self, what: str) -> Callable[[int, int], None]:
+        def report(done: int, total: int) -> None:
+            self.send({"downloaded": f"{what}: {size_text(done)} of {size_text(total)}"})
+
+        return report
+
+    def model_dir(self) -> tuple[Path, str]:
+        """The base model's folder, and its cache entry key ("" when not cached)."""
+        spec = self.config.spec
+        uri, revision = spec.base_model.uri, self.config.base_model_revision
+        access = s3.Access.of(spec.base_model.s3)
+        reasons = (MODEL_NOT_FOUND, MODEL_UNAVAILABLE)
+        scheme = storage.parse(uri).scheme
+        if self.cache is None or scheme not in ("s3", "hf"):
+            self.send({"downloaded": f"base model {uri}: fetching"} if scheme in ("s3", "hf") else {})
+            return fetched("base model", uri, *reasons, lambda: inputs.fetch(uri, "model", revision, access)), ""
+        key = entry_key(uri, revision)
+        entry = self.cache.lookup(key)
+        if entry is None:
+            log_event("cache-miss", what="base model", uri=uri, key=key)
+
+            def write(folder: Path) -> None:
+                fetched("base model", uri, *reasons, lambda: self.download_model(uri, revision, access, folder))
+
+            entry = self.cache.fill(key, write, {"uri": uri, "revision": revision or ""})
+        else:
+            log_event("cache-hit", what="base model", uri=uri, key=key)
+        return entry / "model", key
+
+    def download_model(self, uri: str, revision: str | None, access: s3.Access, folder: Path) -> Path:
+        if uri.startswith("s3://"):
+            return s3.download(s3.client(access), uri, folder / "model", self.progress(f"base model {uri}"))
+        from huggingface_hub import snapshot_download
+
+        loc = storage.parse(uri)
+        self.send({"downloaded": f"base model {uri}: downloading"})
+        repo = f"{loc.root}/{loc.path}"
+        token = os.environ.get("HF_TOKEN") or None
+        snapshot_download(repo_id=repo, revision=loc.revision or revision, token=token, local_dir=folder / "model")
+        return folder / "model"
+
+    def content_tag(self) -> str:
+        """What identifies the dataset's content without reading it where possible (S3 ETags)."""
+        spec = self.config.spec
+        uri = spec.dataset.uri
+        scheme = storage.parse(uri).scheme
+        if scheme == "s3":
+            access = s3.Access.of(spec.dataset.s3)
+            client = s3.client(access)
+            return fetched("dataset", uri, DATASET_NOT_FOUND, DATASET_UNAVAILABLE, lambda: s3.content_tag(client, uri))
+        if scheme in ("pvc", "configmap"):
+            path = Path(storage.local_path(uri))
+            if not path.exists():
+                raise TrainerFailure(DATASET_NOT_FOUND, f"dataset {uri}: nothing at {path}")
+            return content_digest(path)
+        return storage.parse(uri).revision or ""  # hf://: the revision names the content
+
+    def data(self, model_dir: Path, model_key: str) -> tuple[PreparedData, Path | None]:
+        """The checked, tokenized dataset, and its cache entry (None without a cache)."""
+        spec = self.config.spec
+        hp = spec.hyperparameters
+        if self.cache is None:
+            return self.check(model_dir), None
+        params = [self.content_tag(), model_key or spec.base_model.uri, spec.method.value, spec.dataset.format.value]
+        params += [spec.dataset.split or ""]
+        params += [str(hp.max_seq_length), str(spec.dataset.validation_split), str(hp.seed)]
+        key = entry_key(spec.dataset.uri, None, "|".join(params))
+        entry = self.cache.lookup(key)
+        if entry is not None:
+            log_event("cache-hit", what="prepared dataset", uri=spec.dataset.uri, key=key)
+            return inputs.load_data(entry), entry
+        log_event("cache-miss", what="prepared dataset", uri=spec.dataset.uri, key=key)
+        data = self.check(model_dir)
+        entry = self.cache.fill(key, lambda folder: inputs.save_data(data, folder), {"uri": spec.dataset.uri})
+        return data, entry
+
+    def check(self, model_dir: Path) -> PreparedData:
+        spec = self.config.spec
+        access = s3.Access.of(spec.dataset.s3)
+        uri = spec.dataset.uri
+        path = fetched(
+            "dataset", uri, DATASET_NOT_FOUND, DATASET_UNAVAILABLE, lambda: inputs.fetch(uri, "dataset", access=access)
+        )
+        if not path.exists():
+            raise TrainerFailure(DATASET_NOT_FOUND, f"dataset {uri}: nothing at {path}")
+        hp = spec.hyperparameters
+        tokenizer = load_tokenizer(model_dir)
+        data = spec.dataset
+        return prepare(
+            tokenizer, path, spec.method, data.format, hp.max_seq_length, data.validation_split, hp.seed, data.split
+        )
+
+    def run(self) -> Report:
+        check_credentials(self.config)
+        model_dir, model_key = self.model_dir()
+        if not (model_dir / "config.json").is_file():
+            raise TrainerFailure(MODEL_NOT_FOUND, f"base model {self.config.spec.base_model.uri}: no config.json")
+        data, entry = self.data(model_dir, model_key)
+        self.tidy_cache([k for k in (model_key, entry.name if entry else "") if k])
+        report = data.report
+        return {
+            "records": report.records,
+            "tokens": report.tokens.total,
+            "truncated": report.truncated,
+            "dropped": report.dropped,
+            "checkedAt": datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+            "cache": str(entry) if entry else "",
+            "modelCache": str(model_dir) if model_key else "",
+            "downloaded": "",
+            "error": None,
+        }
+
+    def tidy_cache(self, used: list[str]) -> None:
+        """Remove staging folders of killed runs, then evict beyond the size limit (docs/cache.md)."""
+        settings = self.config.cache
+        if self.cache is None or settings is None:
+            return
+        quiet_since = self.started - settings.idle_seconds
+        for name in self.cache.clean_staging(quiet_since):
+            log_event("cache-staging-removed", folder=name)
+        if settings.size_limit_bytes is not None:
+            keep = [*settings.keep, *used]
+            for key in self.cache.evict(settings.size_limit_bytes, 0, keep, quiet_since):
+                log_event("cache-evicted", key=key)
+
+
+def check_credentials(config: TrainerConfig) -> None:
+    """AccessDenied, naming the Secret, when a Secret the spec names is missing (the prepare pod mounts them
+    optionally: a training pod would wait for it without a word)."""
+    spec = config.spec
+    for what, location in (("base model", spec.base_model), ("dataset", spec.dataset)):
+        secret = location.s3.secret_name if location.s3 else None
+        folder = Path(storage.s3_secret_dir(secret)) if secret else None
+        if folder is not None and not (folder / "AWS_ACCESS_KEY_ID").is_file():
+            message = f"{what} {location.uri}: the Secret {secret} (s3.secretName) is missing"
+            raise TrainerFailure(ACCESS_DENIED, f"{message} or lacks AWS_ACCESS_KEY_ID")
+        ref = location.secret_ref
+        if ref is not None and location.uri.startswith("hf://") and not os.environ.get("HF_TOKEN"):
+            message = f"{what} {location.uri}: the Secret {ref.name} (key {ref.key}, secretRef) is missing"
+            raise TrainerFailure(ACCESS_DENIED, message)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kubetune prepare", description="Fetch, check and cache a job's inputs.")
+    parser.add_argument("--config", required=True, type=Path, help="TrainerConfig, YAML or JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    reporter: StatusReporter | None = None
+    try:
+        config = load_config(args.config)
+        reporter = StatusReporter(status_sender(config.job), interval=2.0)
+        preparer = Preparer(config, reporter)
+        try:
+            report = preparer.run()
+        except TrainerFailure as failure:
+            preparer.send({"downloaded": "", "error": {"reason": failure.reason, "message": failure.message[:3500]}})
+            raise
+        preparer.send(report)
+        log_event("prepared", **report)
+        return 0
+    except TrainerFailure as failure:
+        return report_failure(failure)
+    except Exception:
+        traceback.print_exc()
+        return EXIT_RETRY
+    finally:
+        if reporter is not None:
+            reporter.close()
