@@ -82,6 +82,34 @@ class ServerConfig(_Config):
     or s3:// adapter by uri, or an s3:// adapter of a FineTuneJob)."""
 
 
+class PrepareConfig(_Config):
+    """The prepare step: a CPU pod per FineTuneJob that fetches and checks the inputs before the GPU pods."""
+
+    enabled: bool = True
+    """Off: the training pods fetch and check the inputs themselves, as before (no status.dataset)."""
+    scheduling: Scheduling | None = None
+    """Where prepare pods run; by default on the job's GPU type's nodes (its selector and tolerations), where
+    the job's claims are reachable, but without requesting a GPU."""
+    cpu: str = "1"
+    """CPU request and limit of a prepare pod."""
+    memory: str = "4Gi"
+    """Memory request and limit of a prepare pod (the tokenizer and one dataset file at a time)."""
+    backoff_limit: int = Field(default=2, ge=0)
+    """Retries of a prepare pod that crashed (a definite answer, e.g. DatasetInvalid, is never retried)."""
+
+
+class CacheConfig(_Config):
+    """The model and dataset cache shared by FineTuneJobs (docs/cache.md)."""
+
+    claim_name: str | None = None
+    """A claim of this name in a FineTuneJob's namespace holds the cache (ReadWriteMany across nodes); the
+    prepare pod writes it, training pods mount it read-only. A namespace without it: per-pod downloads."""
+    size_limit_gib: float | None = None
+    """Least recently used entries are evicted beyond this size (never one an unfinished job uses)."""
+    evict_idle_seconds: float = 3600.0
+    """Only entries unused this long may be evicted (covers a job whose prepare step ran moments ago)."""
+
+
 def _restricted_pod() -> dict[str, Any]:
     return {
         "runAsNonRoot": True,
@@ -115,6 +143,10 @@ class OperatorConfig(_Config):
     """Time the trainer gets after SIGTERM to write its final checkpoint."""
     server: ServerConfig = Field(default_factory=ServerConfig)
     """ModelServer settings."""
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    """The prepare step of FineTuneJobs."""
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    """The model and dataset cache."""
     pod_security_context: dict[str, Any] = Field(default_factory=_restricted_pod)
     """securityContext of every pod the operator creates. The default meets the "restricted" Pod Security
     Standard with kubetune's images (UID 65532; fsGroup makes claims and caches writable); set {} for images

@@ -272,6 +272,11 @@ def operator_config_for_tests() -> dict[str, Any]:
     # vLLM on CPU sizes its KV cache from this instead of the memory it would take by default.
     config.server.extra_args = ["--kv-cache-memory-bytes", "67108864"]
     config.server.adapter_resync_seconds = 2.0
+    # The cache claim, in the namespaces that have one (test_prepare.py): about 1 KB, so that every prepare step
+    # evicts what no unfinished job uses, and no idle time before an entry may go.
+    config.cache.claim_name = "kubetune-cache"
+    config.cache.size_limit_gib = 1e-6
+    config.cache.evict_idle_seconds = 0.0
     return config.model_dump(mode="json", by_alias=True)
 
 

@@ -116,7 +116,7 @@ def test_kubectl_get_shows_the_columns(api: Api, ns: str) -> None:
     assert patch_status_as(api, ns, "cols", pod, progress) is None
     table = api.kubectl("get", "finetunejobs", "-n", ns).stdout
     header, row = table.splitlines()[:2]
-    assert header.split() == ["NAME", "METHOD", "MODEL", "STATE", "PROGRESS", "LOSS", "ETA", "AGE"]
+    assert header.split() == ["NAME", "METHOD", "MODEL", "STATE", "PREPARED", "PROGRESS", "LOSS", "ETA", "AGE"]
     assert "cols" in row and "SFT" in row and "Running" in row and "45%" in row and "1.234" in row and "3m20s" in row
     servers = (
         api.kubectl("get", "msrv", "-n", ns).stderr + api.kubectl("get", "modelservers", "-n", ns, "-o", "wide").stderr
@@ -149,6 +149,10 @@ def test_a_training_pod_may_patch_only_its_own_jobs_status(api: Api, ns: str) ->
     progress = json.dumps({"status": {"progress": {"summary": "1% (1/100)"}}})
     assert patch_status_as(api, ns, "mine", pods["mine"], progress) is None
     assert patch_status_as(api, ns, "mine-0", pods["mine-0"], progress) is None
+    # A job's prepare pod (render/prepare.py) reports too, to its own job only.
+    assert patch_status_as(api, ns, "mine", "mine-prep-x7k2q", progress) is None
+    assert patch_status_as(api, ns, "mine-0", "mine-prep-x7k2q", progress) is not None
+    assert patch_status_as(api, ns, "mine", "mine-0-prep-x7k2q", progress) is not None
     # The admission policy: another job's status is refused, by name prefix too (mine-0's pod is not mine's).
     for job, pod in (("mine-0", pods["mine"]), ("mine", pods["mine-0"])):
         refused = patch_status_as(api, ns, job, pod, progress)

@@ -18,6 +18,7 @@ class RecordingKube:
 
     def __init__(self) -> None:
         self.trips: list[list[str]] = []
+        self.created: list[dict[str, Any]] = []
         self._together: list[str] | None = None
 
     def _send(self, kind: str) -> None:
@@ -28,6 +29,7 @@ class RecordingKube:
 
     def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
         self._send(manifest["kind"])
+        self.created.append(manifest)
         return {**manifest, "metadata": {**manifest["metadata"], "uid": "c1", "resourceVersion": "1"}, "status": {}}
 
     def start_all(self, calls: Iterable[Callable[[], Any]]) -> Callable[[], tuple[list[Any], list[Exception]]]:
@@ -61,13 +63,37 @@ def body(nodes: int) -> dict[str, Any]:
 
 
 def admit(nodes: int, namespace_written: bool = False) -> list[list[str]]:
+    return admitted(nodes, namespace_written=namespace_written).trips
+
+
+def admitted(nodes: int, prepare_job: dict[str, Any] | None = None, namespace_written: bool = False) -> RecordingKube:
     kube: Any = RecordingKube()
     ctx = Context(kube=kube, config=OperatorConfig(), status=StatusWriter(kube))
-    ctx.indexes = {"finetunejobs": {}, "training_jobs": {}, "training_pods": {}}
+    prepare_jobs = {KEY: [prepare_job]} if prepare_job else {}
+    ctx.indexes = {"finetunejobs": {}, "training_jobs": {}, "training_pods": {}, "prepare_jobs": prepare_jobs}
     if namespace_written:
         ctx.trainer_access.add("ns")
     finetunejob.admit(ctx, body(nodes), None)
-    return kube.trips
+    return kube
+
+
+def test_the_training_job_waits_for_the_prepare_step() -> None:
+    # No GPU is requested before the prepare pod (CPU only) has fetched and checked the inputs.
+    first = admitted(nodes=1)
+    (prepare,) = [m for m in first.created if m["kind"] == "Job"]
+    assert prepare["metadata"]["name"] == "sft-prep"
+    (container,) = prepare["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:2] == ["kubetune", "prepare"]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    # Its success (the Job Complete, for these inputs) lets the training Job be written.
+    done = {**prepare, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    second = admitted(nodes=1, prepare_job=done)
+    assert [m["metadata"]["name"] for m in second.created if m["kind"] == "Job"] == ["sft"]
+    # A prepare step that failed writes no training Job, and the run fails with the step's reason.
+    failed = {**prepare, "status": {"conditions": [{"type": "Failed", "status": "True", "message": "x"}]}}
+    third = admitted(nodes=1, prepare_job=failed)
+    assert [m for m in third.created if m["kind"] == "Job"] == []
+    assert ["Event"] in third.trips
 
 
 def test_the_job_goes_after_everything_its_pods_need_and_the_status_last() -> None:

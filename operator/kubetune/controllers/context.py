@@ -44,6 +44,7 @@ INDEXES = (
     "training_jobs",
     "training_pods",
     "training_workloads",
+    "prepare_jobs",
     "modelservers",
     "server_deployments",
     "server_pods",

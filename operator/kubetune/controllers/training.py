@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from kubetune import faults
 from kubetune.api.v1alpha1 import FineTuneJob, Plan
 from kubetune.config import UnknownGpuType
-from kubetune.controllers import metrics, mounts
+from kubetune.controllers import metrics, mounts, prepare
 from kubetune.controllers.context import RETRY_API_ERROR_S, Context, Key, retried
 from kubetune.k8s import children
 from kubetune.k8s.children import NameConflict
@@ -30,6 +30,7 @@ from kubetune.render import finetunejob as render
 from kubetune.render import trainer_access
 from kubetune.render.common import ANNOTATION_SPEC_HASH
 from kubetune.status import finetunejob as job_status
+from kubetune.status import preparation
 from kubetune.status.admission import Admitted, Blocked, check_reference
 from kubetune.status.conditions import get, set_condition
 
@@ -62,6 +63,8 @@ def needs_admission(status: dict[str, Any], generation: int, first_look: bool) -
     cond = get(status.get("conditions") or [], "Admitted")
     if cond is None or cond.get("observedGeneration") != generation:
         return True
+    if prepare.preparing(status):
+        return True  # the prepare pod reported (download progress, its result): look at its step again
     return first_look and cond.get("status") == "False" and cond.get("reason") in RECHECKED_AFTER_RESTART
 
 
@@ -120,10 +123,13 @@ def admit(ctx: Context, body: dict[str, Any], state: str | None) -> None:
     if planned is None:
         return
     plan, admitted = planned
-    job = _write_children(ctx, ftj, plan, admitted.init_adapter_uri)
+    job = _write_children(ctx, body, ftj, plan, admitted.init_adapter_uri)
+    if isinstance(job, preparation.PrepareStep):
+        prepare.write_status(ctx, body, state, plan, job, _plan_summary(plan))
+        return
     # Admitted only once every child is written: an operator that dies before this line admits the generation
     # again after its restart (every write is idempotent), one that dies after it finds its children in place.
-    _write_admitted(ctx, body, ftj, state, plan, job)
+    _write_admitted(ctx, body, ftj, state, plan, job, prepare.succeeded(ctx, body, ftj))
     faults.point("after-admitted", f"{ftj.metadata.namespace}/{ftj.metadata.name}")
 
 
@@ -150,14 +156,21 @@ def _plan(ctx: Context, body: dict[str, Any], ftj: FineTuneJob) -> tuple[Plan, A
     return plan, check
 
 
-def _write_children(ctx: Context, ftj: FineTuneJob, plan: Plan, init_adapter_uri: str | None) -> dict[str, Any] | None:
-    """Write the job's children, the training Job last; returns the Job as written (None: it has none now)."""
-    rendered = render.children(ftj, plan, ctx.config, init_adapter_uri)
+def _write_children(
+    ctx: Context, body: dict[str, Any], ftj: FineTuneJob, plan: Plan, init_adapter_uri: str | None
+) -> dict[str, Any] | preparation.PrepareStep | None:
+    """Write the job's children, the training Job last; returns the Job as written, the prepare step while it
+    has not succeeded (the prepare Job goes in the training Job's place until then), or None while the run has
+    no Job (a queued run that its user suspended)."""
+    key = (ftj.metadata.namespace, ftj.metadata.name)
+    existing = ctx.latest("training_jobs", key)
+    step = prepare.step(ctx, body, ftj) if ctx.config.prepare.enabled and not existing else None
+    prepared, claim = prepare.prepared_inputs(ctx, body, ftj)
+    rendered = render.children(ftj, plan, ctx.config, init_adapter_uri, prepared, claim)
     # A queued run suspended by its user has no Job (render.held_without_job): the one it had goes.
     job = rendered[-1] if rendered[-1]["kind"] == "Job" else None
     support = rendered[:-1] if job else rendered
-    existing = ctx.latest("training_jobs", (ftj.metadata.namespace, ftj.metadata.name))
-    if job is not None:
+    if job is not None and step is None:
         _replace_changed_job(ctx, job, existing)
     # The pods need every supporting object: the ServiceAccount to be admitted, the Role to report, the Service to
     # meet. All are written (and found to be kubetune's own) before the Job, so a pod never runs as an object that
@@ -169,6 +182,10 @@ def _write_children(ctx: Context, ftj: FineTuneJob, plan: Plan, init_adapter_uri
         if existing is not None and not existing["metadata"].get("deletionTimestamp"):
             ctx.kube.delete("Job", ftj.metadata.namespace, ftj.metadata.name, propagation="Foreground")
         return None
+    if step is not None and step.state != "succeeded":
+        if step.state in ("absent", "stale") and prepare.start(ctx, ftj, plan, init_adapter_uri, step):
+            raise Retry("inputs changed: replacing the prepare Job", 2.0)
+        return step
     return children.write(ctx.kube, job, ctx.owned(job), release=render.create_only_fields(ftj))
 
 
@@ -197,22 +214,37 @@ def trainer_access_deleted(ctx: Context, namespace: str) -> None:
             ctx.later(0, recheck, ctx, key)
 
 
-def _write_admitted(
-    ctx: Context, body: dict[str, Any], ftj: FineTuneJob, state: str | None, plan: Plan, job: dict[str, Any] | None
-) -> None:
-    """Admitted=True with the plan, and the status the new Job implies while it waits for its pods, in one patch."""
-    summary = (
+def _plan_summary(plan: Plan) -> str:
+    return (
         f"ZeRO-{plan.zero_stage}, micro-batch {plan.micro_batch_size} x {plan.gradient_accumulation_steps} "
         f"accumulation on {plan.world_size} GPU(s)"
     )
+
+
+def _write_admitted(
+    ctx: Context,
+    body: dict[str, Any],
+    ftj: FineTuneJob,
+    state: str | None,
+    plan: Plan,
+    job: dict[str, Any] | None,
+    prepared: preparation.PrepareStep | None = None,
+) -> None:
+    """Admitted=True with the plan (Prepared=True after a prepare step), and the status the new Job implies while
+    it waits for its pods, in one patch."""
+    summary = _plan_summary(plan)
     new_state = None if state in ("Running", "Suspended") else "Pending"
     observed = _observed(ctx, (ftj.metadata.namespace, ftj.metadata.name), body, job)
 
     def waiting_for_pods(current: Status) -> Status:
         """The status the new Job implies while it waits for its pods, written with the admission rather than
         in a patch of its own; other states (and their Events) are left to sync_status."""
-        derived = job_status.derive(replace(observed, status=current))
-        return derived if derived.get("state") == "Pending" else {}
+        conditions = current.get("conditions") or []
+        if prepared is not None:
+            gen = ftj.metadata.generation
+            conditions = set_condition(conditions, "Prepared", True, prepared.reason, prepared.message, generation=gen)
+        derived = job_status.derive(replace(observed, status={**current, "conditions": conditions}))
+        return derived if derived.get("state") == "Pending" else {"conditions": conditions}
 
     _write_admission(
         ctx,

@@ -16,6 +16,7 @@ from kubetune.controllers import training
 from kubetune.controllers.context import Context, Key
 from kubetune.handlers.watch import context, in_worker, is_echo, on_object_event, slim
 from kubetune.render.common import LABEL_FINETUNEJOB
+from kubetune.render.prepare import LABEL_PREPARE
 
 FTJ = "finetunejobs.kubetune.io"
 # What the status needs of a training Job's spec; the pod template is not kept in memory.
@@ -67,6 +68,23 @@ async def training_workloads(namespace: str | None, body: kopf.Body, **_: Any) -
     Job's status comes from its Workload's conditions."""
     job = workload_job(body)
     return {(namespace or "", job[0]): workload_view(body, job[1])} if job else {}
+
+
+@kopf.index("batch", "v1", "jobs", labels={LABEL_PREPARE: kopf.PRESENT})
+async def prepare_jobs(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Key, dict[str, Any]]:
+    return {(namespace or "", labels[LABEL_PREPARE]): slim(body, spec=False)}
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_PREPARE: kopf.PRESENT})
+async def prepare_job_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
+    """The prepare step ended (or changed): admission looks at it again and writes the training Job after a
+    success, the failure otherwise."""
+    ctx = context(memo, kwargs)
+    key = (namespace or "", labels[LABEL_PREPARE])
+    if ctx.latest("finetunejobs", key) is not None:
+        await in_worker(ctx, training.reconcile, ctx, key, True)
 
 
 @kopf.index(FTJ)

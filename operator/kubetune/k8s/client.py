@@ -34,6 +34,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "ConfigMap": ("/api/v1", "configmaps"),
     "Namespace": ("/api/v1", "namespaces"),
     "Event": ("/api/v1", "events"),
+    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "Pod": ("/api/v1", "pods"),
     "ResourceQuota": ("/api/v1", "resourcequotas"),
     "Secret": ("/api/v1", "secrets"),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.api.v1alpha1 import API_VERSION, KubeModel
-from kubetune.storage import CACHE_ROOT, CONFIGMAP_ROOT, PVC_ROOT, S3_SECRETS_ROOT, parse
+from kubetune.storage import CACHE_ROOT, CONFIGMAP_ROOT, PVC_ROOT, S3_SECRETS_ROOT, SHARED_CACHE_ROOT, parse
 
 MANAGED_BY = "kubetune-operator"
 LABEL_FINETUNEJOB = "kubetune.io/finetunejob"
@@ -123,6 +123,18 @@ def cache_and_shm_parts() -> PodParts:
         env=[{"name": "HF_HOME", "value": f"{CACHE_ROOT}/hf"}],
         volumes=[{"name": "dshm", "emptyDir": {"medium": "Memory"}}, {"name": "cache", "emptyDir": {}}],
         mounts=[{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "cache", "mountPath": CACHE_ROOT}],
+    )
+
+
+def cache_parts(claim: str | None, writable: bool) -> PodParts:
+    """The shared model and dataset cache (docs/cache.md): the claim at SHARED_CACHE_ROOT, writable only for the
+    prepare step; nothing without a claim."""
+    if not claim:
+        return PodParts()
+    volume = {"name": "shared-cache", "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}}
+    mount = {"name": "shared-cache", "mountPath": SHARED_CACHE_ROOT, "readOnly": not writable}
+    return PodParts(
+        env=[{"name": "KUBETUNE_SHARED_CACHE", "value": SHARED_CACHE_ROOT}], volumes=[volume], mounts=[mount]
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from kubetune.api.v1alpha1 import FineTuneJob, JobIdentity, Plan, TrainerConfig
+from kubetune.api.v1alpha1 import FineTuneJob, JobIdentity, Plan, PreparedInputs, TrainerConfig
 from kubetune.api.v1alpha1.trainerconfig import METRICS_PORT
 from kubetune.config import OperatorConfig
 from kubetune.render.common import (
@@ -27,6 +27,7 @@ from kubetune.render.common import (
     Manifest,
     PodParts,
     cache_and_shm_parts,
+    cache_parts,
     content_hash,
     credential_parts,
     labels,
@@ -80,8 +81,11 @@ class Names:
         return f"{self.training_job}-0.{self.service}.{namespace}.svc" if nodes > 1 else "127.0.0.1"
 
 
-def trainer_config(ftj: FineTuneJob, plan: Plan, init_adapter_uri: str | None) -> TrainerConfig:
-    """The configuration the trainer reads: the admitted spec plus the resolved plan."""
+def trainer_config(
+    ftj: FineTuneJob, plan: Plan, init_adapter_uri: str | None, prepared: PreparedInputs | None = None
+) -> TrainerConfig:
+    """The configuration the trainer reads: the admitted spec plus the resolved plan (and where the prepare step
+    cached the inputs)."""
     base = parse(ftj.spec.base_model.uri)
     return TrainerConfig(
         job=JobIdentity(name=ftj.metadata.name, namespace=ftj.metadata.namespace, uid=ftj.metadata.uid),
@@ -89,19 +93,27 @@ def trainer_config(ftj: FineTuneJob, plan: Plan, init_adapter_uri: str | None) -
         plan=plan,
         init_adapter_uri=init_adapter_uri,
         base_model_revision=base.revision,
+        prepared=prepared,
     )
 
 
 def children(
-    ftj: FineTuneJob, plan: Plan, config: OperatorConfig, init_adapter_uri: str | None = None
+    ftj: FineTuneJob,
+    plan: Plan,
+    config: OperatorConfig,
+    init_adapter_uri: str | None = None,
+    prepared: PreparedInputs | None = None,
+    cache_claim: str | None = None,
 ) -> list[Manifest]:
     """Every object the operator writes for a FineTuneJob, in creation order: its namespace's trainer access
-    (shared with the namespace's other jobs), then the job's own children."""
-    trainer = trainer_config(ftj, plan, init_adapter_uri)
+    (shared with the namespace's other jobs), then the job's own children (the prepare Job, render/prepare.py, goes
+    in the training Job's place until it succeeded)."""
+    trainer = trainer_config(ftj, plan, init_adapter_uri, prepared)
     # One node rendezvouses on its own pod: a Service would only cost API writes and endpoint updates.
     service = [headless_service(ftj, config)] if ftj.spec.resources.nodes > 1 else []
     # Kueue alone suspends a queued Job: a queued run that its user suspends has none (docs/kueue.md).
-    job = [] if held_without_job(ftj.spec.queue_name, ftj.spec.suspend) else [training_job(ftj, trainer, config)]
+    queued_and_held = held_without_job(ftj.spec.queue_name, ftj.spec.suspend)
+    job = [] if queued_and_held else [training_job(ftj, trainer, config, cache_claim)]
     return [*namespace_objects(ftj.metadata.namespace), *service, *job]
 
 
@@ -169,7 +181,8 @@ def _distributed_env(ftj: FineTuneJob, config: OperatorConfig) -> list[Manifest]
     ]
 
 
-def _pod_parts(ftj: FineTuneJob, trainer: TrainerConfig) -> PodParts:
+def pod_parts(ftj: FineTuneJob, trainer: TrainerConfig) -> PodParts:
+    """Config file, cache, claims, ConfigMaps and credentials: what every pod reading the job's inputs mounts."""
     spec = ftj.spec
     uris = [(spec.base_model.uri, False), (spec.dataset.uri, False), (spec.output.uri, True)]
     if trainer.init_adapter_uri:
@@ -193,10 +206,12 @@ def _pod_parts(ftj: FineTuneJob, trainer: TrainerConfig) -> PodParts:
     )
 
 
-def pod_template(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfig) -> Manifest:
+def pod_template(
+    ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfig, cache_claim: str | None = None
+) -> Manifest:
     spec = ftj.spec
     names = Names(ftj.metadata.name)
-    parts = _pod_parts(ftj, trainer)
+    parts = pod_parts(ftj, trainer) + cache_parts(cache_claim, writable=False)
     env = merge_parts([PodParts(env=_distributed_env(ftj, config)), parts, PodParts(env=user_env(spec.env))]).env
     gpu = config.gpu_type(spec.resources.gpu_type)
     pod_labels = labels(LABEL_FINETUNEJOB, ftj.metadata.name, "trainer")
@@ -242,10 +257,13 @@ def training_hash(template: Manifest) -> str:
     return content_hash(template)
 
 
-def training_job(ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfig) -> Manifest:
-    """An Indexed Job with one pod per node; pod i is NODE_RANK i."""
+def training_job(
+    ftj: FineTuneJob, trainer: TrainerConfig, config: OperatorConfig, cache_claim: str | None = None
+) -> Manifest:
+    """An Indexed Job with one pod per node; pod i is NODE_RANK i. With a cache claim, the pods mount it
+    read-only (the prepare step filled it)."""
     spec = ftj.spec
-    template = pod_template(ftj, trainer, config)
+    template = pod_template(ftj, trainer, config, cache_claim)
     job_meta = _meta(ftj, Names(ftj.metadata.name).training_job)
     job_meta["annotations"] = {ANNOTATION_SPEC_HASH: training_hash(template)}
     if spec.queue_name:

@@ -5,8 +5,10 @@ Every namespace with FineTuneJobs has one ServiceAccount, Role and RoleBinding f
 that account patch the status of FineTuneJobs; the ValidatingAdmissionPolicy `kubetune-trainer-status` narrows
 it to the job whose training pod holds the token. A pod's token names its pod (the claim
 `authentication.kubernetes.io/pod-name`), and the pods of a training Job are named `<job>-<index>-<suffix>`
-(an Indexed Job named like its FineTuneJob), so the policy compares the two. That is also why FineTuneJob names
-are at most 52 characters: Kubernetes cuts the pod name's prefix at 58 (`<name>-<index>-`, index < 1024).
+(an Indexed Job named like its FineTuneJob), and its prepare pod `<job>-prep-<suffix>` (the Job `<job>-prep`,
+render/prepare.py), so the policy compares the two; no pod of another job matches (their rest has a further
+`-`). That is also why FineTuneJob names are at most 52 characters: Kubernetes cuts the pod name's prefix at 58
+(`<name>-<index>-`, index < 1024; `<name>-prep-`).
 
 The policy is cluster-scoped: the chart installs it (`admissionPolicy.enabled`), `kubetune dev up` and the tests
 apply it with the CRDs. Without it, a training pod could patch the status of other FineTuneJobs of its
@@ -99,7 +101,7 @@ def status_policy() -> list[Manifest]:
             "validations": [
                 {
                     "expression": "variables.pod.startsWith(variables.prefix)"
-                    " && variables.pod.substring(size(variables.prefix)).matches('^[0-9]+-[a-z0-9]+$')",
+                    " && variables.pod.substring(size(variables.prefix)).matches('^([0-9]+|prep)-[a-z0-9]+$')",
                     "reason": "Forbidden",
                     "message": "A training pod may change only the status of its own FineTuneJob.",
                     "messageExpression": "'A training pod may change only the status of its own FineTuneJob: '"

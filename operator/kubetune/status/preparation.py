@@ -1,0 +1,79 @@
+"""Where a FineTuneJob's prepare step stands (pure): from its Job and the report the prepare pod wrote into
+status.dataset. The controller writes the training Job only after `look` says succeeded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from kubetune.api.v1alpha1 import PreparedInputs
+
+ANNOTATION_SPEC_HASH = "kubetune.io/spec-hash"  # the prepare Job carries its inputs hash (render/prepare.py)
+StepState = Literal["absent", "stale", "running", "succeeded", "failed"]
+# Reasons the prepare pod reports for inputs that no retry can fix (trainer/errors.py).
+DEFINITE_REASONS = ("DatasetInvalid", "DatasetNotFound", "ModelNotFound", "AccessDenied", "ConfigInvalid")
+
+
+@dataclass(frozen=True)
+class PrepareStep:
+    state: StepState
+    reason: str
+    message: str
+
+
+def _condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return dict(cond)
+    return None
+
+
+def report_for(dataset: dict[str, Any] | None, digest: str) -> dict[str, Any]:
+    """status.dataset when it was written for these inputs, else {}."""
+    return dict(dataset) if dataset and dataset.get("inputsHash") == digest else {}
+
+
+def summary(report: dict[str, Any]) -> str:
+    """E.g. "120 records, 9,840 tokens, 3 truncated at maxSeqLength, cached at /var/cache/..."."""
+    if not report:
+        return "the prepare step succeeded (it sent no report)"
+    text = f"{report.get('records', 0)} records, {report.get('tokens', 0):,} tokens"
+    text += f", {report.get('truncated', 0)} truncated at maxSeqLength"
+    if report.get("dropped"):
+        text += f", {report['dropped']} dropped (prompt fills maxSeqLength)"
+    return text + (f"; prepared at {report['cache']}" if report.get("cache") else "")
+
+
+def look(job: dict[str, Any] | None, dataset: dict[str, Any] | None, digest: str) -> PrepareStep:
+    """The prepare step of inputs `digest`, from its Job (None: not written) and status.dataset."""
+    if job is None:
+        return PrepareStep("absent", "Preparing", "the prepare pod is being created")
+    if (job.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH) != digest:
+        return PrepareStep("stale", "Preparing", "the inputs changed: the prepare step runs again")
+    report = report_for(dataset, digest)
+    if _condition(job, "Complete") is not None:
+        return PrepareStep("succeeded", "DatasetChecked", summary(report))
+    error = report.get("error") or {}
+    if _condition(job, "Failed") is not None:
+        if error.get("reason"):
+            return PrepareStep("failed", str(error["reason"]), str(error.get("message", "")))
+        cond = _condition(job, "Failed") or {}
+        return PrepareStep("failed", "PrepareFailed", f"the prepare Job failed: {cond.get('message', '')}".strip())
+    if report.get("downloaded"):
+        return PrepareStep("running", "Downloading", str(report["downloaded"]))
+    return PrepareStep("running", "Preparing", "fetching the base model and the dataset, checking the dataset")
+
+
+def prepared_inputs(dataset: dict[str, Any] | None, digest: str) -> PreparedInputs | None:
+    """Where the training pods find the cached inputs; None without a cache (they fetch them themselves)."""
+    report = report_for(dataset, digest)
+    if report.get("error") or not report.get("cache"):
+        return None
+    return PreparedInputs(model_dir=str(report.get("modelCache") or ""), dataset_dir=str(report["cache"]))
+
+
+def entries_in_use(datasets: list[dict[str, Any] | None]) -> list[str]:
+    """Cache folders named by the reports of unfinished jobs: the prepare step never evicts them."""
+    paths = [str(p) for d in datasets if d for p in (d.get("cache"), d.get("modelCache")) if p]
+    # ROOT/entries/KEY[/model]: the folder right under entries/ is the entry.
+    return sorted({p.split("/entries/", 1)[1].split("/")[0] for p in paths if "/entries/" in p})

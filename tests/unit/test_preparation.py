@@ -1,0 +1,79 @@
+"""The prepare step: its Job (render/prepare.py) and where it stands (status/preparation.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from kubetune.config import OperatorConfig
+from kubetune.render import finetunejob
+from kubetune.render import prepare as render
+from kubetune.render.common import ANNOTATION_SPEC_HASH
+from kubetune.status import preparation
+from kubetune.storage import SHARED_CACHE_ROOT
+from tests.unit.test_render import CONFIG, PLAN, check_golden, load_ftj
+
+
+def prepare_job(config: OperatorConfig = CONFIG, claim: str | None = None) -> dict[str, Any]:
+    ftj = load_ftj("finetunejob-sft.yaml")
+    return render.prepare_job(ftj, finetunejob.trainer_config(ftj, PLAN, None), config, claim, ["in-use"])
+
+
+def test_prepare_job_matches_golden_and_requests_no_gpu() -> None:
+    job = prepare_job(claim="kubetune-cache")
+    check_golden("finetunejob-prepare.yaml", [job])
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:2] == ["kubetune", "prepare"]
+    assert set(container["resources"]["limits"]) == {"cpu", "memory"}
+    # It reads what the training pods read, and writes the cache (the only pod that may).
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert not mounts[SHARED_CACHE_ROOT].get("readOnly")
+    config = yaml.safe_load(job["spec"]["template"]["metadata"]["annotations"][finetunejob.ANNOTATION_TRAINER_CONFIG])
+    assert config["cache"]["keep"] == ["in-use"] and config["inputsHash"] == job["metadata"]["annotations"][
+        ANNOTATION_SPEC_HASH
+    ]
+    # It is not labelled as a training Job: the training indexes never see it.
+    assert "kubetune.io/finetunejob" not in job["metadata"]["labels"]
+
+
+def test_prepare_runs_on_the_gpu_types_nodes_unless_told_otherwise() -> None:
+    job = prepare_job()
+    assert job["spec"]["template"]["spec"]["nodeSelector"] == CONFIG.gpu_type("rtx-4090d").node_selector
+    own = OperatorConfig.model_validate({"prepare": {"scheduling": {"nodeSelector": {"pool": "cpu"}}}})
+    assert prepare_job(own)["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "cpu"}
+    assert "tolerations" not in prepare_job(own)["spec"]["template"]["spec"]
+
+
+def test_training_pods_mount_the_cache_read_only() -> None:
+    ftj = load_ftj("finetunejob-sft.yaml")
+    prepared = preparation.prepared_inputs({"inputsHash": "h", "cache": f"{SHARED_CACHE_ROOT}/entries/d"}, "h")
+    job = finetunejob.children(ftj, PLAN, CONFIG, None, prepared, "kubetune-cache")[-1]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert {m["mountPath"]: m for m in container["volumeMounts"]}[SHARED_CACHE_ROOT]["readOnly"] is True
+    config = yaml.safe_load(job["spec"]["template"]["metadata"]["annotations"][finetunejob.ANNOTATION_TRAINER_CONFIG])
+    assert config["prepared"] == {"modelDir": "", "datasetDir": f"{SHARED_CACHE_ROOT}/entries/d"}
+
+
+def job(digest: str, condition: str | None = None, message: str = "") -> dict[str, Any]:
+    conditions = [{"type": condition, "status": "True", "message": message}] if condition else []
+    return {"metadata": {"annotations": {ANNOTATION_SPEC_HASH: digest}}, "status": {"conditions": conditions}}
+
+
+def test_where_the_prepare_step_stands() -> None:
+    report = {"inputsHash": "h", "records": 120, "tokens": 9840, "truncated": 3, "cache": "/c/entries/d"}
+    assert preparation.look(None, None, "h").state == "absent"
+    assert preparation.look(job("old"), report, "h").state == "stale"
+    progress = "base model: 1.0 GB of 15.0 GB"
+    running = preparation.look(job("h"), {"inputsHash": "h", "downloaded": progress}, "h")
+    assert (running.state, running.reason, running.message) == ("running", "Downloading", progress)
+    done = preparation.look(job("h", "Complete"), report, "h")
+    assert done.state == "succeeded" and done.message.startswith("120 records, 9,840 tokens, 3 truncated"), done
+    # The prepare pod's reason wins over the Job's; a report of other inputs is not used.
+    bad = {"inputsHash": "h", "error": {"reason": "DatasetInvalid", "message": "line 2: missing 'response'"}}
+    failed = preparation.look(job("h", "Failed"), bad, "h")
+    assert (failed.state, failed.reason, failed.message) == ("failed", "DatasetInvalid", "line 2: missing 'response'")
+    crashed = preparation.look(job("h", "Failed", "BackoffLimitExceeded"), {**bad, "inputsHash": "x"}, "h")
+    assert crashed.reason == "PrepareFailed" and "BackoffLimitExceeded" in crashed.message
+    assert preparation.prepared_inputs(report, "x") is None
+    assert preparation.entries_in_use([report, None, {"modelCache": "/c/entries/m/model"}]) == ["d", "m"]
