@@ -1,0 +1,224 @@
+"""The prepare step on the node agent: inputs fetched, checked and cached by a CPU pod before any GPU pod.
+
+The tiny model and its data are in a real S3 API (moto's server, whose request log is where downloads are
+counted); the namespace has the cache claim the tests' operator configuration names (`kubetune-cache`, a size
+limit of about 1 KB and no idle time, so every prepare step evicts what no unfinished job uses). A
+`kubectl get pods --watch` runs through each test and records every pod that requests a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests import s3server
+from tests.integration import serving
+from tests.integration.support import AgentProcess, Api, OperatorProcess, cpu_agent, dump, wait_for
+from tests.integration.training import events_of, job_pods, pod_logs, training_job, wait_done
+
+from kubetune.dev.controlplane import Cluster
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="the node agent needs root"),
+    pytest.mark.skipif(not importlib.util.find_spec("trl"), reason="needs the trainer extra: hack/setup.sh trainer"),
+]
+
+BUCKET = "prepare"
+SECRET = "s3-inputs"
+CACHE_CLAIM = "kubetune-cache"
+BAD_LINES = {3: "missing 'response'", 5: "'prompt' is empty"}
+
+
+@dataclass
+class Scene:
+    ns: str
+    root: Path
+    """The agent's folder of this namespace's claims."""
+    agent: AgentProcess
+    bucket: s3server.S3Server
+    moto_log: Path
+    gpu_pods: list[str] = field(default_factory=list)
+    """Every pod that requested a GPU, as the watch saw them."""
+
+    def s3(self, key: str) -> dict[str, Any]:
+        return {"uri": f"s3://{BUCKET}/{key}", "s3": {"secretName": SECRET, "endpoint": self.bucket.endpoint}}
+
+    def object_gets(self) -> list[str]:
+        """The object downloads moto answered so far (GET of a key, not a listing)."""
+        lines = self.moto_log.read_text(errors="replace").splitlines()
+        return [m.group(1) for line in lines if (m := re.search(rf'"GET /{BUCKET}/([^ ?]+) HTTP', line))]
+
+    def entries(self) -> list[str]:
+        folders = (self.root / CACHE_CLAIM / "entries").glob("*")
+        return sorted(p.name for p in folders if (p / "kubetune-entry.json").exists())
+
+
+@pytest.fixture(scope="module")
+def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    yield from cpu_agent(cluster, tmp_path_factory.mktemp("prepare-agent"), "prepare")
+
+
+@pytest.fixture(scope="module")
+def scene(
+    api: Api, operator: OperatorProcess, agent: AgentProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Scene]:
+    moto_log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with s3server.running(moto_log) as bucket:
+        client = bucket.client()
+        client.create_bucket(Bucket=BUCKET)
+        ns = api.create_namespace()
+        wait_for(lambda: api.get("ServiceAccount", ns, "default"), 30, f"ServiceAccount default in {ns}")
+        for claim in ("adapters", CACHE_CLAIM):
+            api.create_bound_pvc(ns, claim)
+        root = agent.state_dir / "pvc" / ns
+        model = serving.build_model(tmp_path_factory.mktemp("assets"))
+        for prefix in ("models/tiny", "models/tiny-copy"):
+            for path in sorted(model.rglob("*")):
+                if path.is_file():
+                    client.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(model).as_posix()}")
+        records = serving.sft_records()
+        client.put_object(Bucket=BUCKET, Key="data/sft.jsonl", Body="".join(f"{json.dumps(r)}\n" for r in records))
+        bad = [json.dumps(r) for r in records[:6]]
+        bad[2] = '{"prompt": "no answer"}'
+        bad[4] = '{"prompt": "", "response": "x"}'
+        client.put_object(Bucket=BUCKET, Key="data/bad.jsonl", Body="\n".join(bad) + "\n")
+        keys = [f"--from-literal={k}={v}" for k, v in (("AWS_ACCESS_KEY_ID", "t"), ("AWS_SECRET_ACCESS_KEY", "t"))]
+        api.kubectl("create", "secret", "generic", SECRET, "-n", ns, *keys)
+        scene = Scene(ns, root, agent, bucket, moto_log)
+        watch = watch_gpu_pods(api, scene)
+        try:
+            yield scene
+        finally:
+            watch.terminate()
+            api.kubectl("delete", "finetunejobs,jobs,pods", "--all", "-n", ns, "--wait=false", check=False)
+            wait_for(lambda: not api.kube.list("Pod", ns) or None, 90, f"pods of {ns} to go")
+            api.kube.delete("Namespace", "", ns)
+
+
+def watch_gpu_pods(api: Api, scene: Scene) -> subprocess.Popen[str]:
+    """`kubectl get pods --watch` for the whole module: every version of every pod passes by it."""
+    template = '{.metadata.name}{" "}{.spec.containers[*].resources.limits.nvidia\\.com/gpu}{"\\n"}'
+    kubectl = api.cluster.kubectl_path
+    args = [str(kubectl), f"--kubeconfig={api.cluster.kubeconfig}", "get", "pods", "-n", scene.ns, "--watch"]
+    proc = subprocess.Popen([*args, "-o", f"jsonpath={template}"], stdout=subprocess.PIPE, text=True)
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            name, _, gpus = line.strip().partition(" ")
+            if gpus.strip():
+                scene.gpu_pods.append(name)
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc
+
+
+def job_spec(
+    scene: Scene, name: str, model: str = "models/tiny", data: str = "data/sft.jsonl", split: float = 0.0, **spec: Any
+) -> dict[str, Any]:
+    dataset = {**scene.s3(data), "validationSplit": split}
+    return training_job(name, scene.ns, steps=2, every=2, baseModel=scene.s3(model), dataset=dataset, **spec)
+
+
+def test_good_dataset_is_checked_on_a_cpu_then_trained_from_the_cache(api: Api, scene: Scene) -> None:
+    api.apply(job_spec(scene, "good"))
+    status = wait_done(api, scene.ns, "good", timeout=240)
+    assert status.get("restarts", 0) == 0, dump(status)
+    dataset = status["dataset"]
+    assert dataset["records"] == len(serving.sft_records()) and dataset["tokens"] > 0, dump(status)
+    assert dataset["truncated"] == 0 and dataset["checkedAt"], dump(status)
+    assert dataset["cache"].startswith("/var/cache/kubetune-shared/entries/"), dump(status)
+    prepared = next(c for c in status["conditions"] if c["type"] == "Prepared")
+    assert (prepared["status"], prepared["reason"]) == ("True", "DatasetChecked"), dump(status)
+    assert f"{dataset['records']} records" in prepared["message"]
+    # The prepare pod asked for no GPU; the training pod read the cache instead of downloading.
+    (prepare_pod,) = api.kube.list("Pod", scene.ns, "kubetune.io/prepare=good")
+    assert "nvidia.com/gpu" not in prepare_pod["spec"]["containers"][0]["resources"].get("limits", {})
+    (train_pod,) = job_pods(api, scene.ns, "good")
+    events = events_of(pod_logs(scene.agent, scene.ns, train_pod["metadata"]["name"]))
+    assert [e for e in events if e["event"] == "prepared-inputs"], events[:10]
+    # The watch of GPU pods sees training pods (so that its silence about the invalid dataset's job means something).
+    wait_for(lambda: train_pod["metadata"]["name"] in scene.gpu_pods, 30, "the watch to report the training pod")
+    table = api.kubectl("get", "ftj", "good", "-n", scene.ns).stdout
+    assert "DatasetChecked" in table, table
+
+
+def test_a_second_job_on_the_same_model_and_data_downloads_nothing(api: Api, scene: Scene) -> None:
+    before = scene.object_gets()
+    # The log counts downloads: the first job's prepare pod fetched the model's files and the data through it.
+    assert "models/tiny/model.safetensors" in before and "data/sft.jsonl" in before, before
+    api.apply(job_spec(scene, "again"))
+    status = wait_done(api, scene.ns, "again", timeout=240)
+    assert scene.object_gets() == before, scene.object_gets()[len(before) :]
+    assert status["dataset"]["cache"] and status["dataset"]["modelCache"], dump(status)
+    # The training pod trained from the read-only cache at its first try.
+    assert status.get("restarts", 0) == 0, dump(status)
+
+
+def test_an_invalid_dataset_fails_before_any_gpu_pod_with_every_bad_line(api: Api, scene: Scene) -> None:
+    api.apply(job_spec(scene, "bad", data="data/bad.jsonl"))
+    status = api.wait_state("FineTuneJob", scene.ns, "bad", "Failed", timeout=180)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "DatasetInvalid", dump(status)
+    for line, why in BAD_LINES.items():
+        assert f"line {line}: {why}" in failed["message"], failed["message"]
+    assert status["dataset"]["error"]["reason"] == "DatasetInvalid", dump(status)
+    warnings = [e for e in api.events(scene.ns, "bad") if e["type"] == "Warning"]
+    assert any(e["reason"] == "DatasetInvalid" and "line 3" in e["message"] for e in warnings), warnings
+    time.sleep(2)  # what the operator would do after the failure has had its chance
+    assert api.get("Job", scene.ns, "bad") is None
+    assert not [p for p in scene.gpu_pods if p.startswith("bad-")], scene.gpu_pods
+
+
+def test_a_killed_download_is_never_used_and_the_next_one_starts_clean(api: Api, scene: Scene) -> None:
+    # What a prepare pod killed mid-download leaves: a staging folder, and (copied by hand, say) an entry folder
+    # without its marker. The entry of models/tiny-copy must come from a complete download.
+    from kubetune.trainer.cache import entry_key
+
+    cache = scene.root / CACHE_CLAIM
+    key = entry_key(f"s3://{BUCKET}/models/tiny-copy")
+    half = cache / "staging" / f"{key}.killed"
+    (half / "model").mkdir(parents=True)
+    (half / "model" / "model.safetensors").write_bytes(b"half")
+    os.utime(half, (1.0, 1.0))
+    (cache / "entries" / key / "model").mkdir(parents=True)
+    (cache / "entries" / key / "model" / "config.json").write_text("{")
+    api.apply(job_spec(scene, "fresh", model="models/tiny-copy"))
+    status = wait_done(api, scene.ns, "fresh", timeout=240)
+    assert status["dataset"]["modelCache"] == f"/var/cache/kubetune-shared/entries/{key}/model", dump(status)
+    assert (cache / "entries" / key / "kubetune-entry.json").is_file()
+    assert (cache / "entries" / key / "model" / "model.safetensors").stat().st_size > 4
+    assert not half.exists()
+
+
+def test_eviction_takes_what_no_unfinished_job_uses(api: Api, scene: Scene) -> None:
+    # "held" stays unfinished (suspended after its prepare step): its entries must survive later prepare steps.
+    api.apply(job_spec(scene, "held", model="models/tiny-copy", suspend=True))
+    held = api.wait_state("FineTuneJob", scene.ns, "held", "Suspended", timeout=180)
+    held_entries = {held["dataset"]["cache"].rsplit("/", 1)[1], held["dataset"]["modelCache"].split("/")[-2]}
+    # An entry of a job that finished long ago (complete, last used an hour ago).
+    old = scene.root / CACHE_CLAIM / "entries" / "s3-old-model-0123456789abcdef"
+    (old / "model").mkdir(parents=True)
+    (old / "model" / "config.json").write_text("{}")
+    (old / "kubetune-entry.json").write_text(json.dumps({"uri": "s3://old/model", "bytes": 2}))
+    os.utime(old / "kubetune-entry.json", (time.time() - 3600,) * 2)
+    assert old.name in scene.entries()
+
+    api.apply(job_spec(scene, "next", split=0.25))
+    status = wait_done(api, scene.ns, "next", timeout=240)
+    mine = {status["dataset"]["cache"].rsplit("/", 1)[1], status["dataset"]["modelCache"].split("/")[-2]}
+    # Above its limit (about 1 KB), the cache keeps only what unfinished jobs and this step use.
+    assert set(scene.entries()) == held_entries | mine, (scene.entries(), held_entries, mine)
+    prepare_pod = api.kube.list("Pod", scene.ns, "kubetune.io/prepare=next")[0]["metadata"]["name"]
+    evicted = [e for e in events_of(pod_logs(scene.agent, scene.ns, prepare_pod)) if e["event"] == "cache-evicted"]
+    assert old.name in {e["key"] for e in evicted}, evicted
