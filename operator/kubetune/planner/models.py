@@ -10,7 +10,7 @@ conservative plan.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,10 @@ class ModelArchitecture:
     qk_norm: bool = False
     """RMSNorm on each query and key head (Qwen3)."""
     dtype: str = "bfloat16"
+    max_position_embeddings: int | None = None
+    """The context the model was trained for (config.json), in tokens; None when unknown."""
+    rope_theta: float | None = None
+    """The RoPE base (config.json's rope_theta); None when unknown."""
 
     @property
     def head_width(self) -> int:
@@ -134,9 +138,17 @@ def architecture_from_config(config: dict[str, Any], name: str = "custom") -> Mo
             attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
             qk_norm=model_type == "qwen3",
             dtype=str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"),
+            max_position_embeddings=int(config.get("max_position_embeddings") or 0) or None,
+            rope_theta=_rope_theta(config),
         )
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _rope_theta(config: dict[str, Any]) -> float | None:
+    """rope_theta at the top of config.json, or inside rope_parameters (transformers 5)."""
+    theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta")
+    return float(theta) if theta else None
 
 
 def architecture_from_path(path: str | Path) -> ModelArchitecture | None:
@@ -156,9 +168,23 @@ def _qwen25(size: str, h: int, i: int, layers: int, heads: int, kv: int, vocab: 
     return ModelArchitecture(f"Qwen/Qwen2.5-{size}", h, i, layers, heads, kv, vocab, tied, attention_bias=True)
 
 
+# The context (max_position_embeddings) and RoPE base of the known models' -Instruct configs, by name prefix.
+_CONTEXTS = {
+    "Qwen/Qwen2.5-": (32768, 1_000_000.0),
+    "Qwen/Qwen3-": (40960, 1_000_000.0),
+    "meta-llama/Llama-3.1-": (131072, 500_000.0),
+    "mistralai/Mistral-7B-v0.3": (32768, 1_000_000.0),
+}
+
+
+def _with_context(arch: ModelArchitecture) -> ModelArchitecture:
+    found = next((v for prefix, v in _CONTEXTS.items() if arch.name.startswith(prefix)), None)
+    return replace(arch, max_position_embeddings=found[0], rope_theta=found[1]) if found else arch
+
+
 # From the models' public config.json files.
 KNOWN_ARCHITECTURES: dict[str, ModelArchitecture] = {
-    a.name.lower(): a
+    a.name.lower(): _with_context(a)
     for a in (
         _qwen25("0.5B", 896, 4864, 24, 14, 2, 151936, True),
         _qwen25("1.5B", 1536, 8960, 28, 12, 2, 151936, True),
