@@ -213,6 +213,37 @@ CASES = [
         "maxLoraRank must be one of 1, 8, 16, 32, 64, 128, 256, 320, 512",
     ),
     Rejection(
+        "rollout-all-zero",
+        SERVER,
+        {"spec.rollout": {"maxSurge": 0, "maxUnavailable": "0%"}},
+        "rollout.maxSurge and rollout.maxUnavailable may not both be 0",
+    ),
+    Rejection(
+        "rollout-number-as-text",
+        SERVER,
+        {"spec.rollout": {"maxSurge": "5"}},
+        "neither a number of replicas nor a percentage such as 25%",
+        "spec.rollout.maxSurge in body should match '^[0-9]+%$'",
+    ),
+    Rejection(
+        "autoscaling-min-above-max",
+        SERVER,
+        {"spec.autoscaling": {"minReplicas": 4, "maxReplicas": 2}},
+        "autoscaling.minReplicas must not be above autoscaling.maxReplicas",
+    ),
+    Rejection(
+        "allowed-client-empty",
+        SERVER,
+        {"spec.allowedClients": [{}]},
+        "each allowedClients entry needs a namespaceSelector, a podSelector or both",
+    ),
+    Rejection(
+        "context-beyond-rope-scaling",
+        SERVER,
+        {"spec.ropeScaling": {"factor": 2, "originalMaxPositionEmbeddings": 32768}},
+        "maxModelLen must not exceed ropeScaling.factor x ropeScaling.originalMaxPositionEmbeddings",
+    ),
+    Rejection(
         "temperature",
         SERVER,
         {"spec.generationDefaults.temperature": 3},

@@ -124,6 +124,10 @@ def crd_for(kind: type[KubeModel]) -> dict[str, Any]:
     }
     if rules := kind.__dict__.get("rules"):
         schema["x-kubernetes-validations"] = [r.as_schema() for r in rules]
+    subresources: dict[str, Any] = {"status": {}}
+    # A kind that autoscalers may scale names its replica paths (ModelServer.scale_subresource).
+    if scale := getattr(kind, "scale_subresource", None):
+        subresources["scale"] = dict(scale)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -147,7 +151,7 @@ def crd_for(kind: type[KubeModel]) -> dict[str, Any]:
                     "name": VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    "subresources": subresources,
                     "additionalPrinterColumns": list(kind.printer_columns),  # type: ignore[attr-defined]
                     "schema": {"openAPIV3Schema": schema},
                 }

@@ -37,6 +37,9 @@ def _contains(full: dict, part: dict) -> bool:
         if isinstance(value, dict):
             if not _contains(full[key], value):
                 return False
+        elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            if len(full[key]) != len(value) or not all(map(_contains, full[key], value)):
+                return False
         elif full[key] != value:
             return False
     return True
