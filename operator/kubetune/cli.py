@@ -55,6 +55,12 @@ def _fetcher(argv: list[str]) -> int:
     return main(argv)
 
 
+def _engine(argv: list[str]) -> int:
+    from kubetune.server.engine import main
+
+    return main(argv)
+
+
 def _plan(argv: list[str]) -> int:
     from kubetune.planner.cli import main
 
@@ -69,6 +75,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "prepare": (_prepare, "fetch, check and cache a FineTuneJob's inputs (its CPU prepare pod)"),
     "train": (_train, "run the trainer (inside a training pod)"),
     "ui": (_ui, "the Gradio chat page of a ModelServer (beside the server pods)"),
+    "engine": (_engine, "vLLM's OpenAI server, its error written as the container's termination message"),
     "fetcher": (_fetcher, "the adapter fetcher beside vLLM: pvc:// and s3:// adapters for runtime loading"),
     "dev": (_dev, "the local cluster: up, down, status, logs, build, demo"),
 }

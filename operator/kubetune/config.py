@@ -66,6 +66,28 @@ class Images(_Config):
     ui: str = "ghcr.io/kubetune/server:0.1.0"
 
 
+class SecretKeyRef(_Config):
+    """A key of a Secret, looked up in each ModelServer's own namespace."""
+
+    name: str = Field(min_length=1, max_length=253)
+    key: str = Field(min_length=1, max_length=253)
+
+
+class ServerNetworkPolicy(_Config):
+    """A NetworkPolicy per ModelServer that lets in only its allowedClients, the operator and its chat page."""
+
+    enabled: bool = False
+    """Render the policies (the chart turns this on). They take effect where the cluster's network plugin
+    enforces NetworkPolicies."""
+    operator_namespace: str = ""
+    """The operator's namespace, let in to both ports (the chart fills it in)."""
+    operator_pod_labels: dict[str, str] = Field(default_factory=dict)
+    """Labels of the operator's pods (the chart fills them in)."""
+    allow_from: list[dict[str, Any]] = Field(default_factory=list)
+    """NetworkPolicy peers let in to the server port of every ModelServer, e.g. the Prometheus that scrapes
+    /metrics or an ingress controller."""
+
+
 class ServerConfig(_Config):
     """How ModelServers are run in this installation."""
 
@@ -78,8 +100,19 @@ class ServerConfig(_Config):
     adapter_resync_seconds: float = 10.0
     """How often the operator looks at the replicas again while an adapter is not loaded everywhere."""
     fetcher_port: int = 8001
-    """Port of the adapter fetcher beside vLLM in every server pod (the operator asks it before loading a pvc://
-    or s3:// adapter by uri, or an s3:// adapter of a FineTuneJob)."""
+    """Port of the adapter fetcher beside vLLM in every server pod: the operator reaches vLLM's runtime LoRA API
+    through it, and asks it to prepare pvc:// and s3:// adapters."""
+    api_key_secret_ref: SecretKeyRef | None = None
+    """The API key of every ModelServer that sets no auth of its own: this Secret and key in its namespace."""
+    network_policy: ServerNetworkPolicy = Field(default_factory=ServerNetworkPolicy)
+    """NetworkPolicies for the server pods."""
+    prometheus_address: str = ""
+    """The Prometheus that KEDA asks for vLLM's metrics (spec.autoscaling), e.g.
+    http://prometheus-operated.monitoring.svc:9090."""
+    signing_key_file: str = ""
+    """PEM file of the operator's Ed25519 key (the chart mounts it from a Secret it generates). The operator signs
+    its requests to the adapter fetchers with it; their pods get the public key. Unset: a key made at start-up,
+    so every server rolls once when the operator restarts."""
 
 
 class PrepareConfig(_Config):

@@ -26,6 +26,7 @@ from kubetune.dev.demo import storage_manifests
 from kubetune.dev.nodes import create_simulated_nodes, wait_nodes_ready
 from kubetune.dev.podranges import claim_pod_range
 from kubetune.k8s.client import Kube
+from kubetune.signing import key_file
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -277,6 +278,8 @@ def operator_config_for_tests() -> dict[str, Any]:
     config.cache.claim_name = "kubetune-cache"
     config.cache.size_limit_gib = 1e-6
     config.cache.evict_idle_seconds = 0.0
+    # Where KEDA would read vLLM's metrics: no Prometheus runs, but ScaledObjects are written and validated.
+    config.server.prometheus_address = "http://prometheus.monitoring.svc:9090"
     return config.model_dump(mode="json", by_alias=True)
 
 
@@ -292,7 +295,9 @@ def operator_fixture(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory)
     )
     log_dir = tmp_path_factory.mktemp("operator")
     config = log_dir / "operator.yaml"
-    config.write_text(yaml.safe_dump(operator_config_for_tests()))
+    settings = operator_config_for_tests()
+    settings["server"]["signingKeyFile"] = str(key_file(log_dir / "signing-key.pem"))  # the same after a restart
+    config.write_text(yaml.safe_dump(settings))
     proc = OperatorProcess(cluster.kubeconfig, log_dir, config, metrics_port=free_ports(1)[0])
     proc.start()
     yield proc

@@ -383,6 +383,17 @@ def test_pod_conditions_keep_transition_times_and_other_conditions() -> None:
     assert next(c for c in ended if c["type"] == "Ready")["reason"] == "PodCompleted"
 
 
+def test_ready_waits_for_the_readiness_gates_as_a_kubelet_does() -> None:
+    ready = ContainerRecord("a", state="running", ready=True, started=True)
+    view = PodView("Running", True, True, [ready], readiness_gates=["kubetune.io/adapters-loaded"])
+    closed = {c["type"]: c for c in pod_conditions(view, [], "t1")}
+    assert closed["ContainersReady"]["status"] == "True"
+    assert (closed["Ready"]["status"], closed["Ready"]["reason"]) == ("False", "ReadinessGatesNotReady")
+    gate = {"type": "kubetune.io/adapters-loaded", "status": "True", "lastTransitionTime": "t2"}
+    opened = {c["type"]: c for c in pod_conditions(view, [*closed.values(), gate], "t3")}
+    assert opened["Ready"]["status"] == "True" and opened["kubetune.io/adapters-loaded"] == gate
+
+
 def test_restarted_agent_status_fails_the_pod_and_keeps_finished_containers() -> None:
     pod = {
         "spec": {"containers": [{"name": "a"}, {"name": "b"}, {"name": "c", "image": "img"}]},

@@ -48,7 +48,18 @@ IO_NAMES = (
     *IO_INSIDE_PURE,
 )
 # Every top-level package or module of kubetune is on one side; a new one must be placed here.
-OPERATOR_SIDE = (*PURE, "controllers", "handlers", "k8s", "config", "storage", "faults", "crdgen", "chart")
+OPERATOR_SIDE = (
+    *PURE,
+    "controllers",
+    "handlers",
+    "k8s",
+    "config",
+    "storage",
+    "signing",
+    "faults",
+    "crdgen",
+    "chart",
+)
 POD_SIDE = ("trainer", "server", "s3")  # runs in the training and serving pods
 TOOLS = ("cli", "__main__", "validate", "dev", "__init__")  # entry points and the local cluster
 HEAVY = ("torch", "transformers", "vllm", "gradio", "kubetune.trainer", "kubetune.server")

@@ -26,6 +26,7 @@ from kubetune.adapters.sync import (
     next_failure,
     next_retry,
     plan_actions,
+    replicas_in_line,
     retry_delay,
 )
 
@@ -43,5 +44,6 @@ __all__ = [
     "next_retry",
     "plan_actions",
     "reason_for_load_error",
+    "replicas_in_line",
     "retry_delay",
 ]

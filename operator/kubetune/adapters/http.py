@@ -1,10 +1,13 @@
-"""`ReplicaClient` over HTTP: vLLM's runtime LoRA API and the adapter fetcher in each server pod.
+"""`ReplicaClient` over HTTP: the adapter fetcher in each server pod, and vLLM's runtime LoRA API through it.
 
 The only I/O of the adapter feature. Each replica is addressed by its pod IP, so that every one of them is
-asked (a Service would pick one). vLLM must run with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (the rendered
-Deployment sets it). The fetcher (`kubetune fetcher`, server/fetcher.py), which alone mounts the adapters'
-Secrets, is told the adapter and how to reach it (the Secret's name, endpoint, region); it makes the files
-visible to vLLM and answers with adapter_config.json and kubetune.json.
+asked (a Service would pick one). Every request goes to the pod's fetcher (`kubetune fetcher`,
+server/fetcher.py), signed with the operator's key for that very pod (kubetune/signing.py): the fetcher
+forwards GET /v1/models and the load and unload calls to vLLM with the server's API key, which the operator
+never holds, and answers /prepare itself. vLLM must run with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (the
+rendered Deployment sets it). The fetcher alone mounts the adapters' Secrets: it is told the adapter and how to
+reach it (the Secret's name, endpoint, region), makes the files visible to vLLM and answers with
+adapter_config.json and kubetune.json.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 from kubetune.adapters.replicas import Outcome, Prepared
 from kubetune.adapters.sync import Action, Adapter, Replica, ReplicaReport
+from kubetune.signing import Signer
 
 log = logging.getLogger(__name__)
 ASK_TIMEOUT_S = 3.0
@@ -27,23 +31,28 @@ PREPARE_TIMEOUT_S = 300.0
 
 
 class HttpReplicas:
-    """The ReplicaClient of the running operator."""
+    """The ReplicaClient of the running operator: signs every request with `signer`."""
+
+    def __init__(self, signer: Signer) -> None:
+        self.signer = signer
 
     def report(self, replica: Replica) -> ReplicaReport:
-        return report(replica)
+        return report(replica, self.signer)
 
     def perform(self, action: Action) -> Outcome:
-        return perform(action)
+        return perform(action, self.signer)
 
     def prepare(self, replica: Replica, adapter: Adapter) -> Prepared:
-        return prepare(replica.fetcher, adapter)
+        return prepare(replica, adapter, self.signer)
 
 
-def _request(address: str, method: str, path: str, body: Any, timeout: float) -> tuple[int, str]:
-    """(HTTP status, body text); status 0 with the error when there was no answer."""
-    data = json.dumps(body).encode() if body is not None else None
+def _request(replica: Replica, signer: Signer, method: str, path: str, body: Any, timeout: float) -> tuple[int, str]:
+    """(HTTP status, body text) of a signed request to the replica's fetcher; status 0 with the error when there
+    was no answer."""
+    data = json.dumps(body).encode() if body is not None else b""
+    headers = {"Content-Type": "application/json", **signer.headers(method, path, replica.pod, data)}
     request = urllib.request.Request(
-        f"http://{address}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+        f"http://{replica.fetcher}{path}", data=data if body is not None else None, method=method, headers=headers
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -61,10 +70,10 @@ def _error_message(text: str) -> str:
         return text.strip()[:1000]
 
 
-def report(replica: Replica) -> ReplicaReport:
+def report(replica: Replica, signer: Signer) -> ReplicaReport:
     """The LoRA adapters a replica has loaded (name -> path), from GET /v1/models (vLLM lists each loaded adapter
     as a model with a `parent`)."""
-    status, text = _request(replica.address, "GET", "/v1/models", None, ASK_TIMEOUT_S)
+    status, text = _request(replica, signer, "GET", "/v1/models", None, ASK_TIMEOUT_S)
     if status != 200:
         return ReplicaReport(replica, None, _error_message(text) or f"HTTP {status}")
     try:
@@ -74,14 +83,15 @@ def report(replica: Replica) -> ReplicaReport:
     return ReplicaReport(replica, {m["id"]: m.get("root") or "" for m in models if m.get("parent")})
 
 
-def perform(action: Action) -> Outcome:
+def perform(action: Action, signer: Signer) -> Outcome:
     """One load or unload on one replica."""
+    replica = action.replica
     if action.verb == "load":
         body = {"lora_name": action.adapter, "lora_path": action.path}
-        status, text = _request(action.replica.address, "POST", "/v1/load_lora_adapter", body, LOAD_TIMEOUT_S)
+        status, text = _request(replica, signer, "POST", "/v1/load_lora_adapter", body, LOAD_TIMEOUT_S)
     else:
         body = {"lora_name": action.adapter}
-        status, text = _request(action.replica.address, "POST", "/v1/unload_lora_adapter", body, ASK_TIMEOUT_S)
+        status, text = _request(replica, signer, "POST", "/v1/unload_lora_adapter", body, ASK_TIMEOUT_S)
         if status == 404:
             status = 200  # already gone: what was wanted
     outcome = Outcome(action, status, "" if 200 <= status < 300 else _error_message(text))
@@ -91,12 +101,12 @@ def perform(action: Action) -> Outcome:
     return outcome
 
 
-def prepare(address: str, adapter: Adapter, timeout: float = PREPARE_TIMEOUT_S) -> Prepared:
-    """POST /prepare to the fetcher at `address` (host:port) for `adapter`."""
+def prepare(replica: Replica, adapter: Adapter, signer: Signer, timeout: float = PREPARE_TIMEOUT_S) -> Prepared:
+    """POST /prepare to the replica's fetcher for `adapter`."""
     body = {"uri": adapter.uri, "s3": adapter.s3.to_wire()}
-    status, text = _request(address, "POST", "/prepare", body, timeout)
+    status, text = _request(replica, signer, "POST", "/prepare", body, timeout)
     if status == 0:
-        return Prepared(0, message=f"adapter fetcher at {address}: {text}")
+        return Prepared(0, message=f"adapter fetcher at {replica.fetcher}: {text}")
     try:
         answer = json.loads(text)
     except ValueError:

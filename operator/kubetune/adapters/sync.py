@@ -160,6 +160,19 @@ def plan_actions(
     return actions
 
 
+def replicas_in_line(
+    adapters: list[Adapter], reports: list[ReplicaReport], failures: dict[str, Failure]
+) -> list[Replica]:
+    """The replicas that have every adapter they can have: all of `adapters` but those whose load was refused at
+    that path (a refused adapter must not keep a replica out of the Service). These may receive traffic."""
+    refused = {name for name, f in failures.items() if any(a.name == name and a.path == f.path for a in adapters)}
+    return [
+        r.replica
+        for r in reports
+        if r.loaded is not None and all(r.loaded.get(a.name) == a.path for a in adapters if a.name not in refused)
+    ]
+
+
 def adapter_states(
     adapters: list[Adapter], reports: list[ReplicaReport], failures: dict[str, Failure]
 ) -> list[AdapterView]:

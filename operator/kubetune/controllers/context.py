@@ -23,6 +23,7 @@ from kubetune.k8s import events
 from kubetune.k8s.children import Seen
 from kubetune.k8s.client import RESOURCES, ApiError, Kube
 from kubetune.k8s.status_writer import StatusWriter
+from kubetune.signing import Signer
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -31,7 +32,7 @@ Index = Mapping[Any, Iterable[Any]]
 """One of kopf's indexes as the controllers read it: key -> the objects under that key."""
 # Every kind of child the operator creates; each has an index `owned_<plural>` of the objects it labelled
 # as its own (handlers/children.py), by (namespace, name).
-CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "Service", "Job", "Deployment")
+CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "Service", "Job", "Deployment", "NetworkPolicy")
 
 
 def owned_index(kind: str) -> str:
@@ -60,6 +61,7 @@ RETRY_API_ERROR_S = 5.0
 # tried again after 5, 10, 20, ... seconds, up to this.
 BACKOFF_MAX_S = 300.0
 Work = TypeVar("Work", bound=Callable[..., None])
+
 
 @dataclass(frozen=True)
 class Refusal:
@@ -116,8 +118,13 @@ class Context:
     """Pod UID -> its last FailedMount Event's message, while it waits in ContainerCreating (controllers/mounts.py)."""
     trainer_access: set[str] = field(default_factory=set)
     """Namespaces whose trainer access (render/trainer_access.py) this process has written."""
-    replicas: ReplicaClient = field(default_factory=HttpReplicas)
-    """How the ModelServer controller talks to its server pods (vLLM, the adapter fetcher)."""
+    signer: Signer = field(default_factory=Signer.generate)
+    """The operator's key: it signs the requests to the adapter fetchers, whose pods get its public key."""
+    replica_client: ReplicaClient | None = None
+    """How the ModelServer controller talks to its server pods (their adapter fetchers), when a test gives its own;
+    `replicas` otherwise speaks HTTP signed by `signer`."""
+    autoscaling: dict[str, tuple[bool, str, str]] = field(default_factory=dict)
+    """ModelServer UID -> whether its ScaledObject is written, with a reason and message (spec.autoscaling)."""
     workers: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(WORKERS, thread_name_prefix="reconcile"), repr=False
     )
@@ -126,10 +133,25 @@ class Context:
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
+    @property
+    def replicas(self) -> ReplicaClient:
+        if self.replica_client is None:
+            self.replica_client = HttpReplicas(self.signer)
+        return self.replica_client
+
     @classmethod
     def create(cls, config: OperatorConfig) -> Context:
         kube = Kube.connect(config.field_manager)
-        return cls(kube=kube, config=config, status=StatusWriter(kube))
+        key_file = config.server.signing_key_file
+        if key_file:
+            signer = Signer.from_pem_file(key_file)
+        else:
+            log.warning(
+                "no server.signingKeyFile: a new key signs the requests to the adapter fetchers, so every "
+                "ModelServer's pods roll once now"
+            )
+            signer = Signer.generate()
+        return cls(kube=kube, config=config, status=StatusWriter(kube), signer=signer)
 
     def capture_indexes(self, kwargs: Mapping[str, Any]) -> None:
         """Keep the indexes kopf passes to every handler (live views) so that work scheduled for later can read
@@ -163,6 +185,7 @@ class Context:
         self.seen.discard(uid)
         self.applied.pop(uid, None)
         self.adapter_failures.pop(uid, None)
+        self.autoscaling.pop(uid, None)
         self.backoff.succeeded(uid)
         with self._guard:
             self._locks.pop(uid, None)

@@ -24,6 +24,7 @@ from kubetune.dev.binaries import KUEUE_VERSION, ensure_binaries, ensure_kueue
 from kubetune.dev.controlplane import Cluster, ControlPlane, KubectlError, free_ports, repo_root
 from kubetune.dev.nodes import create_simulated_nodes, parse_pools, wait_nodes_ready
 from kubetune.dev.podranges import claim_pod_range, release_pod_range
+from kubetune.signing import key_file
 
 DEFAULT_NODES = "gpu=4,cpu=2"
 DAEMON_START_TIMEOUT_S = 60.0
@@ -136,7 +137,11 @@ def start_agent(state_dir: Path, kubeconfig: Path, options: AgentOptions) -> Non
 def start_operator(state_dir: Path, kubeconfig: Path, config_text: str, metrics_port: int) -> None:
     """Start the operator in the background on ports of this cluster, and wait until it is ready."""
     config = state_dir / "operator.yaml"
-    config.write_text(config_text)
+    settings = yaml.safe_load(config_text) or {}
+    server = settings.setdefault("server", {})
+    if not server.get("signingKeyFile"):
+        server["signingKeyFile"] = str(key_file(state_dir / "signing-key.pem"))  # kept across restarts
+    config.write_text(yaml.safe_dump(settings))
     health_port, free_metrics_port = free_ports(2)
     daemon = daemons.operator_daemon(kubeconfig, config, metrics_port or free_metrics_port, health_port)
     try:

@@ -230,3 +230,17 @@ def start_writes(
         return list(results)
 
     return done
+
+
+def delete_owned(kube: Kube, kind: str, namespace: str, name: str, owner_uid: str, known: Seen | None = None) -> bool:
+    """Delete a child its owner no longer wants, if the owner controls it (`known` is the view's record of it;
+    read when None). An object of someone else under that name is left alone. True when one was deleted."""
+    if known is None:
+        current = kube.get(kind, namespace, name)
+        if current is None:
+            return False
+        known = seen(current)
+    if known.controller is None or known.controller.uid != owner_uid:
+        return False
+    kube.delete(kind, namespace, name, uid=known.uid)
+    return True

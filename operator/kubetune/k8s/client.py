@@ -41,6 +41,8 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Service": ("/api/v1", "services"),
     "ServiceAccount": ("/api/v1", "serviceaccounts"),
     "Deployment": ("/apis/apps/v1", "deployments"),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
+    "ScaledObject": ("/apis/keda.sh/v1alpha1", "scaledobjects"),
     "Job": ("/apis/batch/v1", "jobs"),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
@@ -229,9 +231,15 @@ class Kube:
             content_type="application/merge-patch+json",
         )
 
-    def delete(self, kind: str, namespace: str, name: str, propagation: str = "Background") -> None:
+    def delete(
+        self, kind: str, namespace: str, name: str, propagation: str = "Background", uid: str | None = None
+    ) -> None:
+        """Delete the object (with `uid`: only that very object); gone already is fine."""
+        body: dict[str, Any] = {"propagationPolicy": propagation}
+        if uid:
+            body["preconditions"] = {"uid": uid}
         try:
-            self.request("DELETE", path(kind, namespace, name), body={"propagationPolicy": propagation})
+            self.request("DELETE", path(kind, namespace, name), body=body)
         except ApiError as err:
             if not err.not_found:
                 raise
@@ -240,6 +248,17 @@ class Kube:
         """PUT the whole object; 409 Conflict when its metadata.resourceVersion is no longer the stored one."""
         meta = obj["metadata"]
         return self.request("PUT", path(obj["kind"], meta.get("namespace"), meta["name"]), body=obj)
+
+    def set_pod_condition(self, namespace: str, name: str, uid: str, condition: dict[str, Any]) -> dict[str, Any]:
+        """Add or replace one condition of a pod's status (a strategic merge by type: the kubelet's stay), on that
+        very pod (its uid in the patch: another pod of the same name is refused)."""
+        body = {"metadata": {"uid": uid}, "status": {"conditions": [condition]}}
+        return self.request(
+            "PATCH",
+            path("Pod", namespace, name, "status"),
+            body=body,
+            content_type="application/strategic-merge-patch+json",
+        )
 
     def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Create the object; ApiError 409 AlreadyExists when the name is taken (nothing is overwritten)."""

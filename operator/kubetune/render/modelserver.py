@@ -1,10 +1,16 @@
-"""A ModelServer's children: the vLLM Deployment and its Service (and the chat page when ui.enabled).
+"""A ModelServer's children: the vLLM Deployment and its Service (and the chat page when ui.enabled; the
+NetworkPolicy and the KEDA ScaledObject are render/traffic.py's).
 
 Adapters are not part of the Deployment: the operator loads them into the running replicas through vLLM's
 runtime LoRA API, so a new adapter never restarts the server. The Deployment only makes their storage
 visible: every claim an adapter is or will be written to is mounted read-only, and the adapter fetcher beside
 vLLM (`kubetune fetcher`) gets the Secrets of s3:// adapters and downloads those into the cache volume that
 both containers share. An s3:// base model is downloaded by an init container before vLLM starts.
+
+The replica count is always spec.replicas: autoscalers scale the ModelServer (its scale subresource), never
+the Deployment, so the operator is the one writer of the Deployment's replicas. A replica joins the Service
+only once it has every adapter (the readiness gate ADAPTERS_GATE, which the operator sets), and the vLLM
+container's termination message holds vLLM's error (`kubetune engine`).
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import json
 from typing import Any
 
 from kubetune.api.v1alpha1 import ModelServer
-from kubetune.config import OperatorConfig
+from kubetune.config import OperatorConfig, SecretKeyRef
+from kubetune.planner.engine import rope_theta
+from kubetune.render import traffic
 from kubetune.render.common import (
     LABEL_MODELSERVER,
     Manifest,
@@ -34,6 +42,12 @@ from kubetune.storage import CACHE_ROOT, local_path, parse
 SERVER_CONTAINER = "vllm"
 FETCHER_CONTAINER = "fetcher"
 MODEL_INIT_CONTAINER = "model"
+# A replica is Ready (and in the Service) only once the operator has set this condition on its pod: when it
+# has loaded every adapter it can (controllers/serving.py).
+ADAPTERS_GATE = "kubetune.io/adapters-loaded"
+API_KEY_VARIABLE = "VLLM_API_KEY"
+# Asks vLLM for the API key on every route, not only under /v1 (server/auth.py says why).
+AUTH_MIDDLEWARE = "kubetune.server.auth.RequireApiKey"
 
 
 def served_name(server: ModelServer) -> str:
@@ -47,6 +61,39 @@ def endpoint(server: ModelServer, config: OperatorConfig) -> str:
 
 def ui_endpoint(server: ModelServer, config: OperatorConfig) -> str:
     return f"http://{server.metadata.name}-ui.{server.metadata.namespace}.svc:{config.ui_port}/"
+
+
+def api_key_ref(server: ModelServer, config: OperatorConfig) -> SecretKeyRef | None:
+    """The Secret key that holds the server's API key: its own auth, else the installation's default."""
+    if server.spec.auth is not None:
+        ref = server.spec.auth.api_key_secret_ref
+        return SecretKeyRef(name=ref.name, key=ref.key)
+    return config.server.api_key_secret_ref
+
+
+def api_key_env(ref: SecretKeyRef | None, variable: str = API_KEY_VARIABLE) -> list[Manifest]:
+    """The API key as an environment variable from its Secret (never its value)."""
+    if ref is None:
+        return []
+    return [{"name": variable, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
+
+
+def rope_overrides(server: ModelServer) -> dict[str, Any] | None:
+    """vLLM's --hf-overrides for ropeScaling. vLLM derives the longest context of a YaRN model from an already
+    scaled max_position_embeddings, and the override replaces the model's whole RoPE configuration, so both go
+    in, with the RoPE base."""
+    scaling = server.spec.rope_scaling
+    if scaling is None:
+        return None
+    parameters: dict[str, Any] = {
+        "rope_type": scaling.type,
+        "factor": scaling.factor,
+        "original_max_position_embeddings": scaling.original_max_position_embeddings,
+    }
+    if (theta := rope_theta(server.spec)) is not None:
+        parameters["rope_theta"] = theta
+    positions = int(scaling.factor * scaling.original_max_position_embeddings)
+    return {"rope_scaling": parameters, "max_position_embeddings": positions}
 
 
 def model_arguments(uri: str) -> list[str]:
@@ -94,6 +141,10 @@ def server_arguments(server: ModelServer, config: OperatorConfig) -> list[str]:
     ]
     if spec.max_model_len:
         args += ["--max-model-len", str(spec.max_model_len)]
+    if (rope := rope_overrides(server)) is not None:
+        args += ["--hf-overrides", json.dumps(rope, sort_keys=True)]
+    if api_key_ref(server, config) is not None:
+        args += ["--middleware", AUTH_MIDDLEWARE]
     return args + list(config.server.extra_args) + list(spec.engine_args)
 
 
@@ -102,16 +153,24 @@ def _meta(server: ModelServer, name: str, component: str) -> dict[str, Any]:
 
 
 def children(
-    server: ModelServer, adapter_locations: list[str], config: OperatorConfig, adapter_secrets: list[str] | None = None
+    server: ModelServer,
+    adapter_locations: list[str],
+    config: OperatorConfig,
+    adapter_secrets: list[str] | None = None,
+    operator_key: str = "",
 ) -> list[Manifest]:
     """Every object the operator applies for a ModelServer, in creation order; `adapter_locations` are the URIs of
-    its adapters, present and future (pvc:// ones are mounted), `adapter_secrets` the Secrets of its s3:// adapters.
-    The Services go first: when a name is taken by someone else, no pod has started for it yet."""
+    its adapters, present and future (pvc:// ones are mounted), `adapter_secrets` the Secrets of its s3:// adapters,
+    `operator_key` the public key the adapter fetchers check the operator's requests with.
+    The Services go first: when a name is taken by someone else, no pod has started for it yet; the NetworkPolicy
+    (when the installation renders them) before any pod it guards."""
     ui = server.spec.ui.enabled
+    policy = config.server.network_policy.enabled
     return [
         service(server, config),
         *([ui_service(server, config)] if ui else []),
-        deployment(server, adapter_locations, config, adapter_secrets or []),
+        *([traffic.network_policy(server, config)] if policy else []),
+        deployment(server, adapter_locations, config, adapter_secrets or [], operator_key),
         *([ui_deployment(server, config)] if ui else []),
     ]
 
@@ -136,13 +195,27 @@ def _model_cache_parts(config: OperatorConfig) -> PodParts:
     )
 
 
-def fetcher_container(image: str, storage: PodParts, secrets: PodParts, config: OperatorConfig) -> Manifest:
+def fetcher_env(config: OperatorConfig, key: SecretKeyRef | None, operator_key: str) -> list[Manifest]:
+    """Who the fetcher answers (the operator's public key, for this pod) and where vLLM is, with its key."""
+    return [
+        {"name": "KUBETUNE_OPERATOR_PUBLIC_KEY", "value": operator_key},
+        {"name": "KUBETUNE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "KUBETUNE_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "KUBETUNE_VLLM_ADDRESS", "value": f"$(KUBETUNE_POD_IP):{config.server_port}"},
+        *api_key_env(key),
+    ]
+
+
+def fetcher_container(
+    image: str, storage: PodParts, secrets: PodParts, config: OperatorConfig, env: list[Manifest]
+) -> Manifest:
     """The adapter fetcher: the same cache and claims as vLLM, and the s3:// adapters' Secrets, which vLLM lacks."""
     port = config.server.fetcher_port
     return {
         "name": FETCHER_CONTAINER,
         "image": image,
         "command": ["kubetune", "fetcher", "--host", "0.0.0.0", "--port", str(port)],
+        "env": env,
         "ports": [{"name": "fetcher", "containerPort": port}],
         "volumeMounts": [dict(m) for m in merge_parts([storage, secrets]).mounts if m["mountPath"] != "/dev/shm"],
         "readinessProbe": _probe("/health", port, 10, 3),
@@ -170,9 +243,14 @@ def model_init_container(server: ModelServer, image: str, mounts: list[Manifest]
 
 
 def deployment(
-    server: ModelServer, adapter_locations: list[str], config: OperatorConfig, adapter_secrets: list[str] | None = None
+    server: ModelServer,
+    adapter_locations: list[str],
+    config: OperatorConfig,
+    adapter_secrets: list[str] | None = None,
+    operator_key: str = "",
 ) -> Manifest:
     spec = server.spec
+    key = api_key_ref(server, config)
     name = server.metadata.name
     image = spec.image or config.images.server
     storage = merge_parts(
@@ -186,7 +264,7 @@ def deployment(
         [
             storage,
             credential_parts(spec.base_model.uri, spec.base_model.secret_ref),
-            PodParts(env=[{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}]),
+            PodParts(env=[{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}, *api_key_env(key)]),
             PodParts(env=user_env(spec.env)),
         ]
     )
@@ -206,8 +284,11 @@ def deployment(
     container = {
         "name": SERVER_CONTAINER,
         "image": image,
-        "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
+        # vLLM's OpenAI server, whose error becomes the termination message (server/engine.py); the log's tail
+        # when the wrapper itself could not write it.
+        "command": ["kubetune", "engine"],
         "args": server_arguments(server, config),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "env": parts.env,
         "ports": [{"name": "http", "containerPort": config.server_port}],
         "resources": resource_limits(spec.tensor_parallel_size, spec.resources.cpu, spec.resources.memory),
@@ -222,7 +303,11 @@ def deployment(
     }
     pod_spec: dict[str, Any] = {
         "terminationGracePeriodSeconds": config.server.termination_grace_seconds,
-        "containers": [container, fetcher_container(image, storage, adapter_secret_parts, config)],
+        "containers": [
+            container,
+            fetcher_container(image, storage, adapter_secret_parts, config, fetcher_env(config, key, operator_key)),
+        ],
+        "readinessGates": [{"conditionType": ADAPTERS_GATE}],
         "volumes": merge_parts([parts, adapter_secret_parts, model_secret]).volumes,
     }
     if parse(spec.base_model.uri).scheme == "s3":
@@ -238,8 +323,11 @@ def deployment(
         "metadata": _meta(server, name, "server"),
         "spec": {
             "replicas": spec.replicas,
-            "selector": {"matchLabels": {LABEL_MODELSERVER: name, "app.kubernetes.io/component": "server"}},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "selector": {"matchLabels": traffic.server_selector(server)},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": spec.rollout.max_surge, "maxUnavailable": spec.rollout.max_unavailable},
+            },
             "template": {"metadata": {"labels": pod_labels, "annotations": annotations}, "spec": pod_spec},
         },
     }
@@ -252,7 +340,7 @@ def service(server: ModelServer, config: OperatorConfig) -> Manifest:
         "kind": "Service",
         "metadata": _meta(server, name, "server"),
         "spec": {
-            "selector": {LABEL_MODELSERVER: name, "app.kubernetes.io/component": "server"},
+            "selector": traffic.server_selector(server),
             "ports": [{"name": "http", "port": config.server_port, "targetPort": "http"}],
         },
     }
@@ -270,6 +358,8 @@ def ui_deployment(server: ModelServer, config: OperatorConfig) -> Manifest:
         "readinessProbe": _probe("/", config.ui_port, 10, 3),
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
     }
+    if key := api_key_env(api_key_ref(server, config), "OPENAI_API_KEY"):
+        container["env"] = key
     pod_spec: Manifest = {"containers": [container]}
     if config.ui_scheduling.node_selector:
         pod_spec["nodeSelector"] = dict(config.ui_scheduling.node_selector)

@@ -8,9 +8,15 @@ into the cache volume that vLLM mounts too (`storage.local_path`: the path the o
 ones are on the claims both containers mount. The Secrets of s3:// adapters are mounted into this container
 only: neither the operator nor vLLM sees them.
 
+The operator also reaches vLLM's runtime LoRA API through this sidecar: the fetcher holds the server's API key
+(VLLM_API_KEY, from the ModelServer's Secret) and the operator does not. It answers only requests that the
+operator signed (kubetune/signing.py; the public key is KUBETUNE_OPERATOR_PUBLIC_KEY) for this very pod
+(KUBETUNE_POD_NAME), and forwards them to vLLM (KUBETUNE_VLLM_ADDRESS) with the key.
+
     POST /prepare {"uri": "s3://BUCKET/PREFIX", "s3": {"secretName", "endpoint", "region"}}
       200 {"path", "adapterConfig", "metadata"}    404/502/400 {"reason", "message"}
-    GET /health
+    GET /v1/models, POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter: vLLM's answer
+    GET /health (unsigned: the kubelet's probe)
 
 `kubetune fetcher --download s3://BUCKET/PREFIX [--secret-name NAME] [--endpoint URL] [--region R]` is the init
 container of a server whose base model is in S3: it downloads the model to the path vLLM's --model names.
@@ -21,18 +27,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import threading
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from kubetune import s3, storage
+from kubetune.signing import Verifier
 
 log = logging.getLogger("kubetune.fetcher")
 ADAPTER_CONFIG = "adapter_config.json"
 METADATA = "kubetune.json"
 DEFAULT_PORT = 8001
+# vLLM's routes the operator may call through the fetcher.
+VLLM_ROUTES = {("GET", "/v1/models"), ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter")}
+# Loading reads the weights from the volume (the operator waits 120 s).
+VLLM_TIMEOUT_S = 115.0
 
 
 @dataclass(frozen=True)
@@ -89,29 +103,90 @@ def prepare(uri: str, access: s3.Access) -> Prepared:
     return Prepared(200, path=str(path), adapter_config=config, metadata=_read_json(path / METADATA))
 
 
+@dataclass(frozen=True)
+class Vllm:
+    """Where the pod's vLLM listens and the key it wants."""
+
+    address: str
+    """host:port"""
+    api_key: str = ""
+
+
+def forward(vllm: Vllm, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+    """One request to vLLM with the server's API key: (status, body); 502 when vLLM does not answer."""
+    headers = {"Content-Type": "application/json"}
+    if vllm.api_key:
+        headers["Authorization"] = f"Bearer {vllm.api_key}"
+    request = urllib.request.Request(
+        f"http://{vllm.address}{path}", data=body if method == "POST" else None, method=method, headers=headers
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=VLLM_TIMEOUT_S) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+    except OSError as err:
+        message = f"vLLM at {vllm.address} did not answer: {getattr(err, 'reason', err)}"
+        return 502, json.dumps({"error": {"message": message}}).encode()
+
+
+class FetcherServer(ThreadingHTTPServer):
+    """The HTTP server, with what its handlers need: who may call (None: anyone; only tests build one so) and
+    where vLLM is."""
+
+    def __init__(self, address: tuple[str, int], verifier: Verifier | None, vllm: Vllm | None) -> None:
+        super().__init__(address, Handler)
+        self.verifier = verifier
+        self.vllm = vllm
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "kubetune-fetcher"
+    server: FetcherServer
 
-    def _answer(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
+    def _send(self, status: int, data: bytes) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
+    def _answer(self, status: int, body: dict[str, Any]) -> None:
+        self._send(status, json.dumps(body).encode())
+
+    def _authorized(self, body: bytes) -> bool:
+        """Whether the operator signed this request; answers 401 when not."""
+        verifier = self.server.verifier
+        if verifier is None:
+            return True
+        refusal = verifier.refusal(self.command, self.path, dict(self.headers.items()), body)
+        if refusal:
+            log.warning("%s %s from %s refused: %s", self.command, self.path, self.client_address[0], refusal)
+            self._answer(401, {"reason": "Unauthorized", "message": refusal})
+        return not refusal
+
     def do_GET(self) -> None:
         if self.path == "/health":
             self._answer(200, {"status": "ok"})
-        else:
-            self._answer(404, {"reason": "NotFound", "message": self.path})
+        elif self._authorized(b""):
+            self._route(b"")
 
     def do_POST(self) -> None:
-        if self.path != "/prepare":
-            self._answer(404, {"reason": "NotFound", "message": self.path})
-            return
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self._authorized(body):
+            self._route(body)
+
+    def _route(self, body: bytes) -> None:
+        if (self.command, self.path) in VLLM_ROUTES and self.server.vllm is not None:
+            self._send(*forward(self.server.vllm, self.command, self.path, body))
+        elif (self.command, self.path) == ("POST", "/prepare"):
+            self._prepare(body)
+        else:
+            self._answer(404, {"reason": "NotFound", "message": f"{self.command} {self.path}"})
+
+    def _prepare(self, body: bytes) -> None:
         try:
-            request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+            request = json.loads(body)
             uri = str(request["uri"])
             access = s3.Access.of(request.get("s3"))
         except (ValueError, KeyError, TypeError) as err:
@@ -123,6 +198,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug(format, *args)
+
+
+def from_environment() -> tuple[Verifier | None, Vllm | None]:
+    """Who may call and where vLLM is, from the variables the rendered Deployment sets."""
+    public_key, pod = os.environ.get("KUBETUNE_OPERATOR_PUBLIC_KEY", ""), os.environ.get("KUBETUNE_POD_NAME", "")
+    verifier = Verifier.from_text(public_key, pod) if public_key else None
+    address = os.environ.get("KUBETUNE_VLLM_ADDRESS", "")
+    vllm = Vllm(address, os.environ.get("VLLM_API_KEY", "")) if address else None
+    return verifier, vllm
 
 
 def main(argv: list[str]) -> int:
@@ -144,8 +228,12 @@ def main(argv: list[str]) -> int:
             return 1
         log.info("downloaded %s to %s", args.download, path)
         return 0
-    server = ThreadingHTTPServer((args.host, args.port), Handler)
-    log.info("adapter fetcher on %s:%d", args.host, args.port)
+    verifier, vllm = from_environment()
+    if verifier is None:
+        log.error("KUBETUNE_OPERATOR_PUBLIC_KEY is not set: the fetcher answers only the operator, and cannot tell it")
+        return 2
+    server = FetcherServer((args.host, args.port), verifier, vllm)
+    log.info("adapter fetcher on %s:%d, vLLM at %s", args.host, args.port, vllm.address if vllm else "(none)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

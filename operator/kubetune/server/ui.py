@@ -2,6 +2,9 @@
 
     kubetune ui --endpoint http://NAME.NAMESPACE.svc:8000/v1 [--port 7860] [--host 0.0.0.0]
 
+The server's API key, when it has one, comes from OPENAI_API_KEY (the rendered Deployment sets it from the
+ModelServer's Secret).
+
 It talks to the server's OpenAI-compatible endpoint only: the models come from GET /v1/models (the base model
 and every adapter loaded at that moment, refreshed on each page load and on request), replies from a streamed
 chat completion. Decoding settings are the server's defaults (the ModelServer's generationDefaults).
@@ -10,6 +13,7 @@ chat completion. Decoding settings are the server's defaults (the ModelServer's 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -43,7 +47,8 @@ class Chat:
     """The OpenAI client of one server and what the page calls."""
 
     def __init__(self, endpoint: str) -> None:
-        self.client = OpenAI(base_url=endpoint, api_key="not-needed", timeout=300)
+        api_key = os.environ.get("OPENAI_API_KEY") or "not-needed"
+        self.client = OpenAI(base_url=endpoint, api_key=api_key, timeout=300)
 
     def models(self) -> list[str]:
         """The base model first, then its adapters by name."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.status.conditions import Conditions, now_iso, set_condition
+from kubetune.status.engine import ENGINE_REASONS, engine_failure
 from kubetune.status.finetunejob import Outcome
 from kubetune.status.pods import PROBLEM_REASONS, waiting_problem
 
@@ -38,10 +39,23 @@ class ServerObserved:
     """(reason, message) when the API server refused the server's children, or their names are taken."""
     mount_failures: Mapping[str, str] = field(default_factory=dict)
     """Pod UID -> the message of its last FailedMount Event (pods waiting in ContainerCreating)."""
+    selector: str = ""
+    """The server pods' label selector (status.selector, for the scale subresource)."""
+    autoscaling: tuple[bool, str, str] | None = None
+    """(written, reason, message) of the ScaledObject when spec.autoscaling asks for one."""
 
 
 # Reasons of the Ready condition that someone must act on (posted as Warning Events).
-WARNING_REASONS = ("NameConflict", "ApplyFailed", "Unschedulable", "ProgressDeadlineExceeded", *PROBLEM_REASONS)
+WARNING_REASONS = (
+    "NameConflict",
+    "ApplyFailed",
+    "Unschedulable",
+    "ProgressDeadlineExceeded",
+    "MaxModelLenTooLarge",
+    "TensorParallelSizeInvalid",
+    *ENGINE_REASONS,
+    *PROBLEM_REASONS,
+)
 
 
 def _deployment_condition(deployment: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -72,6 +86,10 @@ def server_outcome(obs: ServerObserved) -> Outcome:
     progressing = _deployment_condition(dep, "Progressing")
     if progressing and progressing.get("reason") == "ProgressDeadlineExceeded" and ready == 0:
         return Outcome("Failed", "ProgressDeadlineExceeded", str(progressing.get("message", "")))
+    # Before the replica count: a new pod of a rollout that crashes is news even while old ones serve.
+    for pod in obs.pods:
+        if (crashed := engine_failure(pod)) is not None:
+            return Outcome("Degraded" if ready else "Failed", crashed.reason, crashed.message)
     if ready >= desired:
         return Outcome("Ready", "ReplicasReady", f"{ready}/{desired} replicas ready")
     for pod in obs.pods:
@@ -123,6 +141,10 @@ def derive(obs: ServerObserved, now: str | None = None) -> dict[str, Any]:
     )
     ok, reason, message = _adapters_condition(obs.adapters)
     conditions = set_condition(conditions, "AdaptersReady", ok, reason, message, generation=gen, now=now)
+    if obs.autoscaling is None:
+        conditions = [c for c in conditions if c.get("type") != "Autoscaling"]
+    else:
+        conditions = set_condition(conditions, "Autoscaling", *obs.autoscaling, generation=gen, now=now)
     dep_status = (obs.deployment or {}).get("status") or {}
     ready = int(dep_status.get("readyReplicas") or 0)
     loaded = sum(1 for a in obs.adapters if a.state == "Loaded")
@@ -134,6 +156,7 @@ def derive(obs: ServerObserved, now: str | None = None) -> dict[str, Any]:
         "replicas": int(dep_status.get("replicas") or 0),
         "readyReplicas": ready,
         "ready": f"{ready}/{obs.desired_replicas}",
+        "selector": obs.selector,
         "adapters": [
             {
                 "name": a.name,

@@ -113,6 +113,12 @@ class Container:
         return self.process is not None and self.process.exited.is_set() and self.record.state == "running"
 
 
+def foreign_conditions(pod: dict[str, Any]) -> set[tuple[str, str]]:
+    """(type, status) of the conditions others set on the pod (readiness gates)."""
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return {(str(c.get("type")), str(c.get("status"))) for c in conditions if c.get("type") not in OWN_CONDITIONS}
+
+
 class PodWorker(threading.Thread):
     """Runs one pod until it is deleted (or the agent stops)."""
 
@@ -154,10 +160,13 @@ class PodWorker(threading.Thread):
     def update(self, pod: dict[str, Any]) -> None:
         """A newer version of the pod from the watch."""
         with self._cond:
+            before = foreign_conditions(self.pod)
             self.pod = pod
             if pod["metadata"].get("deletionTimestamp") and not self.deleting:
                 self.deleting = True
                 self._notify()
+            elif foreign_conditions(pod) != before:
+                self._notify()  # a readiness gate may have opened: Ready is published again
 
     def mark_gone(self) -> None:
         """The pod no longer exists in the API server."""
@@ -457,11 +466,13 @@ class PodWorker(threading.Thread):
         theirs = [c for c in (self.pod.get("status") or {}).get("conditions") or [] if c.get("type")]
         others = [c for c in theirs if c["type"] not in OWN_CONDITIONS]
         previous = [*others, *(self.last_conditions or [c for c in theirs if c["type"] in OWN_CONDITIONS])]
+        gates = [str(g.get("conditionType")) for g in (self.pod.get("spec") or {}).get("readinessGates") or []]
         view = PodView(
             phase=self.phase,
             sandbox_ready=self.sandbox_ready,
             initialized=all(c.record.succeeded for c in self.init),
             containers=[c.record for c in self.containers],
+            readiness_gates=gates,
         )
         init = [c.record for c in self.init]
         status = pod_status(view, init, previous, self.pod_ip, self.ctx.host_ip, self.start_time, now)

@@ -96,6 +96,8 @@ class PodView:
     sandbox_ready: bool
     initialized: bool
     containers: Sequence[ContainerRecord] = field(default_factory=list)
+    readiness_gates: Sequence[str] = ()
+    """spec.readinessGates' condition types: Ready waits for each to be True (set by someone else)."""
 
 
 def _condition(type_: str, ok: bool, reason: str = "", message: str = "") -> dict[str, Any]:
@@ -107,18 +109,30 @@ def _condition(type_: str, ok: bool, reason: str = "", message: str = "") -> dic
     return out
 
 
+def _gates_closed(view: PodView, previous: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The readiness gates whose condition is not True."""
+    true = {str(c.get("type")) for c in previous if c.get("status") == "True" and c.get("type") not in OWN_CONDITIONS}
+    return [gate for gate in view.readiness_gates if gate not in true]
+
+
 def pod_conditions(view: PodView, previous: Sequence[Mapping[str, Any]], now: str) -> list[dict[str, Any]]:
-    """The kubelet-owned conditions, plus any others already on the pod; transition times kept when unchanged."""
+    """The kubelet-owned conditions, plus any others already on the pod; transition times kept when unchanged.
+    As a kubelet, Ready also waits for the pod's readiness gates."""
     unready = [record.name for record in view.containers if not record.ready]
     terminal = view.phase in TERMINAL
     ready = not unready and not terminal
     reason = "PodCompleted" if terminal else "ContainersNotReady"
     message = "" if terminal else f"containers with unready status: [{' '.join(unready)}]"
+    closed = _gates_closed(view, previous)
+    pod_reason, pod_message = reason, message
+    if ready and closed:
+        pod_reason = "ReadinessGatesNotReady"
+        pod_message = f'corresponding condition of pod readiness gate "{closed[0]}" does not exist.'
     mine = [
         _condition("PodReadyToStartContainers", view.sandbox_ready and not terminal),
         _condition("Initialized", view.initialized, "ContainersNotInitialized", "containers not initialized"),
         _condition("ContainersReady", ready, reason, message),
-        _condition("Ready", ready, reason, message),
+        _condition("Ready", ready and not closed, pod_reason, pod_message),
         _condition("PodScheduled", True),
     ]
     before = {str(c.get("type")): c for c in previous}
