@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kubetune.chart.generate import generated_files
 from kubetune.chart.values import ChartValues
@@ -61,7 +64,16 @@ def test_operator_runs_restricted_with_its_configuration() -> None:
     }
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     config = find(objects, "ConfigMap", "kubetune-config")["data"]["config.yaml"]
-    assert OperatorConfig.model_validate(yaml.safe_load(config)) == OperatorConfig()
+    expected = OperatorConfig()
+    expected.server.signing_key_file = "/var/run/kubetune/signing/key.pem"
+    policy = expected.server.network_policy
+    policy.enabled, policy.operator_namespace = True, "kubetune-system"
+    policy.operator_pod_labels = {
+        "app.kubernetes.io/name": "kubetune",
+        "app.kubernetes.io/instance": "kubetune",
+        "app.kubernetes.io/component": "operator",
+    }
+    assert OperatorConfig.model_validate(yaml.safe_load(config)) == expected
     # Two replicas, one of which reconciles (the Lease's holder); a rolling update starts standbys first.
     deployment = find(objects, "Deployment")
     assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
@@ -93,6 +105,21 @@ def test_cluster_wide_by_default_and_namespaced_when_asked() -> None:
     ]
     args = find(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
+
+
+def test_the_operators_signing_key_is_generated_once_or_brought() -> None:
+    objects = template()
+    pod = find(objects, "Deployment")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "signing-key")
+    assert volume["secret"]["secretName"] == "kubetune-signing-key"
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "signing-key")
+    assert mount == {"name": "signing-key", "mountPath": "/var/run/kubetune/signing", "readOnly": True}
+    pem = base64.b64decode(find(objects, "Secret", "kubetune-signing-key")["data"]["key.pem"])
+    assert isinstance(serialization.load_pem_private_key(pem, None), Ed25519PrivateKey)
+    own = template(**{"signingKey.existingSecret": '"my-key"'})
+    assert not [o for o in own if o["kind"] == "Secret"]
+    own_pod = find(own, "Deployment")["spec"]["template"]["spec"]
+    assert next(v for v in own_pod["volumes"] if v["name"] == "signing-key")["secret"]["secretName"] == "my-key"
 
 
 def test_operator_cannot_read_secrets_or_touch_cluster_objects() -> None:

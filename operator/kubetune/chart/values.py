@@ -79,6 +79,24 @@ class AdmissionPolicy(_Values):
     lets it run any pod as any ServiceAccount of the namespaces it may write to."""
 
 
+class SigningKey(_Values):
+    """The operator's Ed25519 key, with which it signs its requests to the adapter fetchers of the server pods."""
+
+    existing_secret: str = ""
+    """A Secret of the release's namespace with the PEM key under `key.pem` (`openssl genpkey -algorithm
+    ed25519`). Empty: the chart generates one at install and keeps it on upgrades (`lookup`); renderers without
+    cluster access (Argo CD, `helm template`) would generate a new key each time, rolling every server: give
+    them a Secret of your own."""
+
+
+def _chart_config() -> OperatorConfig:
+    """The operator's defaults, with NetworkPolicies for the server pods on (the chart knows the operator's
+    namespace and labels, which the policies let in)."""
+    config = OperatorConfig()
+    config.server.network_policy.enabled = True
+    return config
+
+
 class ChartValues(_Values):
     """Values of the kubetune Helm chart."""
 
@@ -91,8 +109,10 @@ class ChartValues(_Values):
     watch_namespaces: list[str] = Field(default_factory=list)
     """Namespaces the operator watches (RBAC granted only there); empty: the whole cluster."""
     admission_policy: AdmissionPolicy = Field(default_factory=AdmissionPolicy)
-    config: OperatorConfig = Field(default_factory=OperatorConfig)
-    """The operator's configuration: images of the pods it creates, GPU types, serving settings."""
+    config: OperatorConfig = Field(default_factory=_chart_config)
+    """The operator's configuration: images of the pods it creates, GPU types, serving settings. The chart fills
+    in server.networkPolicy.operatorNamespace and operatorPodLabels (when empty) and server.signingKeyFile."""
+    signing_key: SigningKey = Field(default_factory=SigningKey)
     log_level: Literal["info", "debug"] = "info"
     liveness_port: int = Field(default=8080, ge=1, le=65535)
     metrics: Metrics = Field(default_factory=Metrics)
