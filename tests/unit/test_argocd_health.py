@@ -29,7 +29,7 @@ REQUIRED_STATUSES = {
 # The condition types the operator writes (status/finetunejob.py, handlers/finetunejob.py, status/modelserver.py).
 CONDITION_TYPES = {
     "FineTuneJob": {"Admitted", "Running", "Suspended", "Succeeded", "Failed", "Queued", "Preempted"},
-    "ModelServer": {"Ready", "AdaptersReady"},
+    "ModelServer": {"Ready", "AdaptersReady", "Autoscaling"},
 }
 
 

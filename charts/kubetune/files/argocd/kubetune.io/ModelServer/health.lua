@@ -2,7 +2,10 @@
 --
 -- status.state is the operator's summary of the replicas (Pending, Progressing, Ready, Degraded, Failed);
 -- status.adapters says which adapters every ready replica serves. The Ready and AdaptersReady conditions
--- give the reason and message shown. docs/argocd.md has the table.
+-- give the reason and message shown: a vLLM that exits names why (InvalidEngineArgs, MaxModelLenTooLarge,
+-- OutOfMemory, EngineFailed), as does a spec refused before any pod (MaxModelLenTooLarge,
+-- TensorParallelSizeInvalid). The Autoscaling condition (spec.autoscaling) is False when no ScaledObject
+-- scales the server (KedaNotInstalled, PrometheusNotConfigured, ...). docs/argocd.md has the table.
 -- Lua 5.1 only (Argo CD runs gopher-lua): numbers are floats there, so they are formatted with %d.
 
 local function condition(status, kind)
@@ -66,11 +69,16 @@ end
 local state = status.state
 local ready = condition(status, "Ready")
 local adapters = condition(status, "AdaptersReady")
+local autoscaling = condition(status, "Autoscaling")
 if state == "Failed" or state == "Degraded" then
   hs.status = "Degraded"
   hs.message = explain(ready, state)
 elseif state == "Ready" then
-  if count_adapters(status, "Failed") > 0 then
+  if autoscaling ~= nil and autoscaling.status == "False" then
+    -- Serving, but not scaled as asked: the replica count stays where it is.
+    hs.status = "Degraded"
+    hs.message = explain(autoscaling, "autoscaling is not working")
+  elseif count_adapters(status, "Failed") > 0 then
     hs.status = "Degraded"
     hs.message = explain(adapters, "an adapter failed to load")
   elseif count_adapters(status, "Pending") > 0 then
