@@ -152,10 +152,11 @@ def replica_addresses(api: Api, namespace: str, server: str) -> list[str]:
     )
 
 
-def post(address: str, path: str, body: dict[str, Any], timeout: float = 60) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(
-        f"http://{address}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
+def post(
+    address: str, path: str, body: dict[str, Any], timeout: float = 60, api_key: str = ""
+) -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    request = urllib.request.Request(f"http://{address}{path}", json.dumps(body).encode(), headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, _json_or_text(response.read())
@@ -173,19 +174,26 @@ def _json_or_text(body: bytes) -> dict[str, Any]:
         return {"text": body.decode(errors="replace")}
 
 
-def served_models(address: str) -> dict[str, str | None]:
+def models(address: str, api_key: str = "") -> list[dict[str, Any]]:
+    """The model cards of GET /v1/models."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    request = urllib.request.Request(f"http://{address}/v1/models", headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return list(json.loads(response.read())["data"])
+
+
+def served_models(address: str, api_key: str = "") -> dict[str, str | None]:
     """Model id -> parent (None for the base model) from GET /v1/models."""
-    with urllib.request.urlopen(f"http://{address}/v1/models", timeout=10) as response:
-        return {m["id"]: m.get("parent") for m in json.loads(response.read())["data"]}
+    return {m["id"]: m.get("parent") for m in models(address, api_key)}
 
 
-def chat(address: str, model: str, max_tokens: int = 8, **extra: Any) -> tuple[int, dict[str, Any]]:
+def chat(address: str, model: str, max_tokens: int = 8, api_key: str = "", **extra: Any) -> tuple[int, dict[str, Any]]:
     body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens, **extra}
-    return post(address, "/v1/chat/completions", body)
+    return post(address, "/v1/chat/completions", body, api_key=api_key)
 
 
-def answering(address: str, model: str) -> bool:
-    return chat(address, model, max_tokens=1)[0] == 200
+def answering(address: str, model: str, api_key: str = "") -> bool:
+    return chat(address, model, max_tokens=1, api_key=api_key)[0] == 200
 
 
 def seconds_to_serve(

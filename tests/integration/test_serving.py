@@ -131,7 +131,7 @@ def test_server_runs_the_rendered_command_and_answers(api: Api, scene: Scene, op
     container = api.get("Deployment", scene.ns, SERVER)["spec"]["template"]["spec"]["containers"][0]
     server = ModelServer.model_validate(api.get("ModelServer", scene.ns, SERVER))
     config = OperatorConfig.model_validate(serving_config(operator))
-    assert container["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert container["command"] == ["kubetune", "engine"]  # vLLM's OpenAI server (server/engine.py)
     assert container["args"] == render.server_arguments(server, config)
     assert "--lora-modules" not in container["args"]
     code, body = serving.chat(address, SERVER)

