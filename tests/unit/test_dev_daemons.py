@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kubetune.dev.__main__ import main
 from kubetune.dev.agent import daemons
 from kubetune.dev.controlplane import ControlPlane, free_ports
-from kubetune.dev.lifecycle import daemon_status
+from kubetune.dev.lifecycle import daemon_status, with_signing_key
+from kubetune.signing import Signer
 
 
 def web_server(port: int) -> daemons.Daemon:
@@ -70,3 +72,13 @@ def test_restart_needs_a_cluster_and_a_known_component(tmp_path: Path, capsys: p
         ControlPlane(tmp_path).restart("kubelet")
     with pytest.raises(SystemExit):
         main(["restart", "kubelet", "--state-dir", str(tmp_path)])
+
+
+def test_the_dev_operator_keeps_one_signing_key_across_restarts(tmp_path: Path) -> None:
+    first = yaml.safe_load(with_signing_key("server: {extraArgs: []}\n", tmp_path))
+    key = Path(first["server"]["signingKeyFile"])
+    assert key.parent == tmp_path and first["server"]["extraArgs"] == []
+    again = yaml.safe_load(with_signing_key("{}", tmp_path))
+    assert Signer.from_pem_file(again["server"]["signingKeyFile"]).public_key == Signer.from_pem_file(key).public_key
+    theirs = yaml.safe_load(with_signing_key("server: {signingKeyFile: /etc/k.pem}\n", tmp_path))
+    assert theirs["server"]["signingKeyFile"] == "/etc/k.pem"

@@ -134,14 +134,20 @@ def start_agent(state_dir: Path, kubeconfig: Path, options: AgentOptions) -> Non
     print(f"kubetune dev: node agent running (pid {pid}, node {options.node}, pods in {pod_cidr}, log {log})")
 
 
-def start_operator(state_dir: Path, kubeconfig: Path, config_text: str, metrics_port: int) -> None:
-    """Start the operator in the background on ports of this cluster, and wait until it is ready."""
-    config = state_dir / "operator.yaml"
+def with_signing_key(config_text: str, state_dir: Path) -> str:
+    """The operator's configuration with a signing key of the cluster's own (made once in the state folder, so
+    that a restarted operator keeps it and the servers keep their pods), unless it names one."""
     settings = yaml.safe_load(config_text) or {}
     server = settings.setdefault("server", {})
     if not server.get("signingKeyFile"):
-        server["signingKeyFile"] = str(key_file(state_dir / "signing-key.pem"))  # kept across restarts
-    config.write_text(yaml.safe_dump(settings))
+        server["signingKeyFile"] = str(key_file(state_dir / "signing-key.pem"))
+    return yaml.safe_dump(settings)
+
+
+def start_operator(state_dir: Path, kubeconfig: Path, config_text: str, metrics_port: int) -> None:
+    """Start the operator in the background on ports of this cluster, and wait until it is ready."""
+    config = state_dir / "operator.yaml"
+    config.write_text(with_signing_key(config_text, state_dir))
     health_port, free_metrics_port = free_ports(2)
     daemon = daemons.operator_daemon(kubeconfig, config, metrics_port or free_metrics_port, health_port)
     try:
