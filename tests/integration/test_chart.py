@@ -252,6 +252,8 @@ def test_install_upgrade_and_run_the_flow_with_the_charts_rbac_only(
         ("patch", "nodes", None),
         ("delete", "finetunejobs.kubetune.io", "default"),
         ("update", "modelservers.kubetune.io", "default"),
+        ("patch", "modelservers.kubetune.io/scale", "default"),  # the replica count is the autoscalers'
+        ("patch", "pods", "default"),  # only their status: the readiness gate
         ("delete", "deployments.apps", "default"),
         ("get", "configmaps", "kube-system"),
         ("create", "configmaps", "default"),  # the trainer's configuration travels in its pod's annotation
@@ -282,6 +284,11 @@ def test_charts_service_account_has_what_the_operator_does(api: Api) -> None:
         ("get", "jobs.batch"),
         ("list", "events"),
         ("watch", "events"),
+        # A server pod's readiness gate and its NetworkPolicy (docs/serving.md; the ScaledObject rule, for a
+        # kind this cluster does not serve, is in tests/unit/test_chart.py).
+        ("patch", "pods", "--subresource=status"),
+        ("create", "networkpolicies.networking.k8s.io"),
+        ("delete", "networkpolicies.networking.k8s.io"),
     ):
         assert can_i(api, *args, "-n", "default"), args
 

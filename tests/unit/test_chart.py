@@ -122,6 +122,15 @@ def test_the_operators_signing_key_is_generated_once_or_brought() -> None:
     assert next(v for v in own_pod["volumes"] if v["name"] == "signing-key")["secret"]["secretName"] == "my-key"
 
 
+def test_the_rules_for_a_servers_gate_policy_and_scaled_object_are_exactly_what_it_does() -> None:
+    rules = find(template(), "ClusterRole", "kubetune")["rules"]
+    verbs = {(r["apiGroups"][0], r["resources"][0]): r["verbs"] for r in rules}
+    assert verbs["", "pods/status"] == ["patch"]
+    assert verbs["networking.k8s.io", "networkpolicies"] == ["get", "list", "watch", "create", "patch", "delete"]
+    # Not watched (KEDA may be missing): no list or watch.
+    assert verbs["keda.sh", "scaledobjects"] == ["get", "create", "patch", "delete"]
+
+
 def test_operator_cannot_read_secrets_or_touch_cluster_objects() -> None:
     rules = find(template(), "ClusterRole", "kubetune")["rules"]
     resources = {r for rule in rules for r in rule["resources"]}
