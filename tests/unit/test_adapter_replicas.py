@@ -9,7 +9,7 @@ from typing import Any
 from kubetune.adapters import Action, Adapter, Failure, Replica, ReplicaReport
 from kubetune.adapters.replicas import Outcome, Prepared, Server, sync
 
-R1, R2 = Replica("srv-a", "127.1.0.5:8000", "127.1.0.5:8001"), Replica("srv-b", "127.1.0.6:8000", "127.1.0.6:8001")
+R1, R2 = Replica("srv-a", "127.1.0.5:8001"), Replica("srv-b", "127.1.0.6:8001")
 SERVER = Server("hf://Qwen/Qwen2.5-7B", max_lora_rank=64)
 JOB_ADAPTER = Adapter("sql", "pvc://adapters/sql/adapter", "fromFineTuneJob/sql")
 BY_URI = Adapter("ext", "pvc://adapters/ext", "uri")

@@ -31,7 +31,7 @@ from kubetune.storage import Access
 from tests.rejections import EXAMPLES
 
 BASE = "hf://Qwen/Qwen2.5-7B"
-R1, R2 = Replica("srv-a", "127.1.0.5:8000"), Replica("srv-b", "127.1.0.6:8000")
+R1, R2 = Replica("srv-a", "127.1.0.5:8001"), Replica("srv-b", "127.1.0.6:8001")
 
 
 def server(**spec: Any) -> ModelServer:

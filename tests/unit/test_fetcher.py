@@ -94,7 +94,7 @@ def address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vllm: str) -> Itera
 
 
 def replica(address: str, pod: str = POD) -> Replica:
-    return Replica(pod, "", address)
+    return Replica(pod, address)
 
 
 def test_s3_adapter_is_downloaded_where_vllm_will_look(bucket: s3server.S3Server, address: str, tmp_path: Path) -> None:

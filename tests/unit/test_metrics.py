@@ -123,7 +123,7 @@ def test_finetunejob_reconcile_is_counted(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_adapter_loads_by_result_and_failures_by_reason() -> None:
-    replica = Replica("pod-0", "10.0.0.1:8000")
+    replica = Replica("pod-0", "10.0.0.1:8001")
 
     def load(status: int, message: str = "") -> Outcome:
         return Outcome(Action(replica, "load", "sql", "/adapters/sql"), status, message)

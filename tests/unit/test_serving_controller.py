@@ -111,7 +111,7 @@ def test_reconcile_writes_the_children_loads_the_adapter_and_reports_it() -> Non
 def test_the_replicas_are_the_ready_pods_at_their_ip() -> None:
     ctx = context(RecordingKube(), FakeReplicas({}))
     config = ctx.config
-    expected = Replica("qwen-0", f"10.0.0.7:{config.server_port}", f"10.0.0.7:{config.server.fetcher_port}")
+    expected = Replica("qwen-0", f"10.0.0.7:{config.server.fetcher_port}")
     assert serving.ready_replicas(ctx, KEY) == [expected]
 
 

@@ -71,13 +71,11 @@ class Adapter:
 
 @dataclass(frozen=True)
 class Replica:
-    """A ready server pod and where its OpenAI server listens."""
+    """A running server pod and where the operator reaches it."""
 
     pod: str
-    address: str
-    """host:port"""
     fetcher: str = ""
-    """host:port of the pod's adapter fetcher"""
+    """host:port of the pod's adapter fetcher, which forwards to vLLM in the pod (adapters/http.py)"""
 
 
 @dataclass(frozen=True)

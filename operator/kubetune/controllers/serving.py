@@ -228,16 +228,14 @@ def _condition_true(pod: dict[str, Any], type_: str) -> bool:
 
 def ready_replicas(ctx: Context, key: Key) -> list[Replica]:
     """The server pods whose containers are ready (vLLM and the fetcher answer) and that are not going away, at
-    their pod IP. Not the pods' Ready: that waits for their adapters (render.ADAPTERS_GATE), which only these
-    calls bring."""
+    their pod IP and the fetcher's port. Not the pods' Ready: that waits for their adapters
+    (render.ADAPTERS_GATE), which only these calls bring."""
     ready = []
     for pod in ctx.objects("server_pods", key):
         status = pod.get("status") or {}
         is_ready = _condition_true(pod, "ContainersReady")
         if is_ready and status.get("podIP") and not pod["metadata"].get("deletionTimestamp"):
-            ip, name = status["podIP"], pod["metadata"]["name"]
-            fetcher_address = f"{ip}:{ctx.config.server.fetcher_port}"
-            ready.append(Replica(name, f"{ip}:{ctx.config.server_port}", fetcher_address))
+            ready.append(Replica(pod["metadata"]["name"], f"{status['podIP']}:{ctx.config.server.fetcher_port}"))
     return sorted(ready, key=lambda r: r.pod)
 
 
