@@ -12,6 +12,7 @@ import base64
 import importlib.util
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -201,7 +202,7 @@ def test_the_server_answers_only_with_its_api_key(api: Api, scene: Scene) -> Non
         autoscaling=autoscaling,
     )
     apply_as_platform_team(api, manifest)
-    (pod,) = wait_for(lambda: ready_pods(api, scene.ns), 300, "the first replica to be Ready", interval=1)
+    (pod,) = wait_for(lambda: ready_pods(api, scene.ns), 600, "the first replica to be Ready", interval=1)
     api.wait_state("ModelServer", scene.ns, SERVER, "Ready", 60)
     serving.wait_adapter(api, scene.ns, SERVER, ADAPTER, "Loaded", loadedReplicas=1)
     base = f"http://{address(pod)}"
@@ -308,11 +309,14 @@ def test_an_hpa_scales_the_modelserver_and_a_new_replica_has_every_adapter_befor
                 seen_new.append(pod["metadata"]["name"])
         return len(pods) == 2
 
-    wait_for(both_ready, 300, "the second replica to be Ready", interval=0.5)
+    wait_for(both_ready, 600, "the second replica to be Ready", interval=0.5)
     new = api.get("Pod", scene.ns, seen_new[0])
     conditions = {c["type"]: c for c in new["status"]["conditions"]}
     assert conditions[GATE]["status"] == "True" and conditions[GATE]["reason"] == "AdaptersLoaded"
     assert when(conditions[GATE]["lastTransitionTime"]) <= when(conditions["Ready"]["lastTransitionTime"])
+    # The figure for docs/serving.md: from the pod's creation (the HPA's scale) to Ready with its adapters.
+    seconds = (when(conditions["Ready"]["lastTransitionTime"]) - when(new["metadata"]["creationTimestamp"])).seconds
+    print(f"\nscale-up: {seen_new[0]} Ready with {ADAPTER} {seconds} s after it was created")
     serving.wait_adapter(api, scene.ns, SERVER, ADAPTER, "Loaded", loadedReplicas=2)
 
     # One writer of each replica count: the HPA sets the ModelServer's, through its scale subresource (the API
@@ -352,7 +356,7 @@ def test_a_rollout_replaces_one_replica_at_a_time_and_every_ready_one_serves_the
     rope = {"type": "yarn", "factor": 2, "originalMaxPositionEmbeddings": 4096}
     patch = {"spec": {"maxModelLen": 8192, "ropeScaling": rope}}
     api.kubectl("patch", "msrv", SERVER, "-n", scene.ns, "--type=merge", "-p", json.dumps(patch))
-    looks = 0
+    patched, looks = time.monotonic(), 0
 
     def rolled() -> bool:
         nonlocal looks
@@ -364,8 +368,9 @@ def test_a_rollout_replaces_one_replica_at_a_time_and_every_ready_one_serves_the
         names = {p["metadata"]["name"] for p in pods}
         return len(pods) == 2 and not names & before
 
-    wait_for(rolled, 420, "both replicas to be replaced", interval=0.5)
-    print(f"\nrollout: {looks} looks, every Ready replica answered {ADAPTER} at each")
+    wait_for(rolled, 840, "both replicas to be replaced", interval=0.5)
+    took = time.monotonic() - patched
+    print(f"\nrollout: {took:.0f} s, {looks} looks, every Ready replica answered {ADAPTER} at each")
     for pod in ready_pods(api, scene.ns):
         (card,) = [m for m in serving.models(address(pod), CANARY) if m["id"] == SERVER]
         assert card["max_model_len"] == 8192  # vLLM took the rope scaling (hf-overrides)
