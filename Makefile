@@ -4,7 +4,8 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: demo setup test lint unit integration crds dev-up dev-down bench-operator bench-adapters
+.PHONY: demo setup test lint unit integration crds dev-up dev-down bench-operator bench-adapters images \
+	test-images image-archives push
 
 setup:
 	hack/setup.sh trainer server
@@ -18,9 +19,14 @@ lint: setup
 	.venv/bin/ruff check operator tests bench
 	.venv/bin/mypy
 
+# The operator image is built and run by tests/integration/test_images.py; the trainer and server images
+# (several GB) by test-images.
 test: setup lint
 	$(PY) -m kubetune dev build --kueue
-	$(PY) -m pytest -m "not gpu" -q
+	$(PY) -m pytest -m "not gpu and not images" -q
+
+test-images: setup
+	$(PY) -m pytest -m images -q
 
 unit: setup
 	$(PY) -m pytest tests/unit -q
@@ -44,3 +50,15 @@ bench-operator: setup
 
 bench-adapters: setup
 	$(PY) bench/adapter_latency.py
+
+# The images without a Docker daemon (hack/images.sh, docs/images.md): IMAGES="operator server-cpu" for others.
+IMAGES ?=
+images:
+	hack/images.sh build $(IMAGES)
+
+image-archives:
+	hack/images.sh archive $(IMAGES)
+
+push:
+	@test -n "$(REGISTRY)" || { echo "usage: make push REGISTRY=registry.example.com/team [IMAGES=...]"; exit 2; }
+	hack/images.sh push $(REGISTRY) $(IMAGES)

@@ -63,8 +63,10 @@ EOF
   # buildah keeps RUN --mount=type=cache folders under $TMPDIR; the uv cache is hack/setup.sh's, so the
   # trainer's and server's wheels are downloaded once for the virtual environment and the images together.
   export TMPDIR="$store/tmp"
-  mkdir -p "$store/tmp/buildah-cache-$(id -u)" "$KUBETUNE_CACHE/uv"
-  ln -sfn "$KUBETUNE_CACHE/uv" "$store/tmp/buildah-cache-$(id -u)/kubetune-uv"
+  local caches="$store/tmp/buildah-cache"
+  [ "$(id -u)" = 0 ] || caches="$caches-$(id -u)"
+  mkdir -p "$caches" "$KUBETUNE_CACHE/uv"
+  [ -L "$caches/kubetune-uv" ] || { rm -rf "$caches/kubetune-uv"; ln -s "$KUBETUNE_CACHE/uv" "$caches/kubetune-uv"; }
 }
 
 install_tools() {
@@ -134,7 +136,7 @@ build() {  # NAME; the builder's output goes to $KUBETUNE_CACHE/containers/logs/
   log="$store/logs/$name.log"
   mkdir -p "$store/logs"
   start=$SECONDS
-  if ! buildah build --layers --pull=never --isolation chroot --network host "${target[@]}" "${host_ca[@]}" \
+  if ! buildah build --layers --force-rm --pull=never --isolation chroot --network host "${target[@]}" "${host_ca[@]}" \
     -f "$dockerfile" -t "$(ref "$name")" . >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "images: building $(ref "$name") failed; the whole output is in $log" >&2

@@ -1,0 +1,147 @@
+"""The images that `make images` builds, run with podman (no daemon) the way the chart or the operator runs
+them: the operator image as the chart's pod against a real API server, with nothing but the chart's
+ServiceAccount and RBAC; the trainer and server images are in test_large_images.py (`make test-images`).
+
+This module starts a control plane of its own: the session's operator must not compete with the image's.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from tests import containers
+from tests.helm import template
+from tests.integration.support import Api, simulated_ftj, started_cluster, wait_for
+from tests.integration.training import wait_done
+
+from kubetune.dev.controlplane import Cluster, free_ports
+
+NS = "kubetune-system"
+POD = "kubetune-operator-image"
+Pod = containers.Pod
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with started_cluster(tmp_path_factory.mktemp("images-cluster")) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def api(cluster: Cluster) -> Api:
+    return Api(cluster)
+
+
+@pytest.fixture(scope="module")
+def operator_image() -> str:
+    return containers.build("operator")
+
+
+def service_account_folder(api: Api, kubeconfig: Path, folder: Path) -> Path:
+    """What the kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount: a token of the chart's
+    ServiceAccount, the cluster's CA, the namespace."""
+    cluster_entry = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]
+    if "certificate-authority-data" in cluster_entry:
+        ca = base64.b64decode(cluster_entry["certificate-authority-data"]).decode()
+    else:
+        ca = Path(cluster_entry["certificate-authority"]).read_text()
+    token = api.kubectl("create", "token", "kubetune", "-n", NS, "--duration=1h").stdout.strip()
+    for name, text in {"token": token, "ca.crt": ca, "namespace": NS}.items():
+        containers.write(folder / name, text)
+    folder.chmod(0o755)
+    for path in folder.iterdir():
+        path.chmod(0o644)
+    return folder
+
+
+def api_server_address(kubeconfig: Path) -> tuple[str, str]:
+    server = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+    host, port = server.removeprefix("https://").rsplit(":", 1)
+    return host, port
+
+
+@pytest.fixture(scope="module")
+def operator_container(api: Api, operator_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
+    """The chart's operator Deployment (its own ports free on this host) running from the image, with the
+    chart's CRDs, ServiceAccount, RBAC and configuration applied."""
+    liveness, metrics = free_ports(2)
+    objects = template(namespace=NS, livenessPort=str(liveness), **{"metrics.port": str(metrics)})
+    api.kubectl("create", "namespace", NS, check=False)
+    rest = [o for o in objects if o["kind"] != "Deployment"]
+    api.kubectl("apply", "--server-side", "-f", "-", input="\n---\n".join(json.dumps(o) for o in rest))
+    api.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "crd/modelservers.kubetune.io")
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    config_map = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-config"))
+    workdir = tmp_path_factory.mktemp("operator-pod")
+    host, port = api_server_address(api.cluster.kubeconfig)
+    pod = containers.Pod(
+        template=deployment["spec"]["template"],
+        workdir=workdir,
+        name=POD,
+        namespace=NS,
+        files={"config": config_map["data"]},
+        kubelet_env={"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port},
+        kubelet_mounts={
+            "/var/run/secrets/kubernetes.io/serviceaccount": service_account_folder(
+                api, api.cluster.kubeconfig, workdir / "serviceaccount"
+            )
+        },
+    )
+    containers.podman("rm", "--force", f"{POD}-operator", check=False)
+    args = pod.run_args("operator", detach=True)
+    assert args[args.index("--entrypoint") + 1] == json.dumps(["kubetune", "operator"])
+    containers.podman(*args)
+    try:
+        yield pod
+    finally:
+        log = containers.podman("logs", f"{POD}-operator", check=False)
+        (workdir / "operator.log").write_text(log.stdout + log.stderr)
+        containers.podman("rm", "--force", "--time=5", f"{POD}-operator", check=False)
+
+
+def test_operator_image_runs_as_the_charts_pod_and_reconciles(api: Api, operator_container: Pod) -> None:
+    def holder() -> str | None:
+        lease = api.get("Lease", NS, "kubetune") or {}
+        return (lease.get("spec") or {}).get("holderIdentity")
+
+    # The chart's --leader-election: the container takes the Lease under its POD_NAME.
+    wait_for(lambda: holder() == POD, 90, "the operator container holding the Lease")
+    namespace, name = "images-test", f"image-{uuid.uuid4().hex[:6]}"
+    api.kubectl("create", "namespace", namespace, check=False)
+    api.apply(simulated_ftj(name, namespace))
+    job = wait_for(lambda: api.get("Job", namespace, name), 60, "the training Job")
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == containers.ref("trainer")
+    # kwok completes the pod; the operator in the container carries that into the FineTuneJob's status.
+    wait_done(api, namespace, name, timeout=120)
+
+
+def test_operator_container_is_non_root_with_a_read_only_root(operator_container: Pod) -> None:
+    name = f"{POD}-operator"
+    assert containers.podman("exec", name, "id", "-u").stdout.strip() == "65532"
+    write = containers.podman("exec", name, "touch", "/opt/venv/written", check=False)
+    assert write.returncode != 0 and "Read-only file system" in write.stderr
+    # /tmp is the chart's emptyDir: writable.
+    containers.podman("exec", name, "touch", "/tmp/written")
+
+
+def test_operator_container_answers_the_charts_liveness_probe(operator_container: Pod) -> None:
+    container = operator_container.container("operator")
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "healthz")
+    path = container["livenessProbe"]["httpGet"]["path"]
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    wait_for(healthy, 60, "the liveness endpoint")
