@@ -149,3 +149,18 @@ class Pod:
 def write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def registry_binary(cache: Path) -> Path:
+    """Debian's docker-registry (the CNCF distribution registry), unpacked from its package into `cache` rather
+    than installed: installing it would start it as a system service."""
+    binary = cache / "usr" / "bin" / "docker-registry"
+    if not binary.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        download = ["apt-get", "download", "docker-registry"]
+        if subprocess.run(download, cwd=cache, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+            subprocess.run(download, cwd=cache, check=True, capture_output=True)
+        (deb,) = cache.glob("docker-registry_*.deb")
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(cache)], check=True)
+    return binary

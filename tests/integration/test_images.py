@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -145,3 +147,61 @@ def test_operator_container_answers_the_charts_liveness_probe(operator_container
             return False
 
     wait_for(healthy, 60, "the liveness endpoint")
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[str]:
+    """A registry on 127.0.0.1 (plain HTTP), for as long as the test runs."""
+    binary = containers.registry_binary(Path.home() / ".cache" / "kubetune" / "tools" / "docker-registry")
+    (port,) = free_ports(1)
+    config = {
+        "version": 0.1,
+        "storage": {"filesystem": {"rootdirectory": str(tmp_path / "blobs")}},
+        "http": {"addr": f"127.0.0.1:{port}"},
+    }
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
+    with open(tmp_path / "registry.log", "wb") as log:
+        process = subprocess.Popen([str(binary), "serve", str(tmp_path / "config.yml")], stdout=log, stderr=log)
+    try:
+        wait_for(lambda: urlopen_status(f"http://127.0.0.1:{port}/v2/") == 200, 30, "the registry")
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def urlopen_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except OSError:
+        return 0
+
+
+def skopeo_config(reference: str, *flags: str) -> dict[str, Any]:
+    """The image configuration (user, entry point) at a skopeo reference."""
+    command = ["skopeo", "inspect", "--config", *flags, reference]
+    result = subprocess.run(command, capture_output=True, text=True, env=containers.storage_env())
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout)["config"])
+
+
+def test_make_push_copies_the_image_to_a_registry(operator_image: str, registry: str) -> None:
+    env = {**containers.storage_env(), "SKOPEO_FLAGS": "--dest-tls-verify=false"}
+    push = ["make", "--no-print-directory", "push", f"REGISTRY={registry}/team", "IMAGES=operator"]
+    result = subprocess.run(push, cwd=containers.ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    pushed = f"docker://{registry}/team/{operator_image.rsplit('/', 1)[1]}"
+    config = skopeo_config(pushed, "--tls-verify=false")
+    assert config["User"] == "65532:65532" and config["Entrypoint"] == ["kubetune", "operator"]
+
+
+def test_archive_is_an_oci_archive_of_the_image(operator_image: str) -> None:
+    result = subprocess.run(
+        [str(containers.SCRIPT), "archive", "operator"], cwd=containers.ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    archive = containers.ROOT / result.stdout.split()[0]
+    assert archive.name == operator_image.rsplit("/", 1)[1].replace(":", "-") + ".oci.tar"
+    config = skopeo_config(f"oci-archive:{archive}")
+    assert config["User"] == "65532:65532" and config["Entrypoint"] == ["kubetune", "operator"]
