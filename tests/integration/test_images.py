@@ -96,7 +96,7 @@ def operator_container(api: Api, operator_image: str, tmp_path_factory: pytest.T
             )
         },
     )
-    containers.podman("rm", "--force", f"{POD}-operator", check=False)
+    containers.podman("rm", "--force", "--ignore", f"{POD}-operator", check=False)
     args = pod.run_args("operator", detach=True)
     assert args[args.index("--entrypoint") + 1] == json.dumps(["kubetune", "operator"])
     containers.podman(*args)
@@ -105,7 +105,7 @@ def operator_container(api: Api, operator_image: str, tmp_path_factory: pytest.T
     finally:
         log = containers.podman("logs", f"{POD}-operator", check=False)
         (workdir / "operator.log").write_text(log.stdout + log.stderr)
-        containers.podman("rm", "--force", "--time=5", f"{POD}-operator", check=False)
+        containers.podman("rm", "--force", "--ignore", "--time=5", f"{POD}-operator", check=False)
 
 
 def test_operator_image_runs_as_the_charts_pod_and_reconciles(api: Api, operator_container: Pod) -> None:
