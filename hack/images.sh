@@ -37,7 +37,7 @@ ref() {  # NAME [REGISTRY] -> REGISTRY/REPOSITORY:TAG
 # limits: podman's defaults are higher and raising them needs CAP_SYS_RESOURCE, which containers (CI's
 # included) may lack. Host networking: builds reach the package registries, runs reach the API server.
 configure() {
-  mkdir -p "$store/storage" "$store/tmp"
+  mkdir -p "$store/storage" "${KUBETUNE_BUILD_TMPDIR:-$store/tmp}"
   local nofile nproc
   nofile="$(ulimit -Hn)"; nproc="$(ulimit -Hu)"
   [ "$nofile" = unlimited ] && nofile=1048576
@@ -62,8 +62,9 @@ EOF
   export CONTAINERS_CONF="$store/containers.conf" CONTAINERS_STORAGE_CONF="$store/storage.conf"
   # buildah keeps RUN --mount=type=cache folders under $TMPDIR; the uv cache is hack/setup.sh's, so the
   # trainer's and server's wheels are downloaded once for the virtual environment and the images together.
-  export TMPDIR="$store/tmp"
-  local caches="$store/tmp/buildah-cache"
+  # $TMPDIR also holds a layer while it is committed: KUBETUNE_BUILD_TMPDIR on a tmpfs saves that much disk.
+  export TMPDIR="${KUBETUNE_BUILD_TMPDIR:-$store/tmp}"
+  local caches="$TMPDIR/buildah-cache"
   [ "$(id -u)" = 0 ] || caches="$caches-$(id -u)"
   mkdir -p "$caches" "$KUBETUNE_CACHE/uv"
   [ -L "$caches/kubetune-uv" ] || { rm -rf "$caches/kubetune-uv"; ln -s "$KUBETUNE_CACHE/uv" "$caches/kubetune-uv"; }

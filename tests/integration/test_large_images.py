@@ -99,7 +99,8 @@ def server_pod(trainer_run: TrainerRun, tmp_path_factory: pytest.TempPathFactory
     claims = {name: trainer_run.pvc / name for name in ("models", "adapters")}
     pod = containers.Pod(deployment["spec"]["template"], tmp_path_factory.mktemp("server-pod"), "tiny-x", claims=claims)
     names = [f"{pod.name}-vllm", f"{pod.name}-fetcher"]
-    containers.podman("rm", "--force", "--ignore", *names, check=False)
+    for name in reversed(names):
+        containers.podman("rm", "--force", "--ignore", name)
     try:
         containers.podman(*pod.run_args("vllm", network="none", detach=True))
         containers.podman(*pod.run_args("fetcher", network=f"container:{names[0]}", detach=True))
@@ -108,7 +109,9 @@ def server_pod(trainer_run: TrainerRun, tmp_path_factory: pytest.TempPathFactory
         for name in names:
             log = containers.podman("logs", name, check=False)
             (pod.workdir / f"{name}.log").write_text(log.stdout + log.stderr)
-        containers.podman("rm", "--force", "--ignore", "--time=10", *names, check=False)
+        # the fetcher first: vLLM's container holds the network namespace the fetcher joined
+        for name in reversed(names):
+            containers.podman("rm", "--force", "--ignore", "--time=10", name)
 
 
 def request(pod: containers.Pod, port: int, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
