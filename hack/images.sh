@@ -38,7 +38,9 @@ ref() {  # NAME [REGISTRY] -> REGISTRY/REPOSITORY:TAG
 # included) may lack. Host networking: builds reach the package registries, runs reach the API server.
 configure() {
   mkdir -p "$store/storage" "${KUBETUNE_BUILD_TMPDIR:-$store/tmp}"
-  local nofile nproc
+  # The run-time state (locks, mounts) of one storage: two storages must never share it.
+  local run nofile nproc
+  run="/run/kubetune-containers/$(printf %s "$store" | sha256sum | cut -c1-12)"
   nofile="$(ulimit -Hn)"; nproc="$(ulimit -Hu)"
   [ "$nofile" = unlimited ] && nofile=1048576
   # podman lowers its own process limit to 32768 before it starts a container
@@ -47,7 +49,7 @@ configure() {
 [storage]
 driver = "${KUBETUNE_STORAGE_DRIVER:-overlay}"
 graphroot = "$store/storage"
-runroot = "/run/kubetune-containers"
+runroot = "$run/storage"
 EOF
   cat >"$store/containers.conf" <<EOF
 [containers]
@@ -57,7 +59,7 @@ default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
-tmp_dir = "/run/kubetune-libpod"
+tmp_dir = "$run/libpod"
 EOF
   export CONTAINERS_CONF="$store/containers.conf" CONTAINERS_STORAGE_CONF="$store/storage.conf"
   # buildah keeps RUN --mount=type=cache folders under $TMPDIR; the uv cache is hack/setup.sh's, so the

@@ -313,3 +313,15 @@ def test_build_script_tags_what_the_chart_and_the_operator_pull() -> None:
 def test_cpu_server_is_a_tag_of_the_server_repository() -> None:
     (server,) = script_refs("server")
     assert script_refs("server-cpu") == [f"{server}-cpu"]
+
+
+def test_each_storage_has_its_own_run_state(tmp_path: Path) -> None:
+    """Locks and mount records live under runroot: two storages (the default cache and another
+    KUBETUNE_CACHE) sharing one would corrupt each other's state."""
+    runroots = []
+    for cache in ("a", "b"):
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KUBETUNE_CACHE": str(tmp_path / cache)}
+        subprocess.run([str(ROOT / "hack" / "images.sh"), "env"], check=True, capture_output=True, env=env)
+        storage = tomllib.loads((tmp_path / cache / "containers" / "storage.conf").read_text())["storage"]
+        runroots.append(storage["runroot"])
+    assert runroots[0] != runroots[1]
