@@ -23,6 +23,7 @@ from tests.helm import template
 from tests.integration.support import Api, simulated_ftj, started_cluster, wait_for
 from tests.integration.training import wait_done
 
+from kubetune.dev.binaries import cache_root
 from kubetune.dev.controlplane import Cluster, free_ports
 
 NS = "kubetune-system"
@@ -152,7 +153,7 @@ def test_operator_container_answers_the_charts_liveness_probe(operator_container
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[str]:
     """A registry on 127.0.0.1 (plain HTTP), for as long as the test runs."""
-    binary = containers.registry_binary(Path.home() / ".cache" / "kubetune" / "tools" / "docker-registry")
+    binary = containers.registry_binary(cache_root() / "tools" / "docker-registry")
     (port,) = free_ports(1)
     config = {
         "version": 0.1,
