@@ -27,7 +27,8 @@ from kubetune.dev.binaries import cache_root
 from kubetune.dev.controlplane import Cluster, free_ports
 
 NS = "kubetune-system"
-POD = "kubetune-operator-image"
+# Unique per run: containers share the storage with any other run of this module on the machine.
+POD = f"kubetune-operator-{uuid.uuid4().hex[:8]}"
 Pod = containers.Pod
 
 
@@ -97,7 +98,6 @@ def operator_container(api: Api, operator_image: str, tmp_path_factory: pytest.T
             )
         },
     )
-    containers.podman("rm", "--force", "--ignore", f"{POD}-operator", check=False)
     args = pod.run_args("operator", detach=True)
     assert args[args.index("--entrypoint") + 1] == json.dumps(["kubetune", "operator"])
     containers.podman(*args)

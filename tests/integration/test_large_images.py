@@ -27,6 +27,8 @@ from kubetune.render import finetunejob, modelserver
 
 pytestmark = [pytest.mark.slow, pytest.mark.images]
 ADAPTER = "tiny-sft"
+# Unique per run: containers share the storage with any other run of this module on the machine.
+SUFFIX = uuid.uuid4().hex[:8]
 
 
 @dataclass
@@ -58,7 +60,8 @@ def training_pod(pvc: Path, workdir: Path) -> containers.Pod:
     claims = {name: pvc / name for name in ("models", "data", "adapters")}
     # The Job controller's annotation (NODE_RANK reads it); the pod's name as the Job controller makes it.
     index = {"batch.kubernetes.io/job-completion-index": "0"}
-    return containers.Pod(job["spec"]["template"], workdir, f"{ADAPTER}-0-x", "default", claims, annotations=index)
+    name = f"{ADAPTER}-0-{SUFFIX}"
+    return containers.Pod(job["spec"]["template"], workdir, name, "default", claims, annotations=index)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +69,6 @@ def trainer_run(pvc: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainerR
     containers.build("trainer")
     pod = training_pod(pvc, tmp_path_factory.mktemp("trainer-pod"))
     args = pod.run_args("trainer", network="none")
-    containers.podman("rm", "--force", "--ignore", f"{pod.name}-trainer", check=False)
     result = containers.podman(*args, check=False, timeout=1200)
     return TrainerRun(result.returncode, result.stdout + result.stderr, pvc, args)
 
@@ -97,10 +99,9 @@ def server_pod(trainer_run: TrainerRun, tmp_path_factory: pytest.TempPathFactory
     served = modelserver.children(ModelServer.model_validate(body), [f"pvc://adapters/{ADAPTER}/adapter"], config)
     (deployment,) = [c for c in served if c["kind"] == "Deployment"]
     claims = {name: trainer_run.pvc / name for name in ("models", "adapters")}
-    pod = containers.Pod(deployment["spec"]["template"], tmp_path_factory.mktemp("server-pod"), "tiny-x", claims=claims)
+    workdir = tmp_path_factory.mktemp("server-pod")
+    pod = containers.Pod(deployment["spec"]["template"], workdir, f"tiny-{SUFFIX}", claims=claims)
     names = [f"{pod.name}-vllm", f"{pod.name}-fetcher"]
-    for name in reversed(names):
-        containers.podman("rm", "--force", "--ignore", name)
     try:
         containers.podman(*pod.run_args("vllm", network="none", detach=True))
         containers.podman(*pod.run_args("fetcher", network=f"container:{names[0]}", detach=True))
