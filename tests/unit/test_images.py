@@ -3,6 +3,7 @@ of pyproject.toml and hack/setup.sh, and a build that runs the commands the oper
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import io
 import itertools
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from _pytest.mark.expression import Expression
 from dockerfile_parse import DockerfileParser
 
 from kubetune.chart.values import Image as ChartImage
@@ -325,3 +327,37 @@ def test_each_storage_has_its_own_run_state(tmp_path: Path) -> None:
         storage = tomllib.loads((tmp_path / cache / "containers" / "storage.conf").read_text())["storage"]
         runroots.append(storage["runroot"])
     assert runroots[0] != runroots[1]
+
+
+def make_target_markers(target: str) -> str:
+    """The `-m` expression of the pytest command of a Makefile target."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", makefile, re.MULTILINE)
+    assert recipe, target
+    expression = re.search(r"-m pytest -m (\"[^\"]+\"|\S+)", recipe[1])
+    assert expression, recipe[1]
+    return expression[1].strip('"')
+
+
+def module_markers(path: Path) -> set[str]:
+    """The markers every test of a module under tests/integration carries: its `pytestmark` and `integration`
+    (tests/integration/conftest.py adds it)."""
+    marks = {"integration"}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in node.targets):
+            marks |= {n.attr for n in ast.walk(node.value) if isinstance(n, ast.Attribute) and n.attr != "mark"}
+    return marks
+
+
+def selects(markers: str, path: Path) -> bool:
+    """Whether `pytest -m markers` selects the tests of the module (pytest's own expression matcher)."""
+    return Expression.compile(markers).evaluate(lambda name: name in module_markers(path))
+
+
+def test_ci_runs_the_operator_image_and_leaves_the_large_ones_to_make_test_images() -> None:
+    """CI (`make test`) builds and runs the operator image on every run; the trainer and server images, several
+    GB each, only `make test-images`."""
+    small, large = ROOT / "tests/integration/test_images.py", ROOT / "tests/integration/test_large_images.py"
+    assert module_markers(large) == {"integration", "slow", "images"}
+    assert selects(make_target_markers("test"), small) and not selects(make_target_markers("test"), large)
+    assert selects(make_target_markers("test-images"), large) and not selects(make_target_markers("test-images"), small)
