@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+import tomllib
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -41,6 +42,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture(scope="module")
 def api(cluster: Cluster) -> Api:
     return Api(cluster)
+
+
+def test_podman_and_buildah_share_the_storages_run_state() -> None:
+    """podman keeps the run root its database was created with, whatever storage.conf says later; buildah reads
+    storage.conf. Both must use the one hack/images.sh writes, or each would keep its own record of mounts."""
+    env = containers.storage_env()
+    storage = tomllib.loads(Path(env["CONTAINERS_STORAGE_CONF"]).read_text())["storage"]
+    used = containers.podman("info", "--format", "{{.Store.RunRoot}}").stdout.strip()
+    assert used == storage["runroot"], (
+        f"podman's database records the run root {used}: with no containers left (podman ps -a), remove "
+        f"{storage['graphroot']}/libpod/bolt_state.db and podman makes a new one"
+    )
 
 
 @pytest.fixture(scope="module")
