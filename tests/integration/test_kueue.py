@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -161,14 +162,22 @@ def test_quota_for_one_queues_the_second_with_kueues_reason_and_runs_it_after_th
 def test_a_higher_priority_job_preempts_a_lower_one_which_resumes_from_its_checkpoint(
     api: Api, ns: str, agent: AgentProcess
 ) -> None:
-    api.apply(queued_job("low", ns, 16, priorityClassName="low"))
+    api.apply(queued_job("low", ns, 40, priorityClassName="low"))
     api.wait_state(FTJ, ns, "low", "Running", timeout=240)
     checkpoints = agent.state_dir / "pvc" / ns / "adapters" / "low" / "checkpoints"
     wait_for(lambda: list(checkpoints.glob("checkpoint-*/kubetune-complete.json")), 300, "a checkpoint of low", 0.3)
-    first_pod = job_pods(api, ns, "low")[0]["metadata"]["name"]
-
-    api.apply(queued_job("high", ns, 2, priorityClassName="high"))
-    status = api.wait_state(FTJ, ns, "low", "Preempted", timeout=120)
+    (first,) = job_pods(api, ns, "low")
+    first_pod = first["metadata"]["name"]
+    # The trainer is held between two instructions until Kueue has preempted it, so that the preemption always
+    # meets a run in the middle of its steps (on an idle machine the 40 steps take about 25 s); Kueue's SIGTERM
+    # waits for it and is handled when it goes on.
+    trainer = trainer_pid(agent, first)
+    os.kill(trainer, signal.SIGSTOP)
+    try:
+        api.apply(queued_job("high", ns, 2, priorityClassName="high"))
+        status = api.wait_state(FTJ, ns, "low", "Preempted", timeout=120)
+    finally:
+        os.kill(trainer, signal.SIGCONT)
     preempted = condition({"status": status}, "Preempted")
     workload = workload_of(api, ns, "low") or {}
     kueue_says = condition(workload, "Preempted") or condition(workload, "Evicted")
@@ -208,6 +217,12 @@ def test_a_queued_job_suspended_by_its_user_gives_its_quota_back_and_resumes_que
     assert final.get("restarts", 0) == 0, dump(final)
     resumed = [e["step"] for log in trainer_logs(agent, ns, "paused") for e in events_of(log) if e["event"] == "resume"]
     assert resumed and resumed[0] >= 2, resumed
+
+
+def trainer_pid(agent: AgentProcess, pod: dict[str, Any]) -> int:
+    """The process of a pod's trainer container on the node agent (its bootstrap exec'd the trainer)."""
+    (pid_file,) = (agent.state_dir / "pods" / pod["metadata"]["uid"] / "containers").glob("trainer/pid")
+    return int(pid_file.read_text())
 
 
 def trainer_logs(agent: AgentProcess, ns: str, name: str) -> list[str]:
