@@ -22,7 +22,7 @@ from dockerfile_parse import DockerfileParser
 
 from kubetune.chart.values import Image as ChartImage
 from kubetune.config import Images
-from kubetune.render import finetunejob, modelserver
+from kubetune.render import finetunejob, modelserver, prepare
 from tests.unit.test_render import CONFIG, PLAN, load_ftj, load_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +104,9 @@ def dockerfile_pins(df: DockerfileParser) -> dict[str, str]:
 
 def rendered_containers() -> list[dict[str, Any]]:
     """Every container the operator renders, from the examples the golden tests use."""
-    objects = finetunejob.children(load_ftj("finetunejob-sft.yaml"), PLAN, CONFIG)
+    ftj = load_ftj("finetunejob-sft.yaml")
+    objects = finetunejob.children(ftj, PLAN, CONFIG)
+    objects.append(prepare.prepare_job(ftj, finetunejob.trainer_config(ftj, PLAN, None), CONFIG, "kubetune-cache"))
     objects += modelserver.children(load_server(), ["pvc://adapters/qwen-sft/adapter"], CONFIG)
     workloads = [o for o in objects if o["kind"] in ("Job", "Deployment")]
     return [c for o in workloads for c in o["spec"]["template"]["spec"]["containers"]]
