@@ -32,7 +32,7 @@ from tests.integration.support import (
 from kubetune.api.v1alpha1 import FineTuneJob, ModelServer, Plan
 from kubetune.config import OperatorConfig
 from kubetune.dev.controlplane import Cluster
-from kubetune.render import finetunejob, modelserver
+from kubetune.render import finetunejob, modelserver, prepare
 
 NS = "kubetune-system"
 SA = f"system:serviceaccount:{NS}:kubetune"
@@ -152,6 +152,16 @@ def rendered_children(namespace: str) -> tuple[dict[str, Any], list[dict[str, An
     server["metadata"] |= {"namespace": namespace, "uid": str(uuid.uuid4())}
     served = modelserver.children(ModelServer.model_validate(server), [], OperatorConfig())
     return job, [c for c in served if c["kind"] == "Deployment"]
+
+
+def prepare_job(training_job: dict[str, Any]) -> dict[str, Any]:
+    """The prepare Job the operator renders before that training Job (its CPU step, same namespace and owner)."""
+    namespace = training_job["metadata"]["namespace"]
+    ftj = yaml.safe_load((EXAMPLES / "finetunejob-sft.yaml").read_text())
+    ftj["metadata"] |= {"namespace": namespace, "uid": training_job["metadata"]["ownerReferences"][0]["uid"]}
+    model = FineTuneJob.model_validate(ftj)
+    plan = Plan(zero_stage=3, micro_batch_size=1, gradient_accumulation_steps=16, world_size=4)
+    return prepare.prepare_job(model, finetunejob.trainer_config(model, plan, None), OperatorConfig(), "cache")
 
 
 def operator_pod(api: Api) -> dict[str, Any]:
@@ -370,7 +380,8 @@ REFUSED: list[tuple[str, str, Callable[[dict[str, Any], list[dict[str, Any]]], d
         "default",
         lambda job, _: unlabelled(job),
         "The kubetune operator may create or change a Job only for a FineTuneJob: it needs the labels "
-        "app.kubernetes.io/managed-by=kubetune-operator and kubetune.io/finetunejob=<name of the FineTuneJob>.",
+        "app.kubernetes.io/managed-by=kubetune-operator and kubetune.io/finetunejob (kubetune.io/prepare for its "
+        "prepare step)=<name of the FineTuneJob>.",
     ),
     (
         "Job owned by nothing",
@@ -408,6 +419,6 @@ def test_admission_policy_admits_the_children_the_operator_renders(api: Api) -> 
     apply_policy(api)
     job, deployments = rendered_children("default")
     assert [d["metadata"]["name"] for d in deployments] == ["qwen-7b", "qwen-7b-ui"]  # the server and its chat page
-    for manifest in (job, *deployments):
+    for manifest in (job, prepare_job(job), *deployments):
         result = create_as_operator(api, manifest, "default")
         assert result.returncode == 0, f"{manifest['kind']} {manifest['metadata']['name']}: {result.stderr}"
