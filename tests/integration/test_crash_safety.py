@@ -47,12 +47,18 @@ def admitted(api: Api, ns: str, name: str) -> dict[str, Any] | None:
     return api.condition(FTJ, ns, name, "Admitted")
 
 
+def prepared(api: Api, ns: str, name: str) -> bool:
+    return (api.condition(FTJ, ns, name, "Prepared") or {}).get("status") == "True"
+
+
 # Each point is reached once in an admission; the process dies there as with SIGKILL. The supporting
 # children go out together, so at "after-write:RoleBinding" the others may or may not have been written.
 CRASH_POINTS = {
     "after-write:ServiceAccount": lambda api, ns: api.get("Job", ns, "crash") is None,
     "after-write:RoleBinding": lambda api, ns: api.get("Job", ns, "crash") is None,
-    "after-write:Job": lambda api, ns: api.get("Job", ns, "crash") is not None and admitted(api, ns, "crash") is None,
+    # The prepare step ran first (its status says Admitted, Prepared=False); the patch that says Prepared=True
+    # follows the training Job's write.
+    "after-write:Job": lambda api, ns: api.get("Job", ns, "crash") is not None and not prepared(api, ns, "crash"),
     "after-admitted": lambda api, ns: (admitted(api, ns, "crash") or {}).get("status") == "True",
 }
 
