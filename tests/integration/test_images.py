@@ -96,6 +96,9 @@ def operator_container(api: Api, operator_image: str, tmp_path_factory: pytest.T
     api.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "crd/modelservers.kubetune.io")
     (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
     config_map = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-config"))
+    # The operator's signing key (the chart makes it once; here the rendered Secret's key, decoded).
+    key = next(o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"].endswith("-signing-key"))
+    signing_key = {name: base64.b64decode(value).decode() for name, value in key["data"].items()}
     workdir = tmp_path_factory.mktemp("operator-pod")
     host, port = api_server_address(api.cluster.kubeconfig)
     pod = containers.Pod(
@@ -103,7 +106,7 @@ def operator_container(api: Api, operator_image: str, tmp_path_factory: pytest.T
         workdir=workdir,
         name=POD,
         namespace=NS,
-        files={"config": config_map["data"]},
+        files={"config": config_map["data"], "signing-key": signing_key},
         kubelet_env={"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port},
         kubelet_mounts={
             "/var/run/secrets/kubernetes.io/serviceaccount": service_account_folder(
