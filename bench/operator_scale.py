@@ -53,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -68,14 +69,17 @@ from kubetune.dev.binaries import ensure_binaries  # noqa: E402
 from kubetune.dev.controlplane import ControlPlane, kubeconfig_dict  # noqa: E402
 from kubetune.dev.nodes import create_simulated_nodes, parse_pools, wait_nodes_ready  # noqa: E402
 from kubetune.dev.pki import CLIENT_EXTENSIONS, ClientIdentity, signed_cert  # noqa: E402
+from kubetune.dev.podranges import claim_pod_range, release_pod_range  # noqa: E402
 from kubetune.k8s.client import Kube  # noqa: E402
 from kubetune.planner import plan_job  # noqa: E402
 from kubetune.render import finetunejob as render  # noqa: E402
-from kubetune.render.common import LABEL_FINETUNEJOB  # noqa: E402
+from kubetune.render.common import LABEL_FINETUNEJOB, LABEL_MODELSERVER  # noqa: E402
+from kubetune.render.modelserver import FETCHER_CONTAINER  # noqa: E402
 
 # Not in system:masters: that group is matched by the built-in "exempt" FlowSchema first.
 OPERATOR = ClientIdentity("bench-operator", "kubetune-operator-bench", ("kubetune-bench",))
 FLOW_SCHEMA = "kubetune-operator-bench"
+SERVING_PODS = Path(__file__).resolve().parent / "serving_pods.py"
 
 
 def finetunejob(name: str, namespace: str) -> dict[str, Any]:
@@ -93,6 +97,44 @@ def finetunejob(name: str, namespace: str) -> dict[str, Any]:
             "podMetadata": {"annotations": {"pod-complete.stage.kwok.x-k8s.io/delay": "1s"}},
         },
     }
+
+
+def modelserver(name: str, namespace: str, jobs: list[str]) -> dict[str, Any]:
+    """One single-GPU server of the jobs' base model, serving the adapters of `jobs` under their names."""
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "ModelServer",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "baseModel": {"uri": "hf://Qwen/Qwen2.5-0.5B"},
+            "adapters": [{"name": job, "fromFineTuneJob": job} for job in jobs],
+            "maxLoras": len(jobs),
+            "replicas": 1,
+            "gpuType": "rtx-4090d",
+        },
+    }
+
+
+def server_jobs(index: int, per_server: int, jobs: int) -> list[str]:
+    """The FineTuneJobs whose adapters server `index` serves: the next `per_server` of the `jobs` created by
+    `run_size` (job-0000 ...), going round when there are fewer jobs than adapters in all."""
+    return [f"job-{(index * per_server + k) % jobs:04d}" for k in range(per_server)]
+
+
+def all_loaded(adapters: int) -> str:
+    """What `SERVER_STATES` prints for a server whose status lists `adapters` adapters, every one Loaded."""
+    return " ".join(["Loaded"] * adapters)
+
+
+# A ModelServer's name and the state of each adapter its status lists, in order ("Loaded Loaded Pending").
+SERVER_STATES = "{.metadata.name} {.status.adapters[*].state}{'\\n'}"
+
+
+def serving_pods_template() -> str:
+    """A server pod's name, IP and the operator's public key from its fetcher's environment: what the fetcher
+    of `serving_pods.py` needs to stand in for the pod's sidecar."""
+    key = f'{{.spec.containers[?(@.name=="{FETCHER_CONTAINER}")].env[?(@.name=="KUBETUNE_OPERATOR_PUBLIC_KEY")].value}}'
+    return f"{{.metadata.name}} {{.status.podIP}} {key}{{'\\n'}}"
 
 
 def bare_job(name: str, namespace: str) -> dict[str, Any]:
@@ -182,9 +224,16 @@ def cluster_admin_binding() -> dict[str, Any]:
     }
 
 
+def watch_line(line: str) -> tuple[str, str] | None:
+    """(name, state) of one line a `Watcher`'s template printed: the first word, and the words after it."""
+    parts = line.split()
+    return (parts[0], " ".join(parts[1:])) if parts else None
+
+
 class Watcher:
-    """`kubectl get --watch` in the background: when each object was first seen, its latest state, and when
-    it first showed `done` (a state value, or "*" for any); `all_done` is set once `expected` objects have."""
+    """`kubectl get --watch` in the background: when each object was first seen, its latest state (what its line
+    says after the name), and when it first showed `done` (a state value, or "*" for any); `all_done` is set once
+    `expected` objects have."""
 
     def __init__(self, kubectl: list[str], resource: str, namespace: str, template: str, done: str = "") -> None:
         self.first_seen: dict[str, float] = {}
@@ -225,14 +274,15 @@ class Watcher:
             self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
 
     def _line(self, line: str, now: float) -> None:
-        parts = line.split()
-        if not parts:
+        seen = watch_line(line)
+        if seen is None:
             return
-        self.first_seen.setdefault(parts[0], now)
-        state = self.state[parts[0]] = parts[1] if len(parts) > 1 else ""
-        self.reached.setdefault(state, {}).setdefault(parts[0], now)
-        if state and self.done in (state, "*") and parts[0] not in self.done_at:
-            self.done_at[parts[0]] = now
+        name, state = seen
+        self.first_seen.setdefault(name, now)
+        self.state[name] = state
+        self.reached.setdefault(state, {}).setdefault(name, now)
+        if state and self.done in (state, "*") and name not in self.done_at:
+            self.done_at[name] = now
             if self.expected and len(self.done_at) >= self.expected:
                 self.all_done.set()
 
@@ -339,7 +389,9 @@ def stages(
 
 
 class BenchControlPlane(ControlPlane):
-    """The local control plane, with the controller-manager's client rate limit raised when asked."""
+    """The local control plane, with the controller-manager's client rate limit raised when asked, and kwok's pods
+    in a loopback range of its own (claimed like a node agent's), where the bench's server pods answer the
+    operator at their IPs and no other cluster of the machine places its pods."""
 
     def __init__(
         self,
@@ -354,9 +406,13 @@ class BenchControlPlane(ControlPlane):
         self.job_syncs = job_syncs
         self.kwok_parallelism = kwok_parallelism
         self.profiling = profiling
+        self.pod_cidr = claim_pod_range(state_dir)
 
     def component_argv(self, binaries: Any, ports: dict[str, int]) -> dict[str, list[str]]:
         argv = super().component_argv(binaries, ports)
+        # kwok gives the pods the addresses after its gateway (.0.1) in this range.
+        gateway = self.pod_cidr.replace(".0.0/", ".0.1/")
+        argv["kwok"] = [f"--cidr={gateway}" if a.startswith("--cidr=") else a for a in argv["kwok"]]
         if self.profiling:
             apiserver = argv["kube-apiserver"]
             argv["kube-apiserver"] = [a.replace("--profiling=false", "--profiling=true") for a in apiserver]
@@ -383,6 +439,10 @@ class BenchControlPlane(ControlPlane):
             )
             argv["kwok"].append(f"--config={config}")
         return argv
+
+    def stop(self) -> None:
+        super().stop()
+        release_pod_range(self.state_dir)
 
     def pids(self) -> dict[str, int]:
         state = json.loads(self.state_file.read_text())
@@ -453,6 +513,7 @@ def run_size(
     own_cpu = time.process_time() + children_cpu_seconds() - own_before
     return {
         "jobs": n,
+        "namespace": namespace,
         "operator": with_operator,
         "create_seconds": round(create_seconds, 2),
         "create_to_job_p50_s": round(statistics.median(latencies), 3) if latencies and with_operator else None,
@@ -481,6 +542,152 @@ def run_size(
     }
 
 
+def reset_peak_rss(pid: int) -> bool:
+    """Start the process's peak RSS (VmHWM) afresh from its current RSS, so that a phase's peak shows apart from
+    the sizes before it (Linux: clear_refs 5); False when the kernel refused."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def spread(values: list[float]) -> dict[str, float | None]:
+    """p50, p99 and the last of some seconds."""
+    if not values:
+        return {"p50_s": None, "p99_s": None, "last_s": None}
+    return {
+        "p50_s": round(statistics.median(values), 2),
+        "p99_s": round(percentile(values, 0.99), 2),
+        "last_s": round(max(values), 2),
+    }
+
+
+def start_serving_pods(kubectl: list[str], namespace: str, fetcher_port: int, log: Path) -> list[subprocess.Popen[Any]]:
+    """The server pods' fetchers (bench/serving_pods.py), fed by a watch of the server pods: [watch, fetchers]."""
+    watch = subprocess.Popen(
+        [
+            *kubectl,
+            "get",
+            "pods",
+            "-n",
+            namespace,
+            "-l",
+            LABEL_MODELSERVER,
+            "--watch",
+            "--output-watch-events=false",
+            "-o",
+            f"jsonpath={serving_pods_template()}",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    fetchers = subprocess.Popen(
+        [sys.executable, str(SERVING_PODS), "--fetcher-port", str(fetcher_port)],
+        stdin=watch.stdout,
+        stdout=subprocess.PIPE,
+        stderr=open(log, "wb"),  # noqa: SIM115
+        text=True,
+    )
+    assert watch.stdout is not None
+    watch.stdout.close()  # the fetchers' process reads it
+    return [watch, fetchers]
+
+
+def stop_serving_pods(processes: list[subprocess.Popen[Any]]) -> dict[str, Any]:
+    """Stop the watch and the fetchers; what the fetchers answered (bench/serving_pods.py's last line)."""
+    watch, fetchers = processes
+    fetchers.terminate()
+    report, _ = fetchers.communicate(timeout=30)
+    watch.terminate()
+    watch.wait(timeout=10)
+    lines = report.strip().splitlines()
+    return json.loads(lines[-1]) if lines else {}
+
+
+def run_model_servers(
+    count: int,
+    per_server: int,
+    jobs: int,
+    namespace: str,
+    admin: Kube,
+    kubectl: list[str],
+    operator_pid: int,
+    components: dict[str, int],
+    timeout: float,
+    state: Path,
+) -> dict[str, Any]:
+    """Create `count` ModelServers in the namespace of `jobs` Succeeded FineTuneJobs, each serving the adapters of
+    `per_server` of them, and measure until every server's status lists all its adapters Loaded: loaded into its
+    pod's (fake) vLLM by the operator, through the real adapter fetcher at the pod's IP (bench/serving_pods.py)."""
+    fetcher_port = OperatorConfig().server.fetcher_port
+    load_before = load_average()
+    own_before = time.process_time() + children_cpu_seconds()
+    pods = start_serving_pods(kubectl, namespace, fetcher_port, state / "serving-pods.log")
+    servers = Watcher(kubectl, "modelservers", namespace, SERVER_STATES, all_loaded(per_server))
+    servers.expected = count
+    time.sleep(1.0)  # let the watches start
+    rss_reset = reset_peak_rss(operator_pid)
+    rss_at_start = process_stats(operator_pid)[0]
+    requests_before = dispatched_requests(admin)
+    cpu_before = process_stats(operator_pid)[1]
+    components_before = cpu_seconds(components)
+    created: dict[str, float] = {}
+
+    def create(i: int) -> None:
+        name = f"server-{i:03d}"
+        admin.create(modelserver(name, namespace, server_jobs(i, per_server, jobs)))
+        created[name] = time.monotonic()
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(create, range(count)))
+    create_seconds = time.monotonic() - start
+    servers.all_done.wait(max(0.0, start + timeout - time.monotonic()))
+    servers.stop()
+    time.sleep(2.0)  # let trailing requests land before counting
+    requests = [after - before for after, before in zip(dispatched_requests(admin), requests_before, strict=True)]
+    rss, cpu_after = process_stats(operator_pid)
+    components_after = cpu_seconds(components)
+    pods_cpu = cpu_seconds({"pods": pods[1].pid})["pods"]  # started with the phase: all of it is the phase's
+    answered = stop_serving_pods(pods)
+    own_cpu = time.process_time() + children_cpu_seconds() - own_before
+    pods_up = [at - start for at in answered.pop("fetcher_up_at", {}).values()]
+    pods_loaded = [at - start for at in answered.pop("last_load_at", {}).values()]
+    loaded = [servers.done_at[name] - start for name in created if name in servers.done_at]
+    own = [servers.done_at[name] - at for name, at in created.items() if name in servers.done_at]
+    return {
+        "model_servers": count,
+        "adapters_per_server": per_server,
+        "finetunejobs": jobs,
+        "create_seconds": round(create_seconds, 2),
+        "all_loaded": len(loaded),
+        # seconds from the first create until each server's status listed all its adapters Loaded
+        "loaded_from_first_create": spread(loaded),
+        # the same from each server's own create
+        "loaded_from_own_create": spread(own),
+        # from the first create until each server pod had its IP (its fetcher listening there), and until its
+        # (fake) vLLM had taken the last load: what the status then waits for is the operator's look and write
+        "pod_up_from_first_create": spread(pods_up),
+        "pod_adapters_loaded_from_first_create": spread(pods_loaded),
+        "not_loaded_states": dict(Counter(servers.state.get(k, "unseen") for k in created if k not in servers.done_at)),
+        "operator_rss_at_start_mib": round(rss_at_start, 1),
+        "operator_peak_rss_mib": round(rss, 1),
+        "operator_peak_rss_is_this_phase": rss_reset,
+        "operator_cpu_s": round(cpu_after - cpu_before, 1),
+        "api_requests_per_server": round(requests[0] / count, 1),
+        "api_requests_per_server_all_clients": round(requests[1] / count, 1),
+        "cpu_s": {
+            **{k: round(components_after[k] - components_before[k], 1) for k in components},
+            "server pods (fetchers, fake vLLM, fake S3)": round(pods_cpu, 1),
+            "bench": round(own_cpu - pods_cpu, 1),
+        },
+        "server_pods": answered,
+        "watch_restarts": servers.restarts,
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+    }
+
+
 def wait_for_default_service_account(kube: Kube, namespace: str, timeout: float = 60.0) -> None:
     """The controller-manager creates a namespace's default ServiceAccount; pods are refused until then."""
     deadline = time.monotonic() + timeout
@@ -499,7 +706,8 @@ def prepare_cluster(plane: BenchControlPlane, gpu_nodes: int) -> None:
     wait_nodes_ready(plane.kubeconfig, nodes, timeout=300)
     cluster = plane.cluster()
     cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+    for crd in ("finetunejobs", "modelservers"):
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}.kubetune.io", "--timeout=60s")
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([flow_schema(), cluster_admin_binding()]))
     signed_cert(plane.pki_dir, OPERATOR.file_stem, OPERATOR.subject(), CLIENT_EXTENSIONS)
 
@@ -562,6 +770,37 @@ def stop(operator: subprocess.Popen[bytes] | None, plane: BenchControlPlane) -> 
         plane.stop()
 
 
+def print_serving(serving: dict[str, Any]) -> None:
+    """The ModelServer phase's lines of the printed summary."""
+    first, own = serving["loaded_from_first_create"], serving["loaded_from_own_create"]
+    print(
+        f"\n{serving['model_servers']} ModelServers x {serving['adapters_per_server']} adapters of "
+        f"{serving['finetunejobs']} Succeeded FineTuneJobs: {serving['all_loaded']} listed every adapter Loaded"
+    )
+    print(
+        "| all adapters Loaded, s from the first create: p50 | p99 | last | from its own create p50/p99 "
+        "| operator peak RSS | operator CPU | API requests/server (all clients) | load before/after |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {show(first['p50_s'])} | {show(first['p99_s'])} | {show(first['last_s'])} "
+        f"| {show(own['p50_s'])} / {show(own['p99_s'])} | {serving['operator_peak_rss_mib']} MiB "
+        f"| {serving['operator_cpu_s']} s | {serving['api_requests_per_server']} "
+        f"({serving['api_requests_per_server_all_clients']}) "
+        f"| {serving['load_average_before']} / {serving['load_average_after']} |"
+    )
+    up, loads = serving["pod_up_from_first_create"], serving["pod_adapters_loaded_from_first_create"]
+    print(
+        f"ModelServers, s from the first create until: the server pod had its IP p50 {show(up['p50_s'])}, last "
+        f"{show(up['last_s'])}; its vLLM took the last load p50 {show(loads['p50_s'])}, last {show(loads['last_s'])}"
+    )
+    cpu = ", ".join(f"{name} {seconds}" for name, seconds in serving["cpu_s"].items())
+    print(f"ModelServers, CPU seconds of the others: {cpu}")
+    print(f"ModelServers, what the server pods answered: {serving['server_pods']}")
+    if serving["not_loaded_states"]:
+        print(f"ModelServers not Loaded, by adapter states: {serving['not_loaded_states']}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,100,1000")
@@ -590,9 +829,17 @@ def main() -> int:
     parser.add_argument(
         "--compare", action="store_true", help="for each size, the floor (no operator) first, then the operator"
     )
+    parser.add_argument(
+        "--model-servers",
+        type=int,
+        help="after the largest size with the operator, this many ModelServers serving its jobs' adapters "
+        "(0: none; default 200 when 1000 is among the sizes, else 0)",
+    )
+    parser.add_argument("--adapters-per-server", type=int, default=5)
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "operator_scale.json")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    model_servers = args.model_servers if args.model_servers is not None else (200 if 1000 in sizes else 0)
 
     # Stopped with SIGTERM, still stop the control plane and the operator (the finally clause below).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -602,6 +849,7 @@ def main() -> int:
     )
     operator: subprocess.Popen[bytes] | None = None
     results: list[dict[str, Any]] = []
+    serving: dict[str, Any] | None = None
     try:
         prepare_cluster(plane, args.gpu_nodes)
         admin = Kube.from_kubeconfig(str(plane.kubeconfig), field_manager="bench")
@@ -620,15 +868,30 @@ def main() -> int:
                 result = run_size(n, admin, kubectl, operator_pid, plane.pids(), args.timeout, profile)
                 results.append(result)
                 print(json.dumps(result), flush=True)
+                if model_servers and operator_pid and n == max(sizes) and result["succeeded"] >= n:
+                    serving = run_model_servers(
+                        model_servers,
+                        args.adapters_per_server,
+                        n,
+                        result["namespace"],
+                        admin,
+                        kubectl,
+                        operator_pid,
+                        plane.pids(),
+                        args.timeout,
+                        state,
+                    )
+                    print(json.dumps(serving), flush=True)
     finally:
         stop(operator, plane)
     problems = log_problems(state / "operator.log")
     # Kept when the run failed or a size did not converge (the operator's log is there); etcd's data is a few
     # hundred MB.
-    if all(r["succeeded"] >= r["jobs"] for r in results):
+    servers_converged = serving is None or serving["all_loaded"] >= model_servers
+    if all(r["succeeded"] >= r["jobs"] for r in results) and servers_converged:
         shutil.rmtree(state, ignore_errors=True)
     else:
-        print(f"not every job converged: the operator's log is in {state / 'operator.log'}")
+        print(f"not every job or server converged: the operator's log is in {state / 'operator.log'}")
 
     machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
     qps = args.controller_qps or "default (20)"
@@ -675,6 +938,8 @@ def main() -> int:
                 f"| {c['requests_per_job_floor']} | {c['requests_per_job_with_operator']} "
                 f"| {c['operator_requests_per_job']} |"
             )
+    if serving is not None:
+        print_serving(serving)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     summary = {
         "machine": machine,
@@ -687,7 +952,8 @@ def main() -> int:
     }
     if problems:
         print(f"\nthe operator logged warnings or errors: {problems}")
-    args.output.write_text(json.dumps({**summary, "results": results, "comparison": comparison}, indent=2) + "\n")
+    everything = {**summary, "results": results, "comparison": comparison, "model_servers": serving}
+    args.output.write_text(json.dumps(everything, indent=2) + "\n")
     return 0
 
 

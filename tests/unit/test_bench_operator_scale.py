@@ -1,17 +1,26 @@
-"""bench/operator_scale.py's run without the operator: the Jobs it creates itself and its stage table."""
+"""bench/operator_scale.py's pieces: the Jobs it creates without the operator, its stage table, and the ModelServer
+phase (the servers it creates, when one counts as done, and the server pods of bench/serving_pods.py)."""
 
 from __future__ import annotations
 
 import json
+import os
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
-from kubetune.api.v1alpha1 import FineTuneJob
+import pytest
+
+from kubetune.adapters import http
+from kubetune.adapters.sync import Action, Adapter, Replica
+from kubetune.api.v1alpha1 import FineTuneJob, ModelServer
 from kubetune.config import OperatorConfig
 from kubetune.planner import plan_job
 from kubetune.render import finetunejob as render
 from kubetune.render.common import LABEL_FINETUNEJOB
+from kubetune.server.fetcher import Vllm
+from kubetune.signing import Signer, Verifier
 from tests import bench as bench_modules
 
 
@@ -129,8 +138,13 @@ def test_compare_pairs_each_floor_with_the_operators_run_of_the_same_size() -> N
     def run(jobs: int, operator: bool, seconds: float, requests: float) -> dict[str, Any]:
         finished = {"all_succeeded_s": seconds} if operator else {"all_jobs_complete_s": seconds}
         own = 4.0 if operator else None
-        return {"jobs": jobs, "operator": operator, **finished, "api_requests_per_job_all_clients": requests,
-                "api_requests_per_job": own}
+        return {
+            "jobs": jobs,
+            "operator": operator,
+            **finished,
+            "api_requests_per_job_all_clients": requests,
+            "api_requests_per_job": own,
+        }
 
     rows = bench.compare([run(10, False, 2.0, 16.0), run(10, True, 2.5, 19.5), run(100, True, 9.0, 19.0)])
     assert rows == [
@@ -144,3 +158,111 @@ def test_compare_pairs_each_floor_with_the_operators_run_of_the_same_size() -> N
             "operator_requests_per_job": 4.0,
         }
     ]
+
+
+def test_each_server_serves_its_own_succeeded_jobs_through_the_api_the_operator_reads() -> None:
+    bench = load_bench()
+    jobs = bench.server_jobs(3, 5, 1000)
+    server = ModelServer.model_validate(bench.modelserver("server-003", "bench-1000", jobs))
+
+    assert [(a.name, a.from_fine_tune_job) for a in server.spec.adapters] == [(j, j) for j in jobs]
+    assert jobs == ["job-0015", "job-0016", "job-0017", "job-0018", "job-0019"]
+    assert server.spec.max_loras == 5  # vLLM holds all five at once
+    # 200 servers of 5 use each of 1000 jobs once; with fewer jobs the servers go round them.
+    every = [job for i in range(200) for job in bench.server_jobs(i, 5, 1000)]
+    assert sorted(every) == [f"job-{k:04d}" for k in range(1000)]
+    assert bench.server_jobs(2, 5, 12) == ["job-0010", "job-0011", "job-0000", "job-0001", "job-0002"]
+
+
+def test_a_server_is_done_when_every_adapter_its_status_lists_is_loaded() -> None:
+    bench = load_bench()
+    # Lines as kubectl prints them with SERVER_STATES ({.status.adapters[*].state} separates states by spaces).
+    done = bench.all_loaded(5)
+    assert bench.watch_line("server-000 Loaded Loaded Loaded Loaded Loaded\n") == ("server-000", done)
+    assert bench.watch_line("server-001 Loaded Loaded Pending Loaded Loaded\n")[1] != done
+    assert bench.watch_line("server-002 Loaded Loaded Loaded Loaded\n")[1] != done  # one not listed yet
+    assert bench.watch_line("server-003 \n") == ("server-003", "")
+    assert bench.watch_line("\n") is None
+    # The other watches print one word after the name: unchanged.
+    assert bench.watch_line("job-0001 Running/gpu-node-1\n") == ("job-0001", "Running/gpu-node-1")
+
+
+def test_spread_and_the_peak_rss_of_a_phase() -> None:
+    bench = load_bench()
+    assert bench.spread([3.0, 1.0, 2.0]) == {"p50_s": 2.0, "p99_s": 3.0, "last_s": 3.0}
+    assert bench.spread([]) == {"p50_s": None, "p99_s": None, "last_s": None}
+
+    pid = os.getpid()
+    block = bytearray(256 * 1024 * 1024)  # touched: counted in RSS, and its peak with it
+    peak_with_block = bench.process_stats(pid)[0]
+    del block
+    assert bench.reset_peak_rss(pid)
+    assert bench.process_stats(pid)[0] < peak_with_block - 200
+
+
+def test_serving_pods_answer_the_operators_adapter_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench's server pods speak the operator's real HTTP path: the real fetcher at each pod's address checks
+    the operator's signature for that pod, prepares an s3:// adapter from the fake S3, and the fake vLLM behind it
+    keeps each pod's adapters apart."""
+    pods = bench_modules.load("serving_pods")
+    s3 = ThreadingHTTPServer(("127.0.0.1", 0), pods.FakeS3Handler)
+    vllm = pods.FakeVllm(("0.0.0.0", 0))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{s3.server_address[1]}")
+    for name, value in [
+        ("AWS_ACCESS_KEY_ID", "bench"),
+        ("AWS_SECRET_ACCESS_KEY", "bench"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+        ("KUBETUNE_CACHE_ROOT", str(tmp_path)),
+    ]:
+        monkeypatch.setenv(name, value)
+    signer = Signer.generate()
+    replicas = []
+    servers = [s3, vllm]
+    for pod, ip in [("server-000-a", "127.0.0.1"), ("server-001-b", "127.0.0.2")]:
+        assert pods.pod_line(f"{pod} {ip} {signer.public_key}\n") == (pod, ip, signer.public_key)
+        verifier = Verifier.from_text(signer.public_key, pod)
+        fetcher = pods.CountingFetcher((ip, 0), verifier, Vllm(f"{ip}:{vllm.server_address[1]}"))
+        servers.append(fetcher)
+        replicas.append(Replica(pod, f"{ip}:{fetcher.server_address[1]}"))
+    for server in servers:
+        pods.serve(server)
+    try:
+        first, second = replicas
+        adapter = Adapter("job-0001", "s3://bench/bench-1000/job-0001/adapter", "fromFineTuneJob/job-0001")
+        prepared = http.prepare(first, adapter, signer)
+        assert prepared.status == 200 and prepared.adapter_config["r"] == 8
+        assert (tmp_path / "s3/bench/bench-1000/job-0001/adapter/adapter_config.json").is_file()
+
+        assert http.perform(Action(first, "load", adapter.name, adapter.path), signer).ok
+        assert http.report(first, signer).loaded == {"job-0001": adapter.path}
+        assert http.report(second, signer).loaded == {}
+        again = http.perform(Action(first, "load", adapter.name, adapter.path), signer)
+        assert again.status == 400 and "already been loaded" in again.message
+        assert http.perform(Action(second, "unload", adapter.name), signer).ok  # vLLM's 404: already gone
+        assert http.perform(Action(first, "unload", adapter.name), signer).ok
+        assert http.report(first, signer).loaded == {}
+
+        # Signed for another pod, or by another key: refused like a real pod's fetcher refuses it.
+        assert http.report(Replica(second.pod, first.fetcher), signer).loaded is None
+        assert http.report(first, Signer.generate()).loaded is None
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+def test_fake_vllm_loads_and_unloads_as_vllm_answers() -> None:
+    pods = bench_modules.load("serving_pods")
+    loaded: dict[str, str] = {}
+    assert pods.lora_call(loaded, "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "/p/a"})[0] == 200
+    assert pods.lora_call(loaded, "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "/p/a"})[0] == 400
+    assert pods.models_listing(loaded)["data"][1] == {
+        "id": "a",
+        "object": "model",
+        "root": "/p/a",
+        "parent": pods.BASE_MODEL,
+    }
+    assert pods.models_listing(loaded)["data"][0]["parent"] is None  # the base model is no adapter
+    assert pods.lora_call(loaded, "/v1/unload_lora_adapter", {"lora_name": "a"})[0] == 200
+    assert pods.lora_call(loaded, "/v1/unload_lora_adapter", {"lora_name": "a"})[0] == 404
+    assert loaded == {}
