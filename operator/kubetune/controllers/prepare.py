@@ -72,7 +72,7 @@ def cache_claim(ctx: Context, namespace: str) -> str | None:
 
 def entries_in_use(ctx: Context, namespace: str) -> list[str]:
     """Cache entries of the namespace's unfinished jobs (the claim is the namespace's own): never evicted."""
-    jobs = [ftj for (ns, _), ftjs in ctx.indexes["finetunejobs"].items() if ns == namespace for ftj in ftjs]
+    jobs = [ftj for (ns, _), ftjs in ctx.entries("finetunejobs") if ns == namespace for ftj in ftjs]
     unfinished = [(j.get("status") or {}) for j in jobs if (j.get("status") or {}).get("state") not in FINISHED]
     return preparation.entries_in_use([s.get("dataset") for s in unfinished])
 

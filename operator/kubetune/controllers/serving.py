@@ -47,7 +47,7 @@ OPTIONAL_KINDS = ("NetworkPolicy", "ScaledObject")
 def _jobs_in(ctx: Context, namespace: str) -> dict[str, dict[str, Any]]:
     return {
         name: next(iter(store))
-        for (ns, name), store in ctx.indexes["finetunejobs"].items()
+        for (ns, name), store in ctx.entries("finetunejobs")
         if ns == namespace and store
     }
 
@@ -331,7 +331,7 @@ def servers_using(ctx: Context, namespace: str, ftj: dict[str, Any]) -> list[dic
     labels = ftj["metadata"].get("labels") or {}
     sources = {f"fromFineTuneJob/{name}", f"adapterSelector/{name}"}
     found = []
-    for (ns, _), store in ctx.indexes["modelservers"].items():
+    for (ns, _), store in ctx.entries("modelservers"):
         if ns != namespace or not store:
             continue
         body = next(iter(store))

@@ -395,7 +395,7 @@ def _job_named_by_uid(ctx: Context, namespace: str, uid: str | None) -> str | No
     """The FineTuneJob of `namespace` whose training Job has `uid` (a preemptor that Kueue names by uid)."""
     if not uid:
         return None
-    for (ns, name), jobs in ctx.indexes["training_jobs"].items():
+    for (ns, name), jobs in ctx.entries("training_jobs"):
         if ns == namespace and any(j["metadata"].get("uid") == uid for j in jobs):
             return str(name)
     return None
