@@ -33,6 +33,14 @@ stopped), then the same N as FineTuneJobs (the operator started again), and prin
 all FineTuneJobs Succeeded over the time until all bare Jobs completed, and the API requests per job of all
 clients with the operator against those without (issue 21's targets: at most 1.25 and 20).
 
+`--model-servers N` (200 by default when 1000 is among the sizes): after the largest size has converged, N
+ModelServers in its namespace, each serving `--adapters-per-server` (5) of its Succeeded FineTuneJobs, and
+how long until each server's status lists all its adapters Loaded (p50/p99/last from the first create), the
+operator's peak RSS during that phase, its API requests per server and the CPU seconds per component. The
+operator loads the adapters as on a cluster: over HTTP, signed, at each pod's IP and fetcher port, where
+bench/serving_pods.py runs the real adapter fetcher in front of a fake vLLM and a fake S3 (kwok's pods get
+addresses in a 127.N.0.0/16 the bench claims, so nothing of another cluster on the machine is reached).
+
 Targets (issue 3): p50 < 0.3 s, 1000 jobs converge in < 60 s, RSS < 250 MB. Timings are reported, never
 asserted. Results go to stdout and bench/results/operator_scale.json.
 """
