@@ -12,12 +12,14 @@ from tests.integration.support import (
     AGENT_GPU_TYPE,
     AgentProcess,
     Api,
+    OperatorProcess,
     cpu_agent,
     dump,
     example,
     simulated_ftj,
     wait_for,
 )
+from tests.integration.training import tiny_model_namespace, training_job
 
 from kubetune.dev.controlplane import Cluster
 
@@ -39,7 +41,16 @@ def job_on_agent(name: str, ns: str, **spec: Any) -> dict[str, Any]:
 
 
 def not_running_because(api: Api, ns: str, name: str, reason: str) -> dict[str, Any] | None:
-    cond = api.condition(FTJ, ns, name, "Running")
+    return condition_false_because(api, ns, name, "Running", reason)
+
+
+def not_prepared_because(api: Api, ns: str, name: str, reason: str) -> dict[str, Any] | None:
+    """The prepare pod (the CPU step before the training Job, docs/cache.md) cannot start: Prepared says why."""
+    return condition_false_because(api, ns, name, "Prepared", reason)
+
+
+def condition_false_because(api: Api, ns: str, name: str, type_: str, reason: str) -> dict[str, Any] | None:
+    cond = api.condition(FTJ, ns, name, type_)
     return cond if cond and cond["status"] == "False" and cond["reason"] == reason else None
 
 
@@ -47,10 +58,18 @@ def warning(api: Api, ns: str, name: str, reason: str) -> dict[str, Any] | None:
     return next((e for e in api.events(ns, name) if e["reason"] == reason and e["type"] == "Warning"), None)
 
 
-def test_a_missing_secret_is_named(api: Api, ns: str, agent: AgentProcess) -> None:
+@pytest.fixture
+def tiny_ns(api: Api, operator: OperatorProcess, agent: AgentProcess) -> Iterator[str]:
+    """A namespace with the tiny model and its data on the agent: the prepare step passes there."""
+    yield from tiny_model_namespace(api, agent)
+
+
+def test_a_missing_secret_is_named(api: Api, tiny_ns: str) -> None:
+    # The prepare pod takes the Secret as optional (it has no use for it) and passes; the trainer needs it.
+    ns = tiny_ns
     env = [{"name": "WANDB_API_KEY", "secretKeyRef": {"name": "wandb", "key": "key"}}]
-    api.apply(job_on_agent("nosecret", ns, env=env))
-    cond = wait_for(lambda: not_running_because(api, ns, "nosecret", "MissingSecret"), 60, "MissingSecret")
+    api.apply(training_job("nosecret", ns, 4, 2, env=env))
+    cond = wait_for(lambda: not_running_because(api, ns, "nosecret", "MissingSecret"), 240, "MissingSecret")
     assert 'secret "wandb" not found' in cond["message"].lower() and "nosecret-0-" in cond["message"], cond
     assert api.status(FTJ, ns, "nosecret")["state"] == "Pending"
     assert "wandb" in wait_for(lambda: warning(api, ns, "nosecret", "MissingSecret"), 15, "an Event")["message"]
@@ -58,16 +77,18 @@ def test_a_missing_secret_is_named(api: Api, ns: str, agent: AgentProcess) -> No
 
 def test_a_volume_that_cannot_be_mounted_is_named(api: Api, ns: str, agent: AgentProcess) -> None:
     # The kubelet says this only in a FailedMount Event of the pod: the operator reads it.
+    # The first pod to mount the dataset is the prepare pod: the run stops there, before any GPU is requested.
     dataset = {"uri": "configmap://chats/train.jsonl", "format": "prompt-response"}
     api.apply(job_on_agent("nomount", ns, dataset=dataset))
-    cond = wait_for(lambda: not_running_because(api, ns, "nomount", "MissingConfigMap"), 60, "MissingConfigMap")
-    assert 'configmap "chats" not found' in cond["message"].lower(), cond
+    cond = wait_for(lambda: not_prepared_because(api, ns, "nomount", "MissingConfigMap"), 60, "MissingConfigMap")
+    assert 'configmap "chats" not found' in cond["message"].lower() and "nomount-prep-" in cond["message"], cond
+    assert api.status(FTJ, ns, "nomount")["state"] == "Pending" and api.get("Job", ns, "nomount") is None
     assert wait_for(lambda: warning(api, ns, "nomount", "MissingConfigMap"), 15, "an Event")
 
 
 def test_an_image_that_cannot_be_pulled_is_named(api: Api, ns: str, agent: AgentProcess) -> None:
-    api.apply(job_on_agent("nopull", ns, image=UNPULLABLE))
-    cond = wait_for(lambda: not_running_because(api, ns, "nopull", "ImagePullBackOff"), 60, "ImagePullBackOff")
+    api.apply(job_on_agent("nopull", ns, image=UNPULLABLE))  # the prepare pod runs from it first
+    cond = wait_for(lambda: not_prepared_because(api, ns, "nopull", "ImagePullBackOff"), 60, "ImagePullBackOff")
     assert UNPULLABLE in cond["message"] and "no such host" in cond["message"], cond
     assert wait_for(lambda: warning(api, ns, "nopull", "ImagePullBackOff"), 15, "an Event")
 

@@ -46,6 +46,7 @@ INDEXES = (
     "training_pods",
     "training_workloads",
     "prepare_jobs",
+    "prepare_pods",
     "modelservers",
     "server_deployments",
     "server_pods",

@@ -16,7 +16,7 @@ from kubetune.controllers.context import Context, Key
 from kubetune.status.pods import CREATING_REASONS
 
 FIELDS = "reason=FailedMount,involvedObject.kind=Pod"
-POD_INDEXES = ("training_pods", "server_pods")
+POD_INDEXES = ("training_pods", "prepare_pods", "server_pods")
 
 
 def record(ctx: Context, event: dict[str, Any]) -> tuple[str, Key] | None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob, Plan, PreparedInputs
-from kubetune.controllers.context import Context
+from kubetune.controllers import mounts
+from kubetune.controllers.context import Context, Key
 from kubetune.k8s import children
 from kubetune.render import finetunejob as render
 from kubetune.render import prepare as prepare_render
 from kubetune.status import preparation
 from kubetune.status.conditions import get, now_iso, set_condition
+from kubetune.status.pods import PROBLEM_REASONS, waiting_problem
 
 KIND = "FineTuneJob"
 FINISHED = ("Succeeded", "Failed")
@@ -27,10 +29,29 @@ def _report(body: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def step(ctx: Context, body: dict[str, Any], ftj: FineTuneJob) -> preparation.PrepareStep:
-    """Where the prepare step of the job's current inputs stands."""
+    """Where the prepare step of the job's current inputs stands; while it runs, what keeps its pod from
+    starting, if anything."""
     key = (ftj.metadata.namespace, ftj.metadata.name)
     digest = prepare_render.inputs_hash(ftj.spec)
-    return preparation.look(ctx.latest("prepare_jobs", key), _report(body), digest)
+    found = preparation.look(ctx.latest("prepare_jobs", key), _report(body), digest)
+    if found.state != "running":
+        return found
+    pods = ctx.objects("prepare_pods", key)
+    mounts.forget_started(ctx, pods)
+    problem = next((p for pod in pods if (p := waiting_problem(pod, ctx.mount_failures))), None)
+    return preparation.PrepareStep("running", problem.reason, problem.message) if problem else found
+
+
+def problem_would_change(ctx: Context, key: Key, body: dict[str, Any]) -> bool:
+    """Whether the job's prepare pods show a problem other than the one its Prepared condition names (or one
+    that went away): the only pod events that need the controller."""
+    prepared = get((body.get("status") or {}).get("conditions") or [], "Prepared") or {}
+    if prepared.get("status") != "False":
+        return False
+    pods = ctx.objects("prepare_pods", key)
+    problem = next((p for pod in pods if (p := waiting_problem(pod, ctx.mount_failures))), None)
+    shown = prepared.get("reason") if prepared.get("reason") in PROBLEM_REASONS else None
+    return (problem.reason if problem else None) != shown
 
 
 def succeeded(ctx: Context, body: dict[str, Any], ftj: FineTuneJob) -> preparation.PrepareStep | None:
@@ -100,6 +121,9 @@ def write_status(
 
     before, diff = ctx.status.update(KIND, meta, dict(body.get("status") or {}), desired)
     if failed and diff.get("state") == "Failed" != before.get("state"):
+        ctx.event(KIND, meta, True, found.reason, found.message)
+    was = (get(before.get("conditions") or [], "Prepared") or {}).get("reason")
+    if found.reason in PROBLEM_REASONS and was != found.reason:  # a reason to act: the pod cannot start
         ctx.event(KIND, meta, True, found.reason, found.message)
 
 

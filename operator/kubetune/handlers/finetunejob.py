@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from kubetune.controllers import training
+from kubetune.controllers import prepare, training
 from kubetune.controllers.context import Context, Key
 from kubetune.handlers.watch import context, in_worker, is_echo, on_object_event, slim
 from kubetune.render.common import LABEL_FINETUNEJOB
@@ -84,6 +84,24 @@ async def prepare_job_changed(namespace: str | None, labels: kopf.Labels, memo: 
     ctx = context(memo, kwargs)
     key = (namespace or "", labels[LABEL_PREPARE])
     if ctx.latest("finetunejobs", key) is not None:
+        await in_worker(ctx, training.reconcile, ctx, key, True)
+
+
+@kopf.index("pods", labels={LABEL_PREPARE: kopf.PRESENT})
+async def prepare_pods(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Key, dict[str, Any]]:
+    return {(namespace or "", labels[LABEL_PREPARE]): slim(body, spec=False)}
+
+
+@kopf.on.event("pods", labels={LABEL_PREPARE: kopf.PRESENT})
+async def prepare_pod_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
+    """A prepare pod that cannot start (an image it cannot pull, a Secret or ConfigMap that does not exist), or
+    that starts after such a problem: the Prepared condition says so. Other pod events change nothing."""
+    ctx = context(memo, kwargs)
+    key = (namespace or "", labels[LABEL_PREPARE])
+    body = ctx.latest("finetunejobs", key)
+    if body is not None and prepare.problem_would_change(ctx, key, body):
         await in_worker(ctx, training.reconcile, ctx, key, True)
 
 

@@ -65,6 +65,8 @@ def failed_mount(ctx: Context, event: dict[str, Any]) -> None:
     index, key = found
     if index == "training_pods":
         ctx.later(0, training.sync_status_locked, ctx, key)
+    elif index == "prepare_pods":
+        ctx.later(0, training.reconcile, ctx, key, True)
     else:
         ctx.later(0, serving.reconcile, ctx, key)
 
