@@ -33,6 +33,9 @@ stopped), then the same N as FineTuneJobs (the operator started again), and prin
 all FineTuneJobs Succeeded over the time until all bare Jobs completed, and the API requests per job of all
 clients with the operator against those without (issue 21's targets: at most 1.25 and 20).
 
+The operator runs without the prepare step (issue 17's CPU Job before each training Job) unless `--prepare`:
+with it, a FineTuneJob brings a second Job and pod, which the floor does not have.
+
 `--model-servers N` (200 by default when 1000 is among the sizes): after the largest size has converged, N
 ModelServers in its namespace, each serving `--adapters-per-server` (5) of its Succeeded FineTuneJobs, and
 how long until each server's status lists all its adapters Loaded (p50/p99/last from the first create), the
@@ -243,7 +246,9 @@ class Watcher:
     says after the name), and when it first showed `done` (a state value, or "*" for any); `all_done` is set once
     `expected` objects have."""
 
-    def __init__(self, kubectl: list[str], resource: str, namespace: str, template: str, done: str = "") -> None:
+    def __init__(
+        self, kubectl: list[str], resource: str, namespace: str, template: str, done: str = "", selector: str = ""
+    ) -> None:
         self.first_seen: dict[str, float] = {}
         self.state: dict[str, str] = {}
         self.reached: dict[str, dict[str, float]] = {}
@@ -261,6 +266,7 @@ class Watcher:
             namespace,
             "--watch",
             "--output-watch-events=false",
+            *(["-l", selector] if selector else []),
             "-o",
             f"jsonpath={template}",
         ]
@@ -475,7 +481,9 @@ def run_size(
         wait_for_default_service_account(admin, namespace)
     load_before = load_average()
     own_before = time.process_time() + children_cpu_seconds()
-    jobs = Watcher(kubectl, "jobs", namespace, "{.metadata.name} {.status.completionTime}{'\\n'}", "*")
+    # The training Jobs only (with the prepare step on, each FineTuneJob also has a CPU Job first).
+    jobs_template = "{.metadata.name} {.status.completionTime}{'\\n'}"
+    jobs = Watcher(kubectl, "jobs", namespace, jobs_template, "*", selector=LABEL_FINETUNEJOB)
     ftjs = None
     if with_operator:
         ftjs = Watcher(kubectl, "finetunejobs", namespace, "{.metadata.name} {.status.state}{'\\n'}", "Succeeded")
@@ -741,14 +749,31 @@ def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def start_operator(plane: BenchControlPlane) -> subprocess.Popen[bytes]:
-    """`kubetune operator` as the operator's user, its output in operator.log of the plane's state folder."""
+def start_operator(plane: BenchControlPlane, prepare: bool = False) -> subprocess.Popen[bytes]:
+    """`kubetune operator` as the operator's user, its output in operator.log of the plane's state folder; the
+    prepare step (a CPU Job before each training Job) only with `prepare`, so that by default the operator's
+    Jobs are the floor's."""
     server = yaml.safe_load(plane.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
     kubeconfig = plane.state_dir / "operator.kubeconfig"
     kubeconfig.write_text(yaml.safe_dump(kubeconfig_dict(server, plane.pki_dir, OPERATOR.file_stem)))
+    config = OperatorConfig()
+    config.prepare.enabled = prepare
+    config_file = plane.state_dir / "operator-config.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True)))
     log = plane.state_dir / "operator.log"
     operator = subprocess.Popen(
-        [sys.executable, "-m", "kubetune", "operator", "--liveness", "", "--metrics-address", ""],
+        [
+            sys.executable,
+            "-m",
+            "kubetune",
+            "operator",
+            "--config",
+            str(config_file),
+            "--liveness",
+            "",
+            "--metrics-address",
+            "",
+        ],
         env={**os.environ, "KUBECONFIG": str(kubeconfig)},
         stdout=open(log, "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
@@ -844,6 +869,12 @@ def main() -> int:
         "(0: none; default 200 when 1000 is among the sizes, else 0)",
     )
     parser.add_argument("--adapters-per-server", type=int, default=5)
+    parser.add_argument(
+        "--prepare",
+        action="store_true",
+        help="the operator runs each FineTuneJob's prepare step (a CPU Job before the training Job); off by "
+        "default, so that the operator's training Jobs are the floor's",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "operator_scale.json")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -866,7 +897,7 @@ def main() -> int:
         for n in sizes:
             for with_operator in modes:
                 if with_operator and operator is None:
-                    operator = start_operator(plane)
+                    operator = start_operator(plane, args.prepare)
                 elif not with_operator and operator is not None:
                     stop_operator(operator)
                     operator = None
@@ -956,6 +987,7 @@ def main() -> int:
         "concurrent_job_syncs": args.job_syncs or None,
         "kwok_pod_stage_parallelism": args.kwok_parallelism or None,
         "operator": not args.without_operator,
+        "prepare_step": args.prepare,
         "operator_log_problems": problems,
     }
     if problems:
