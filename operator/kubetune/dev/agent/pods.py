@@ -378,6 +378,10 @@ class PodWorker(threading.Thread):
             "KUBERNETES_PORT": f"tcp://{api.host}:{api.port}",
             "POD_IP": self.pod_ip,
             "HOST": self.pod_ip,
+            # The node's pods share its cores (no CPU manager gives each a cpuset): vLLM's CPU build would pin
+            # every engine to the same core by itself, where one replica's busy-polling worker starves the
+            # next one's start (seen: a second replica at 1% CPU for 10 minutes). A pod's own value wins.
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
             **self.ctx.pass_env,
         }
         env = container_env(container, self.facts, self.ctx.api, base)
