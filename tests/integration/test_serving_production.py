@@ -218,7 +218,9 @@ def test_the_server_answers_only_with_its_api_key(api: Api, scene: Scene) -> Non
     assert request(base + "/health") == 200 and request(base + "/metrics") == 200  # probes, Prometheus
     unload = {"lora_name": "extra"}
     assert request(base + "/v1/unload_lora_adapter", "POST", unload) == 401
-    assert request(base + "/v1/unload_lora_adapter", "POST", unload, key=CANARY) == 200
+    # With the key the request reaches vLLM: 200, or 404 when the operator's adapter sync (every 2 s here) has
+    # already unloaded "extra", which the spec does not name.
+    assert request(base + "/v1/unload_lora_adapter", "POST", unload, key=CANARY) in (200, 404)
     # The fetcher answers the operator only: unsigned requests are refused.
     fetcher = f"http://{pod['status']['podIP']}:8001"
     assert request(fetcher + "/v1/models") == 401
