@@ -17,7 +17,7 @@ from kubetune.render import finetunejob as render
 from kubetune.render import prepare as prepare_render
 from kubetune.status import preparation
 from kubetune.status.conditions import get, now_iso, set_condition
-from kubetune.status.pods import PROBLEM_REASONS, waiting_problem
+from kubetune.status.pods import PROBLEM_REASONS, Problem, waiting_problem
 
 KIND = "FineTuneJob"
 FINISHED = ("Succeeded", "Failed")
@@ -36,10 +36,15 @@ def step(ctx: Context, body: dict[str, Any], ftj: FineTuneJob) -> preparation.Pr
     found = preparation.look(ctx.latest("prepare_jobs", key), _report(body), digest)
     if found.state != "running":
         return found
+    problem = _pod_problem(ctx, key)
+    return preparation.PrepareStep("running", problem.reason, problem.message) if problem else found
+
+
+def _pod_problem(ctx: Context, key: Key) -> Problem | None:
+    """What keeps the job's prepare pod from starting (status/pods.py), if anything."""
     pods = ctx.objects("prepare_pods", key)
     mounts.forget_started(ctx, pods)
-    problem = next((p for pod in pods if (p := waiting_problem(pod, ctx.mount_failures))), None)
-    return preparation.PrepareStep("running", problem.reason, problem.message) if problem else found
+    return next((p for pod in pods if (p := waiting_problem(pod, ctx.mount_failures))), None)
 
 
 def problem_would_change(ctx: Context, key: Key, body: dict[str, Any]) -> bool:
@@ -48,8 +53,7 @@ def problem_would_change(ctx: Context, key: Key, body: dict[str, Any]) -> bool:
     prepared = get((body.get("status") or {}).get("conditions") or [], "Prepared") or {}
     if prepared.get("status") != "False":
         return False
-    pods = ctx.objects("prepare_pods", key)
-    problem = next((p for pod in pods if (p := waiting_problem(pod, ctx.mount_failures))), None)
+    problem = _pod_problem(ctx, key)
     shown = prepared.get("reason") if prepared.get("reason") in PROBLEM_REASONS else None
     return (problem.reason if problem else None) != shown
 

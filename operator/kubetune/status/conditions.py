@@ -16,6 +16,12 @@ def get(conditions: Conditions, type_: str) -> dict[str, Any] | None:
     return next((c for c in conditions if c.get("type") == type_), None)
 
 
+def true_condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    """A copy of the object's condition of this type when its status is True (a Job's Complete, say), else None."""
+    cond = get((obj.get("status") or {}).get("conditions") or [], type_)
+    return dict(cond) if cond is not None and cond.get("status") == "True" else None
+
+
 def is_true(conditions: Conditions, type_: str) -> bool:
     cond = get(conditions, type_)
     return cond is not None and cond.get("status") == "True"

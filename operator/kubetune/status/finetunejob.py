@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from kubetune.status.conditions import Conditions, get, now_iso, set_condition
+from kubetune.status.conditions import Conditions, get, now_iso, set_condition, true_condition
 from kubetune.status.pods import PROBLEM_REASONS, ended, last_line, waiting_problem
 from kubetune.storage import join
 
@@ -62,13 +62,6 @@ class Outcome:
     state: str
     reason: str
     message: str
-
-
-def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    for cond in (job.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == type_ and cond.get("status") == "True":
-            return dict(cond)
-    return None
 
 
 def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
@@ -181,7 +174,7 @@ def restart_record(obs: Observed, now: str) -> dict[str, Any] | None:
     """status.lastRestart when the Job failed and its group starts again; None when it does not (no failure, a
     permanent one, or backoffLimit used up). The record of a failure already counted is returned as it is."""
     job = obs.job or {}
-    if _job_condition(job, "Failed") is None:
+    if true_condition(job, "Failed") is None:
         return None
     uid = (job.get("metadata") or {}).get("uid", "")
     last = obs.status.get("lastRestart") or {}
@@ -189,7 +182,7 @@ def restart_record(obs: Observed, now: str) -> dict[str, Any] | None:
         return dict(last)
     failure = group_failure(obs.pods)
     if failure is None:  # its pods are gone already: what the Job says
-        message = f"the training Job failed: {(_job_condition(job, 'Failed') or {}).get('message', '')}"
+        message = f"the training Job failed: {(true_condition(job, 'Failed') or {}).get('message', '')}"
         failure = GroupFailure("", "TrainerFailed", message, permanent=False, disruption=False)
     restarts = int(obs.status.get("restarts") or 0)
     if failure.permanent or (not failure.disruption and restarts >= obs.backoff_limit):
@@ -232,9 +225,9 @@ def outcome(obs: Observed, now: str | None = None) -> Outcome | None:
     if job is None:
         return Outcome("Suspended", "Suspended", HELD_MESSAGE) if obs.held else None
     pods = _current_pods(obs)
-    if (cond := _job_condition(job, "Complete")) is not None:
+    if (cond := true_condition(job, "Complete")) is not None:
         return Outcome("Succeeded", "Completed", "training finished; adapter at " + join(obs.output_uri, "adapter"))
-    if (cond := _job_condition(job, "Failed")) is not None:
+    if (cond := true_condition(job, "Failed")) is not None:
         record = restart_record(replace(obs, pods=pods), now or now_iso())
         if record is not None:
             restarts = _restarts_after(obs.status, record)
@@ -247,7 +240,7 @@ def outcome(obs: Observed, now: str | None = None) -> Outcome | None:
     if obs.queued and (job.get("spec") or {}).get("suspend"):
         return queue_outcome(obs.workload, obs.status, obs.preemptor)
     # A queued Job's Suspended condition lags behind Kueue's resume: only its spec.suspend (above) counts.
-    if obs.suspend or (not obs.queued and _job_condition(job, "Suspended") is not None):
+    if obs.suspend or (not obs.queued and true_condition(job, "Suspended") is not None):
         return Outcome("Suspended", "Suspended", "spec.suspend is true: training pods are stopped")
     active = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
     # A pod that has finished counts as running until the Job controller marks the Job Complete, moments

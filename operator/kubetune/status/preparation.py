@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from kubetune.api.v1alpha1 import PreparedInputs
+from kubetune.status.conditions import true_condition
 
 ANNOTATION_SPEC_HASH = "kubetune.io/spec-hash"  # the prepare Job carries its inputs hash (render/prepare.py)
 StepState = Literal["absent", "stale", "running", "succeeded", "failed"]
@@ -19,13 +20,6 @@ class PrepareStep:
     state: StepState
     reason: str
     message: str
-
-
-def _condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    for cond in (job.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == type_ and cond.get("status") == "True":
-            return dict(cond)
-    return None
 
 
 def report_for(dataset: dict[str, Any] | None, digest: str) -> dict[str, Any]:
@@ -51,13 +45,13 @@ def look(job: dict[str, Any] | None, dataset: dict[str, Any] | None, digest: str
     if (job.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH) != digest:
         return PrepareStep("stale", "Preparing", "the inputs changed: the prepare step runs again")
     report = report_for(dataset, digest)
-    if _condition(job, "Complete") is not None:
+    if true_condition(job, "Complete") is not None:
         return PrepareStep("succeeded", "DatasetChecked", summary(report))
     error = report.get("error") or {}
-    if _condition(job, "Failed") is not None:
+    if true_condition(job, "Failed") is not None:
         if error.get("reason"):
             return PrepareStep("failed", str(error["reason"]), str(error.get("message", "")))
-        cond = _condition(job, "Failed") or {}
+        cond = true_condition(job, "Failed") or {}
         return PrepareStep("failed", "PrepareFailed", f"the prepare Job failed: {cond.get('message', '')}".strip())
     if report.get("downloaded"):
         return PrepareStep("running", "Downloading", str(report["downloaded"]))
