@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import json
 import os
 import signal
@@ -247,6 +248,17 @@ def dump(obj: Any) -> str:
 
 # The node agent's Node for real servers: pods reach it through gpuType "cpu-agent" (see operator_config_for_tests).
 AGENT_GPU_TYPE = "cpu-agent"
+
+# What a test module needs of this machine: the node agent runs pods as root; trainer and server pods need the
+# packages of their extra.
+NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="the node agent needs root")
+NEEDS_TRAINER = pytest.mark.skipif(
+    not importlib.util.find_spec("trl"), reason="needs the trainer extra: hack/setup.sh trainer"
+)
+NEEDS_SERVER = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("vllm", "trl")),
+    reason="needs the server environment: hack/setup.sh server",
+)
 AGENT_LABEL = ("kubetune.io/test-node", "serving")
 AGENT_TAINT = "kubetune.io/serving-test=true:NoSchedule"
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 from tests.integration import serving
 from tests.integration.support import (
+    NEEDS_ROOT,
+    NEEDS_TRAINER,
     AgentProcess,
     Api,
     OperatorProcess,
@@ -43,10 +45,7 @@ from tests.integration.training import (
 
 from kubetune.dev.controlplane import Cluster
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="the node agent needs root"),
-    pytest.mark.skipif(not importlib.util.find_spec("trl"), reason="needs the trainer extra: hack/setup.sh trainer"),
-]
+pytestmark = [NEEDS_ROOT, NEEDS_TRAINER]
 
 
 def vllm_importable() -> bool:

@@ -13,13 +13,22 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.integration.support import EXAMPLES, AgentProcess, Api, OperatorProcess, cpu_agent, dump, wait_for
+from tests.integration.support import (
+    EXAMPLES,
+    NEEDS_ROOT,
+    AgentProcess,
+    Api,
+    OperatorProcess,
+    cpu_agent,
+    dump,
+    wait_for,
+)
 from tests.integration.training import events_of, job_pods, tiny_model_namespace, training_job, wait_done
 
 from kubetune.dev import kueue
 from kubetune.dev.controlplane import Cluster
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the node agent needs root")
+pytestmark = NEEDS_ROOT
 FTJ = "FineTuneJob"
 QUEUE = "team-a"
 

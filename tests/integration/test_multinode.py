@@ -12,12 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.integration.support import AGENT_GPU_TYPE, AgentProcess, Api, OperatorProcess, cpu_agent, dump, wait_for
+from tests.integration.support import (
+    AGENT_GPU_TYPE,
+    NEEDS_ROOT,
+    AgentProcess,
+    Api,
+    OperatorProcess,
+    cpu_agent,
+    dump,
+    wait_for,
+)
 from tests.integration.training import events_of, job_pods, tiny_model_namespace, training_job, wait_done
 
 from kubetune.dev.controlplane import Cluster
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the node agent needs root")
+pytestmark = NEEDS_ROOT
 FTJ = "FineTuneJob"
 TWO_PODS = {"nodes": 2, "gpusPerNode": 1, "gpuType": AGENT_GPU_TYPE}
 FRUITS = ("apple", "pear", "plum", "fig", "lime", "kiwi", "date", "grape")

@@ -8,7 +8,6 @@ limit of about 1 KB and no idle time, so every prepare step evicts what no unfin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -23,15 +22,21 @@ from typing import Any
 import pytest
 from tests import s3server
 from tests.integration import serving
-from tests.integration.support import AgentProcess, Api, OperatorProcess, cpu_agent, dump, wait_for
+from tests.integration.support import (
+    NEEDS_ROOT,
+    NEEDS_TRAINER,
+    AgentProcess,
+    Api,
+    OperatorProcess,
+    cpu_agent,
+    dump,
+    wait_for,
+)
 from tests.integration.training import events_of, job_pods, pod_logs, training_job, wait_done
 
 from kubetune.dev.controlplane import Cluster
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="the node agent needs root"),
-    pytest.mark.skipif(not importlib.util.find_spec("trl"), reason="needs the trainer extra: hack/setup.sh trainer"),
-]
+pytestmark = [NEEDS_ROOT, NEEDS_TRAINER]
 
 BUCKET = "prepare"
 SECRET = "s3-inputs"

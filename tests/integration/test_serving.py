@@ -10,7 +10,6 @@ each other (module state), because a vLLM start costs a minute on CPU.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -27,6 +26,8 @@ import pytest
 from tests import browser, s3server
 from tests.integration import serving
 from tests.integration.support import (
+    NEEDS_ROOT,
+    NEEDS_SERVER,
     AgentProcess,
     Api,
     OperatorProcess,
@@ -39,14 +40,7 @@ from kubetune.config import OperatorConfig
 from kubetune.dev.controlplane import Cluster
 from kubetune.render import modelserver as render
 
-pytestmark = [
-    pytest.mark.server,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the node agent needs root"),
-    pytest.mark.skipif(
-        not all(importlib.util.find_spec(m) for m in ("vllm", "trl")),
-        reason="needs the server environment: hack/setup.sh server",
-    ),
-]
+pytestmark = [pytest.mark.server, NEEDS_ROOT, NEEDS_SERVER]
 SERVER = "tiny"
 SELECTOR = {"serve-on": "tiny"}
 LATENCY_TARGET_S = 10.0

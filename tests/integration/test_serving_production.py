@@ -9,9 +9,7 @@ costs 30 to 60 s on CPU.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
-import os
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from tests.integration import serving
-from tests.integration.support import AgentProcess, Api, OperatorProcess, cpu_agent, wait_for
+from tests.integration.support import NEEDS_ROOT, NEEDS_SERVER, AgentProcess, Api, OperatorProcess, cpu_agent, wait_for
 
 from kubetune.api.v1alpha1 import ModelServer
 from kubetune.config import OperatorConfig
@@ -33,14 +31,7 @@ from kubetune.dev.controlplane import Cluster
 from kubetune.render import modelserver as render
 from kubetune.render import traffic
 
-pytestmark = [
-    pytest.mark.server,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the node agent needs root"),
-    pytest.mark.skipif(
-        not all(importlib.util.find_spec(m) for m in ("vllm", "trl")),
-        reason="needs the server environment: hack/setup.sh server",
-    ),
-]
+pytestmark = [pytest.mark.server, NEEDS_ROOT, NEEDS_SERVER]
 SERVER = "prod"
 ADAPTER = "capitals"
 ADAPTER_URI = "pvc://adapters/capitals/adapter"
