@@ -45,7 +45,8 @@ bench/serving_pods.py runs the real adapter fetcher in front of a fake vLLM and 
 addresses in a 127.N.0.0/16 the bench claims, so nothing of another cluster on the machine is reached).
 
 Targets (issue 21, docs/scale.md): p50 < 0.3 s at 10 jobs, 1000 jobs within 1.25x of the floor, at most 20
-requests per job from all clients, RSS < 250 MB. Timings are reported, never asserted. Results go to stdout and bench/results/operator_scale.json.
+requests per job from all clients, RSS < 250 MB. Timings are reported, never asserted. Results go to stdout
+and bench/results/operator_scale.json.
 """
 
 from __future__ import annotations
