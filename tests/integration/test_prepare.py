@@ -141,6 +141,7 @@ def test_good_dataset_is_checked_on_a_cpu_then_trained_from_the_cache(api: Api, 
     assert status.get("restarts", 0) == 0, dump(status)
     dataset = status["dataset"]
     assert dataset["records"] == len(serving.sft_records()) and dataset["tokens"] > 0, dump(status)
+    assert 0 < dataset["tokenLengths"]["p50"] <= dataset["tokenLengths"]["max"] < dataset["tokens"], dump(status)
     assert dataset["truncated"] == 0 and dataset["checkedAt"], dump(status)
     assert dataset["cache"].startswith("/var/cache/kubetune-shared/entries/"), dump(status)
     prepared = next(c for c in status["conditions"] if c["type"] == "Prepared")

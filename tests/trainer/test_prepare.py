@@ -33,6 +33,8 @@ def test_prepare_reports_the_dataset_and_caches_its_tokenized_form(pvc: Path, ti
     assert code == 0, events
     (report,) = [e for e in events if e["event"] == "prepared"]
     assert report["records"] == 8 and report["tokens"] > 0, report
+    lengths = report["tokenLengths"]
+    assert 0 < lengths["p50"] <= lengths["p95"] <= lengths["max"] < report["tokens"], report
     entry = Path(report["cache"])
     assert (entry / MARKER).is_file() and (entry / "train").is_dir(), report
     # The second run reads the entry: no check, no tokenizing.

@@ -61,14 +61,17 @@ def job(digest: str, condition: str | None = None, message: str = "") -> dict[st
 
 
 def test_where_the_prepare_step_stands() -> None:
-    report = {"inputsHash": "h", "records": 120, "tokens": 9840, "truncated": 3, "cache": "/c/entries/d"}
+    lengths = {"p50": 80, "p95": 150, "max": 1310}
+    report = {"inputsHash": "h", "records": 120, "tokens": 9840, "tokenLengths": lengths, "truncated": 3}
+    report["cache"] = "/c/entries/d"
     assert preparation.look(None, None, "h").state == "absent"
     assert preparation.look(job("old"), report, "h").state == "stale"
     progress = "base model: 1.0 GB of 15.0 GB"
     running = preparation.look(job("h"), {"inputsHash": "h", "downloaded": progress}, "h")
     assert (running.state, running.reason, running.message) == ("running", "Downloading", progress)
     done = preparation.look(job("h", "Complete"), report, "h")
-    assert done.state == "succeeded" and done.message.startswith("120 records, 9,840 tokens, 3 truncated"), done
+    summary = "120 records, 9,840 tokens (p50 80, p95 150, max 1,310 per record), 3 truncated"
+    assert done.state == "succeeded" and done.message.startswith(summary), done
     # The prepare pod's reason wins over the Job's; a report of other inputs is not used.
     bad = {"inputsHash": "h", "error": {"reason": "DatasetInvalid", "message": "line 2: missing 'response'"}}
     failed = preparation.look(job("h", "Failed"), bad, "h")

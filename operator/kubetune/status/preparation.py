@@ -28,10 +28,14 @@ def report_for(dataset: dict[str, Any] | None, digest: str) -> dict[str, Any]:
 
 
 def summary(report: dict[str, Any]) -> str:
-    """E.g. "120 records, 9,840 tokens, 3 truncated at maxSeqLength, cached at /var/cache/..."."""
+    """E.g. "120 records, 9,840 tokens (p50 80, p95 150, max 310 per record), 3 truncated at maxSeqLength; prepared
+    at /var/cache/..."."""
     if not report:
         return "the prepare step succeeded (it sent no report)"
     text = f"{report.get('records', 0)} records, {report.get('tokens', 0):,} tokens"
+    if lengths := report.get("tokenLengths"):
+        p50, p95, longest = (lengths.get(k, 0) for k in ("p50", "p95", "max"))
+        text += f" (p50 {p50:,}, p95 {p95:,}, max {longest:,} per record)"
     text += f", {report.get('truncated', 0)} truncated at maxSeqLength"
     if report.get("dropped"):
         text += f", {report['dropped']} dropped (prompt fills maxSeqLength)"

@@ -472,6 +472,17 @@ class PrepareError(KubeModel):
     """For DatasetInvalid: the first bad lines with their numbers and reasons, then the count."""
 
 
+class TokenLengths(KubeModel):
+    """Token lengths of the records through the tokenizer and chat template (before truncation)."""
+
+    p50: int = Field(default=0, ge=0)
+    """Median record length."""
+    p95: int = Field(default=0, ge=0)
+    """95th percentile: compare with hyperparameters.maxSeqLength."""
+    max: int = Field(default=0, ge=0)
+    """The longest record."""
+
+
 class DatasetStatus(KubeModel):
     """What the prepare step (`kubetune prepare`, a CPU pod before the training pods) found, reported by it."""
 
@@ -481,6 +492,8 @@ class DatasetStatus(KubeModel):
     """Valid records."""
     tokens: int = Field(default=0, ge=0)
     """Tokens of all records through the model's tokenizer and chat template (before truncation)."""
+    token_lengths: TokenLengths | None = None
+    """Median, 95th percentile and longest record in tokens."""
     truncated: int = Field(default=0, ge=0)
     """Records longer than hyperparameters.maxSeqLength (cut at the end)."""
     dropped: int = Field(default=0, ge=0)
