@@ -57,8 +57,8 @@ def is_dataset(path: Path) -> bool:
 def _dataset_problem(check: RecordsCheck, method: Method, name: str) -> str | None:
     """What makes the dataset unusable as a whole, in the trainer's order; None when nothing does."""
     if check.errors:
-        return f"{len(check.errors)} of {len(check.records) + len(check.errors)} record(s) bad"
-    if not check.records:
+        return f"{len(check.errors)} of {check.count + len(check.errors)} record(s) bad"
+    if not check.count:
         return "no records"
     return method_mismatch(check.format, method, name)
 
@@ -66,7 +66,7 @@ def _dataset_problem(check: RecordsCheck, method: Method, name: str) -> str | No
 def validate_dataset(path: Path, fmt: DatasetFormat, method: Method | None) -> bool:
     """Print every problem (stderr) and a summary; True when the trainer would accept the records."""
     try:
-        check = check_file(path, fmt)
+        check = check_file(path, fmt, keep=False)
     except OSError as err:
         print(f"{path}: cannot read: {err}", file=sys.stderr)
         return False
@@ -77,7 +77,7 @@ def validate_dataset(path: Path, fmt: DatasetFormat, method: Method | None) -> b
     if problem:
         print(f"{path}: invalid: {problem}", file=sys.stderr)
         return False
-    print(f"{path}: valid: {len(check.records)} record(s), format {check.format.value}, for {used.value}")
+    print(f"{path}: valid: {check.count} record(s), format {check.format.value}, for {used.value}")
     return True
 
 

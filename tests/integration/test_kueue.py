@@ -119,40 +119,32 @@ def test_quota_for_one_queues_the_second_with_kueues_reason_and_runs_it_after_th
 ) -> None:
     api.apply(queued_job("first", ns, 6))
     api.wait_state(FTJ, ns, "first", "Running", timeout=240)
-    api.apply(queued_job("second", ns, 4))
-    # A job without queueName is no business of Kueue's: it runs beside them although the quota is used up.
-    api.apply(training_job("plain", ns, 2, 2))
-
-    api.wait_state(FTJ, ns, "second", "Queued", timeout=60)
-    seen: list[Any] = []
-
-    def kueue_words() -> dict[str, Any] | None:
-        """The FineTuneJob's status once its Queued condition says what the Workload's QuotaReserved says."""
-        status = api.status(FTJ, ns, "second")
-        reserved = condition(workload_of(api, ns, "second") or {}, "QuotaReserved")
-        queued = condition({"status": status}, "Queued")
-        seen[:] = [queued, reserved]
-        words = ("reason", "message")
-        same = reserved.get("message") and all(queued.get(k) == reserved.get(k) for k in words)
-        return status if same else None
-
+    # The first trainer is held until the second job shows Kueue's words, so that "first" cannot finish and free
+    # the quota before the test has looked (its 6 steps take a few seconds).
+    (first_pod,) = job_pods(api, ns, "first")
+    first_trainer = wait_for(lambda: trainer_pid_or_none(agent, first_pod), 120, "the first trainer's process")
+    os.kill(first_trainer, signal.SIGSTOP)
     try:
-        status = wait_for(kueue_words, 60, "Kueue's reason and message on the FineTuneJob")
-    except AssertionError as err:
-        raise AssertionError(f"{err}; Queued condition, QuotaReserved: {seen}") from None
-    queued = condition({"status": status}, "Queued")
-    assert queued["status"] == "True" and status["state"] == "Queued", dump(status)
-    assert "insufficient" in queued["message"] and "nvidia.com/gpu" in queued["message"], queued
+        api.apply(queued_job("second", ns, 4))
+        # A job without queueName is no business of Kueue's: it runs beside them although the quota is used up.
+        api.apply(training_job("plain", ns, 2, 2))
+        api.wait_state(FTJ, ns, "second", "Queued", timeout=60)
+        status = kueue_words_on(api, ns, "second")
+        queued = condition({"status": status}, "Queued")
+        assert queued["status"] == "True" and status["state"] == "Queued", dump(status)
+        assert "insufficient" in queued["message"] and "nvidia.com/gpu" in queued["message"], queued
 
-    # The operator applies onto the queued Job (a spec change it makes in place): suspend stays Kueue's.
-    api.kubectl(
-        "patch", "finetunejob", "second", "-n", ns, "--type=merge", "-p", '{"spec":{"ttlSecondsAfterFinished":3600}}'
-    )
-    wait_for(lambda: (api.get("Job", ns, "second") or {}).get("spec", {}).get("ttlSecondsAfterFinished") == 3600, 30)
-    held = api.kubectl("get", "job", "second", "-n", ns, "-o", "yaml", "--show-managed-fields").stdout
-    held_job = yaml.safe_load(held)
-    assert held_job["spec"]["suspend"] is True, "the operator must not resume a Job that Kueue holds"
-    assert "kubetune" not in suspend_owners(held_job), suspend_owners(held_job)
+        # The operator applies onto the queued Job (a spec change it makes in place): suspend stays Kueue's.
+        ttl = '{"spec":{"ttlSecondsAfterFinished":3600}}'
+        api.kubectl("patch", "finetunejob", "second", "-n", ns, "--type=merge", "-p", ttl)
+        spec = lambda: (api.get("Job", ns, "second") or {}).get("spec", {})  # noqa: E731
+        wait_for(lambda: spec().get("ttlSecondsAfterFinished") == 3600, 30, "the Job's new ttlSecondsAfterFinished")
+        held = api.kubectl("get", "job", "second", "-n", ns, "-o", "yaml", "--show-managed-fields").stdout
+        held_job = yaml.safe_load(held)
+        assert held_job["spec"]["suspend"] is True, "the operator must not resume a Job that Kueue holds"
+        assert "kubetune" not in suspend_owners(held_job), suspend_owners(held_job)
+    finally:
+        os.kill(first_trainer, signal.SIGCONT)
 
     plain = wait_done(api, ns, "plain", timeout=300)
     plain_job = api.get("Job", ns, "plain") or {}
@@ -166,6 +158,24 @@ def test_quota_for_one_queues_the_second_with_kueues_reason_and_runs_it_after_th
     assert owners and "kubetune" not in owners, owners  # Kueue resumed it, the operator never touched it
     final = api.status(FTJ, ns, "second")
     assert condition({"status": final}, "Queued")["status"] == "False", dump(final)
+
+
+def kueue_words_on(api: Api, ns: str, name: str) -> dict[str, Any]:
+    """The FineTuneJob's status once its Queued condition says what its Workload's QuotaReserved says."""
+    seen: list[Any] = []
+
+    def same_words() -> dict[str, Any] | None:
+        status = api.status(FTJ, ns, name)
+        reserved = condition(workload_of(api, ns, name) or {}, "QuotaReserved")
+        queued = condition({"status": status}, "Queued")
+        seen[:] = [queued, reserved]
+        same = reserved.get("message") and all(queued.get(k) == reserved.get(k) for k in ("reason", "message"))
+        return status if same else None
+
+    try:
+        return wait_for(same_words, 60, "Kueue's reason and message on the FineTuneJob")
+    except AssertionError as err:
+        raise AssertionError(f"{err}; Queued condition, QuotaReserved: {seen}") from None
 
 
 def test_a_higher_priority_job_preempts_a_lower_one_which_resumes_from_its_checkpoint(
@@ -230,8 +240,15 @@ def test_a_queued_job_suspended_by_its_user_gives_its_quota_back_and_resumes_que
 
 def trainer_pid(agent: AgentProcess, pod: dict[str, Any]) -> int:
     """The process of a pod's trainer container on the node agent (its bootstrap exec'd the trainer)."""
-    (pid_file,) = (agent.state_dir / "pods" / pod["metadata"]["uid"] / "containers").glob("trainer/pid")
-    return int(pid_file.read_text())
+    pid = trainer_pid_or_none(agent, pod)
+    assert pid is not None, pod["metadata"]["name"]
+    return pid
+
+
+def trainer_pid_or_none(agent: AgentProcess, pod: dict[str, Any]) -> int | None:
+    pid_file = agent.state_dir / "pods" / pod["metadata"]["uid"] / "containers" / "trainer" / "pid"
+    text = pid_file.read_text().strip() if pid_file.exists() else ""
+    return int(text) if text else None
 
 
 def trainer_logs(agent: AgentProcess, ns: str, name: str) -> list[str]:

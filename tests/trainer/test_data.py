@@ -66,6 +66,19 @@ def test_validation_split_is_held_out(tokenizer, pvc: Path) -> None:
     assert (data.report.train_records, data.report.validation_records) == (6, 2)
 
 
+def test_examples_streamed_to_arrow_are_the_ones_kept_in_memory(tokenizer, pvc: Path, tmp_path: Path) -> None:
+    """The prepare step writes examples to Arrow as it tokenizes them (its memory does not grow with the
+    dataset): the same examples, the same held-out records, as the in-memory path."""
+    path = pvc / "data" / "sft.jsonl"
+    in_memory = prepare(tokenizer, path, Method.SFT, DatasetFormat.AUTO, 64, 0.25, seed=1)
+    streamed = prepare(tokenizer, path, Method.SFT, DatasetFormat.AUTO, 64, 0.25, seed=1, into=tmp_path / "p")
+    assert streamed.report == in_memory.report
+    for name in ("train", "validation"):
+        assert list(getattr(streamed, name)) == getattr(in_memory, name), name
+        assert (tmp_path / "p" / name / "state.json").is_file(), name  # a datasets folder, memory-mapped
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["train", "validation"]  # no scratch left
+
+
 def test_bad_records_are_listed_by_line(tokenizer, tmp_path: Path) -> None:
     lines = [
         json.dumps({"prompt": "a", "response": "b"}),

@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import math
 import random
+from array import array
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kubetune.api.v1alpha1 import DatasetFormat, Method
 from kubetune.trainer.errors import DATASET_INVALID, TrainerFailure
-from kubetune.trainer.records import Message, Record, read_records
+from kubetune.trainer.records import Message, Record, check_records, stream_records
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +127,7 @@ def tokenize_conversation(tokenizer: Any, messages: list[Message]) -> tuple[list
     return ids, labels
 
 
-def token_stats(lengths: list[int]) -> TokenStats:
+def token_stats(lengths: Sequence[int]) -> TokenStats:
     ordered = sorted(lengths)
 
     def at(q: float) -> int:
@@ -158,17 +160,54 @@ def preference_example(tokenizer: Any, record: Record, max_len: int) -> tuple[di
     return {"prompt": record.messages, "chosen": record.chosen, "rejected": record.rejected}, longest, prompt_len
 
 
-def split(
-    examples: list[dict[str, Any]], fraction: float, seed: int
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Hold out `fraction` of the examples (at least one when fraction > 0), chosen by `seed`."""
-    if fraction <= 0 or len(examples) < 2:
-        return examples, []
-    order = list(range(len(examples)))
+def held_out(count: int, fraction: float, seed: int) -> set[int]:
+    """The indices of the `count` records held out for evaluation: `fraction` of them (at least one when
+    fraction > 0, never all), chosen by `seed`."""
+    if fraction <= 0 or count < 2:
+        return set()
+    order = list(range(count))
     random.Random(seed).shuffle(order)
-    n_val = min(len(examples) - 1, max(1, round(fraction * len(examples))))
-    held = set(order[:n_val])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+    return set(order[: min(count - 1, max(1, round(fraction * count)))])
+
+
+class Examples:
+    """Where tokenized examples go: a list, or with `folder` an Arrow file written as they come (the memory of
+    the prepare step stays flat however many records there are), saved as a datasets folder at the end."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self.count = 0
+        self._kept: list[dict[str, Any]] = []
+        self._writer: Any = None
+
+    @property
+    def _arrow(self) -> Path:
+        assert self.folder is not None
+        return self.folder.with_name(self.folder.name + ".arrow")
+
+    def append(self, example: dict[str, Any]) -> None:
+        self.count += 1
+        if self.folder is None:
+            self._kept.append(example)
+            return
+        if self._writer is None:
+            from datasets.arrow_writer import ArrowWriter
+
+            self._arrow.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = ArrowWriter(path=str(self._arrow), writer_batch_size=1000)
+        self._writer.write(example)
+
+    def result(self) -> Any:
+        """The list, or the datasets.Dataset saved in `folder` (memory-mapped); [] when nothing was written."""
+        if self.folder is None or self._writer is None:
+            return self._kept
+        from datasets import Dataset, load_from_disk
+
+        self._writer.finalize()
+        self._writer.close()
+        Dataset.from_file(str(self._arrow)).save_to_disk(str(self.folder))
+        self._arrow.unlink()
+        return load_from_disk(str(self.folder))
 
 
 def prepare(
@@ -180,13 +219,17 @@ def prepare(
     validation_split: float = 0.0,
     seed: int = 42,
     split_name: str | None = None,
+    into: Path | None = None,
 ) -> PreparedData:
-    """Read, check and tokenize the dataset (a file, or the files of `split_name` in a folder); DatasetInvalid
-    when nothing is left to train on."""
-    fmt, records = read_records(path, fmt, method, split_name)
-    report = DatasetReport(format=fmt.value, records=len(records), max_seq_length=max_len)
-    examples, lengths = [], []
-    for record in records:
+    """Check, then tokenize the dataset (a file, or the files of `split_name` in a folder), one record at a time
+    from disk; DatasetInvalid when nothing is left to train on. With `into`, the examples are written there as
+    Arrow (`train/`, `validation/`) instead of kept in memory."""
+    fmt, count = check_records(path, fmt, method, split_name)
+    report = DatasetReport(format=fmt.value, records=count, max_seq_length=max_len)
+    held = held_out(count, validation_split, seed)
+    train, validation = (Examples(into / name if into else None) for name in ("train", "validation"))
+    lengths = array("l")
+    for index, record in enumerate(stream_records(path, fmt, split_name)):
         if method == Method.DPO:
             example, length, prompt_len = preference_example(tokenizer, record, max_len)
             usable = prompt_len < max_len
@@ -196,15 +239,14 @@ def prepare(
         lengths.append(length)
         report.truncated += length > max_len
         if usable:
-            examples.append(example)
+            (validation if index in held else train).append(example)
         else:
             report.dropped += 1
     report.tokens = token_stats(lengths)
-    if not examples:
+    if not train.count + validation.count:
         raise TrainerFailure(
             DATASET_INVALID,
-            f"all {len(records)} records of {path.name} lose their response to truncation at maxSeqLength {max_len}",
+            f"all {count} records of {path.name} lose their response to truncation at maxSeqLength {max_len}",
         )
-    train, validation = split(examples, validation_split, seed)
-    report.train_records, report.validation_records = len(train), len(validation)
-    return PreparedData(train, validation, report)
+    report.train_records, report.validation_records = train.count, validation.count
+    return PreparedData(train.result(), validation.result(), report)

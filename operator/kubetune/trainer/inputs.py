@@ -144,8 +144,12 @@ def save_data(data: PreparedData, directory: Path, extra: dict[str, str] | None 
     from datasets import Dataset
 
     for name, examples in (("train", data.train), ("validation", data.validation)):
-        if examples:  # an empty Dataset cannot be loaded back
-            Dataset.from_list(examples).save_to_disk(str(directory / name))
+        target = directory / name
+        if isinstance(examples, list):
+            if examples:  # an empty Dataset cannot be loaded back
+                Dataset.from_list(examples).save_to_disk(str(target))
+        elif not target.exists():  # a datasets.Dataset: prepare(into=directory) may have written it there already
+            examples.save_to_disk(str(target))
     (directory / "inputs.json").write_text(json.dumps({**(extra or {}), "report": data.report.to_dict()}))
 
 

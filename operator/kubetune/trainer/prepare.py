@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -157,7 +158,9 @@ class Preparer:
         spec = self.config.spec
         hp = spec.hyperparameters
         if self.cache is None:
-            return self.check(model_dir), None
+            # Only the report is kept; the tokenized examples go to a scratch folder, not to memory.
+            with tempfile.TemporaryDirectory(prefix="kubetune-prepare-") as scratch:
+                return self.check(model_dir, Path(scratch)), None
         params = [self.content_tag(), model_key or spec.base_model.uri, spec.method.value, spec.dataset.format.value]
         params += [spec.dataset.split or ""]
         params += [str(hp.max_seq_length), str(spec.dataset.validation_split), str(hp.seed)]
@@ -167,11 +170,15 @@ class Preparer:
             log_event("cache-hit", what="prepared dataset", uri=spec.dataset.uri, key=key)
             return inputs.load_data(entry), entry
         log_event("cache-miss", what="prepared dataset", uri=spec.dataset.uri, key=key)
-        data = self.check(model_dir)
-        entry = self.cache.fill(key, lambda folder: inputs.save_data(data, folder), {"uri": spec.dataset.uri})
-        return data, entry
 
-    def check(self, model_dir: Path) -> PreparedData:
+        def write(folder: Path) -> None:
+            inputs.save_data(self.check(model_dir, folder), folder)
+
+        entry = self.cache.fill(key, write, {"uri": spec.dataset.uri})
+        return inputs.load_data(entry), entry
+
+    def check(self, model_dir: Path, into: Path) -> PreparedData:
+        """The dataset fetched, checked and tokenized, its examples written under `into` as they come."""
         spec = self.config.spec
         access = s3.Access.of(spec.dataset.s3)
         uri = spec.dataset.uri
@@ -184,7 +191,15 @@ class Preparer:
         tokenizer = load_tokenizer(model_dir)
         data = spec.dataset
         return prepare(
-            tokenizer, path, spec.method, data.format, hp.max_seq_length, data.validation_split, hp.seed, data.split
+            tokenizer,
+            path,
+            spec.method,
+            data.format,
+            hp.max_seq_length,
+            data.validation_split,
+            hp.seed,
+            data.split,
+            into,
         )
 
     def run(self) -> Report:

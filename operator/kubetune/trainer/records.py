@@ -43,7 +43,10 @@ class RecordsCheck:
     """What reading a dataset found: its format (AUTO when no record told), the good records, every bad line."""
 
     format: DatasetFormat
+    count: int = 0
+    """Good records."""
     records: list[Record] = field(default_factory=list)
+    """The good records themselves, when the reader kept them."""
     errors: list[str] = field(default_factory=list)
     """One "line N: why" per bad line, in file order."""
 
@@ -220,9 +223,19 @@ def _decode(raw: bytes, number: int) -> Any:
 # --- A whole file ---------------------------------------------------------------------------------------
 
 
-def check_lines(lines: Iterable[bytes], fmt: DatasetFormat) -> RecordsCheck:
-    """Every line checked against `fmt` (AUTO: the first record's format); blank lines are skipped."""
+def check_lines(lines: Iterable[bytes], fmt: DatasetFormat, keep: bool = True) -> RecordsCheck:
+    """Every line checked against `fmt` (AUTO: the first record's format); blank lines are skipped. The good
+    records are counted, and kept only with `keep`."""
     check = RecordsCheck(fmt)
+    for record in _good_records(lines, check):
+        check.count += 1
+        if keep:
+            check.records.append(record)
+    return check
+
+
+def _good_records(lines: Iterable[bytes], check: RecordsCheck) -> Iterator[Record]:
+    """The good records of `lines`, one at a time; bad lines go to check.errors, the format found to check.format."""
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
@@ -242,25 +255,35 @@ def check_lines(lines: Iterable[bytes], fmt: DatasetFormat) -> RecordsCheck:
                 )
                 continue
         try:
-            check.records.append(parse_record(decoded, check.format, number))
+            record = parse_record(decoded, check.format, number)
         except RecordInvalid as err:
             check.errors.append(f"line {number}: {err}")
-    return check
+            continue
+        yield record
 
 
-def check_file(path: Path, fmt: DatasetFormat, split: str | None = None) -> RecordsCheck:
+def check_file(path: Path, fmt: DatasetFormat, split: str | None = None, keep: bool = True) -> RecordsCheck:
     """check_lines over the file at `path` (read as bytes: a line that is not UTF-8 is one bad line), or over
     every data file of the folder at `path` (of `split` when given), each bad line named with its file."""
     if not path.is_dir():
-        return check_lines(file_lines(path), fmt)
+        return check_lines(file_lines(path), fmt, keep)
     total = RecordsCheck(fmt)
     for file in split_files(path, split):
-        check = check_lines(file_lines(file), total.format)
+        check = check_lines(file_lines(file), total.format, keep)
         name = file.relative_to(path).as_posix()
         total.format = check.format
+        total.count += check.count
         total.records += check.records
         total.errors += [f"{name}: {error}" for error in check.errors]
     return total
+
+
+def stream_records(path: Path, fmt: DatasetFormat, split: str | None = None) -> Iterator[Record]:
+    """The good records of the file or folder at `path`, read from disk one at a time (for a dataset that
+    check_records accepted, with the format it found)."""
+    check = RecordsCheck(fmt)
+    for file in split_files(path, split) if path.is_dir() else [path]:
+        yield from _good_records(file_lines(file), check)
 
 
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
@@ -317,19 +340,28 @@ def method_mismatch(fmt: DatasetFormat, method: Method, name: str) -> str | None
 def read_records(
     path: Path, fmt: DatasetFormat, method: Method, split: str | None = None
 ) -> tuple[DatasetFormat, list[Record]]:
-    """All records of the file (or folder of files) at `path`; DatasetInvalid listing bad lines when any is
-    unusable."""
+    """All records of the file (or folder of files) at `path`, in memory; DatasetInvalid listing bad lines when any
+    is unusable."""
+    fmt, _ = check_records(path, fmt, method, split)
+    return fmt, list(stream_records(path, fmt, split))
+
+
+def check_records(
+    path: Path, fmt: DatasetFormat, method: Method, split: str | None = None
+) -> tuple[DatasetFormat, int]:
+    """The format and number of records of the file (or folder of files) at `path`, none kept in memory;
+    DatasetInvalid listing bad lines when any is unusable."""
     if path.is_dir() and not split_files(path, split):
         which = f" of split {split!r}" if split else ""
         raise TrainerFailure(DATASET_INVALID, f"{path.name} has no {', '.join(DATA_SUFFIXES)} files{which}")
-    check = check_file(path, fmt, split)
+    check = check_file(path, fmt, split, keep=False)
     if check.errors:
         shown = "; ".join(check.errors[:MAX_REPORTED_ERRORS])
         extra = len(check.errors) - MAX_REPORTED_ERRORS
         more = f" (and {extra} more)" if extra > 0 else ""
         raise TrainerFailure(DATASET_INVALID, f"{len(check.errors)} bad record(s) in {path.name}: {shown}{more}")
-    if not check.records:
+    if not check.count:
         raise TrainerFailure(DATASET_INVALID, f"{path.name} has no records")
     if (problem := method_mismatch(check.format, method, path.name)) is not None:
         raise TrainerFailure(DATASET_INVALID, problem)
-    return check.format, check.records
+    return check.format, check.count
