@@ -33,6 +33,7 @@ from kubetune.trainer.callbacks import CheckpointCallback, ProgressCallback, Sto
 from kubetune.trainer.data import load_tokenizer
 from kubetune.trainer.deepspeed_config import deepspeed_config
 from kubetune.trainer.errors import EXIT_OK, EXIT_TERMINATED
+from kubetune.trainer.gpu_cap import CAP_ENV, cap_gpu_memory
 from kubetune.trainer.inputs import Inputs
 from kubetune.trainer.metrics import TrainerMetrics, metrics_port
 from kubetune.trainer.progress import StatusReporter, log_event, status_patch, status_sender
@@ -315,6 +316,9 @@ def run(config: TrainerConfig, inputs: Inputs) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if "RANK" not in os.environ:
         single_process_env(torch.cuda.is_available())
+    fraction = cap_gpu_memory(os.environ)  # benchmarks only (trainer/gpu_cap.py)
+    if fraction is not None:
+        log_event("gpu-memory-cap", rank=rank, gib=float(os.environ[CAP_ENV]), fraction=round(fraction, 4))
     reporter = StatusReporter(status_sender(config.job) if rank == 0 else None, config.progress_interval_seconds)
     exporter = TrainerMetrics(config.job.name) if rank == 0 else None
     port = metrics_port(os.environ)
