@@ -39,12 +39,13 @@ def owned_index(kind: str) -> str:
     return f"owned_{RESOURCES[kind][1]}"
 
 
+# Kueue's Workloads by their Job: filled by the operator's own watch (controllers/workloads.py), not by kopf.
+WORKLOADS_INDEX = "training_workloads"
 INDEXES = (
     "finetunejobs",
     "finetunejobs_waiting",
     "training_jobs",
     "training_pods",
-    "training_workloads",
     "prepare_jobs",
     "prepare_pods",
     "modelservers",
@@ -107,6 +108,8 @@ class Context:
     config: OperatorConfig
     status: StatusWriter
     indexes: Mapping[str, Index] = field(default_factory=dict)
+    own_indexes: dict[str, Index] = field(default_factory=dict)
+    """Indexes the operator fills from its own watches (controllers/workloads.py), beside kopf's."""
     seen: set[str] = field(default_factory=set)
     """UIDs of the objects this process has reconciled at least once."""
     applied: dict[str, str] = field(default_factory=dict)
@@ -158,7 +161,7 @@ class Context:
         """Keep the indexes kopf passes to every handler (live views) so that work scheduled for later can read
         them."""
         if not self.indexes:
-            self.indexes = {name: kwargs[name] for name in INDEXES}
+            self.indexes = {**{name: kwargs[name] for name in INDEXES}, **self.own_indexes}
 
     def latest(self, index: str, key: Key) -> dict[str, Any] | None:
         """The object under `key` in `index` as the watch last showed it; None when there is none."""

@@ -21,7 +21,7 @@ from kubetune import faults
 from kubetune.api.v1alpha1 import FineTuneJob, Plan
 from kubetune.config import UnknownGpuType
 from kubetune.controllers import metrics, mounts, prepare
-from kubetune.controllers.context import RETRY_API_ERROR_S, Context, Key, retried
+from kubetune.controllers.context import RETRY_API_ERROR_S, WORKLOADS_INDEX, Context, Key, retried
 from kubetune.k8s import children
 from kubetune.k8s.children import NameConflict
 from kubetune.k8s.client import ApiError
@@ -385,10 +385,18 @@ def _held(body: dict[str, Any]) -> bool:
     return render.held_without_job(spec.get("queueName"), bool(spec.get("suspend")))
 
 
+def workload_changed(ctx: Context, key: Key) -> None:
+    """Kueue's Workload of the training Job `key` changed (controllers/workloads.py): the FineTuneJob of that name
+    writes its status when it would change."""
+    body = ctx.latest("finetunejobs", key)
+    if body is not None and status_would_change(ctx, key, body):
+        sync_status_locked(ctx, key)
+
+
 def _workload(ctx: Context, key: Key, job: dict[str, Any] | None) -> dict[str, Any] | None:
     """Kueue's Workload of this very training Job (a Workload of an earlier Job of the same name may linger)."""
     uid = ((job or {}).get("metadata") or {}).get("uid")
-    return next((w for w in ctx.objects("training_workloads", key) if uid and w.get("jobUid") == uid), None)
+    return next((w for w in ctx.objects(WORKLOADS_INDEX, key) if uid and w.get("jobUid") == uid), None)
 
 
 def _job_named_by_uid(ctx: Context, namespace: str, uid: str | None) -> str | None:

@@ -21,26 +21,6 @@ from kubetune.render.prepare import LABEL_PREPARE
 FTJ = "finetunejobs.kubetune.io"
 # What the status needs of a training Job's spec; the pod template is not kept in memory.
 JOB_SPEC_KEPT = ("parallelism", "completions", "suspend", "backoffLimit")
-KUEUE_WORKLOADS = ("kueue.x-k8s.io", "v1beta2", "workloads")
-
-
-def workload_job(body: kopf.Body) -> tuple[str, str] | None:
-    """(name, uid) of the Job a Workload stands for, or None when its owner is no Job."""
-    for ref in body.get("metadata", {}).get("ownerReferences") or []:
-        if ref.get("kind") == "Job" and ref.get("apiVersion") == "batch/v1" and ref.get("controller"):
-            return str(ref["name"]), str(ref["uid"])
-    return None
-
-
-def workload_view(body: kopf.Body, job_uid: str) -> dict[str, Any]:
-    """What the status needs of a Workload: its name, its Job's uid and its conditions."""
-    meta = body.get("metadata", {})
-    conditions = list((body.get("status") or {}).get("conditions") or [])
-    return {
-        "metadata": {"name": meta.get("name"), "uid": meta.get("uid")},
-        "jobUid": job_uid,
-        "status": {"conditions": conditions},
-    }
 
 
 @kopf.index(FTJ)
@@ -60,14 +40,6 @@ async def training_pods(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[Key, dict[str, Any]]:
     return {(namespace or "", labels[LABEL_FINETUNEJOB]): slim(body, spec=False)}
-
-
-@kopf.index(*KUEUE_WORKLOADS)
-async def training_workloads(namespace: str | None, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-    """Kueue's Workloads by the Job they stand for (kopf watches them once Kueue's CRDs exist): a queued training
-    Job's status comes from its Workload's conditions."""
-    job = workload_job(body)
-    return {(namespace or "", job[0]): workload_view(body, job[1])} if job else {}
 
 
 @kopf.index("batch", "v1", "jobs", labels={LABEL_PREPARE: kopf.PRESENT})
@@ -117,13 +89,6 @@ async def finetunejob_changed(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: A
     ctx = context(memo, kwargs)
     if not is_echo(ctx, event):
         await in_worker(ctx, on_object_event, ctx, event, training.reconcile)
-
-
-@kopf.on.event(*KUEUE_WORKLOADS)
-async def workload_changed(namespace: str | None, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-    job = workload_job(body)
-    if job:
-        await _job_changed(context(memo, kwargs), (namespace or "", job[0]))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})

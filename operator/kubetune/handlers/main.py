@@ -17,7 +17,7 @@ from typing import Any
 import kopf
 
 from kubetune import config as operator_config
-from kubetune.controllers import metrics, mounts, serving, training
+from kubetune.controllers import metrics, mounts, serving, training, workloads
 from kubetune.controllers.context import CHILD_KINDS, Context
 from kubetune.controllers.leader import LeaderElection
 from kubetune.handlers import children, finetunejob, modelserver  # noqa: F401  (registers the handlers)
@@ -54,7 +54,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         context = memo.context = Context.create(operator_config.load(memo.get("config_path")))
         metrics.REGISTRY.register(metrics.ObjectsCollector(lambda: context.indexes))
         namespaces = memo.get("namespaces") or []
-        watch.start(context.kube, "Event", namespaces, mounts.FIELDS, lambda event: failed_mount(context, event))
+        failed_mounts = watch.Follower(lambda event: failed_mount(context, event))
+        watch.start(context.kube, "Event", namespaces, {"fieldSelector": mounts.FIELDS}, failed_mounts)
+        workloads.follow(context, namespaces)
 
 
 def failed_mount(ctx: Context, event: dict[str, Any]) -> None:

@@ -49,6 +49,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "FineTuneJob": ("/apis/kubetune.io/v1alpha1", "finetunejobs"),
     "ModelServer": ("/apis/kubetune.io/v1alpha1", "modelservers"),
+    "Workload": ("/apis/kueue.x-k8s.io/v1beta2", "workloads"),
 }
 
 
