@@ -87,14 +87,15 @@ class Hub:
         tokens: tuple[str, ...] = (),
     ) -> str:
         """Commit `files` (path -> content, or every file of a folder) as the new head of `branch` of a model or
-        dataset repository, made at the first push; the commit's sha."""
+        dataset repository; the commit's sha. The first push makes the repository, `gated` or `private` with the
+        `tokens` granted access."""
         if isinstance(files, Path):
             content = {p.relative_to(files).as_posix(): p.read_bytes() for p in sorted(files.rglob("*")) if p.is_file()}
         else:
             content = {path: data.encode() if isinstance(data, str) else data for path, data in files.items()}
         with self.lock:
-            repo = self.repos.setdefault((kind, repo_id), Repo(kind, repo_id))
-            repo.gated, repo.private, repo.tokens = gated, private, frozenset(tokens)
+            made = Repo(kind, repo_id, gated=gated, private=private, tokens=frozenset(tokens))
+            repo = self.repos.setdefault((kind, repo_id), made)
             parent = repo.refs.get(branch, "")
             listing = "".join(f"{path}\0{blob_id(data)}\n" for path, data in sorted(content.items()))
             sha = hashlib.sha1(f"{kind}/{repo_id}\n{parent}\n{listing}".encode()).hexdigest()

@@ -160,8 +160,12 @@ class Preparer:
         """The commit sha an hf:// input's revision names now (one request; ModelNotFound, DatasetNotFound or
         AccessDenied when the hub says so), kept for the report."""
         if what not in self.commits:
-            label, *reasons = HF_INPUTS[what]
-            self.commits[what] = fetched(label, uri, *reasons, lambda: inputs.hf_commit(uri, what, revision))
+            label, not_found, unavailable = HF_INPUTS[what]
+
+            def resolve() -> str:
+                return inputs.hf_commit(uri, what, revision)
+
+            self.commits[what] = fetched(label, uri, not_found, unavailable, resolve)
             log_event("hf-revision", what=label, uri=uri, commit=self.commits[what])
         return self.commits[what]
 
