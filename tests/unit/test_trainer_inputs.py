@@ -60,6 +60,22 @@ def test_hf_uris_download_into_the_cache(tmp_path: Path, monkeypatch: pytest.Mon
         assert "401" in denied.value.message
 
 
+def test_access_denied_is_the_hub_status_not_digits_in_the_url() -> None:
+    from huggingface_hub import HfApi
+
+    from kubetune.trainer.prepare import denied
+
+    with local_hub.running() as (hub, server):
+        hub.push("model", "org/gated", {"config.json": "{}"}, gated=True)
+        errors = {}
+        for repo in ("org/model-401", "org/gated"):  # a 404 whose URL reads 401, and a 401
+            with pytest.raises(Exception) as raised:
+                HfApi(endpoint=server.endpoint, token=False).repo_info(repo)
+            errors[repo] = raised.value
+    assert "401" in str(errors["org/model-401"]) and not denied(errors["org/model-401"])
+    assert denied(errors["org/gated"])
+
+
 def test_status_sender_only_in_a_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
     job = JobIdentity(name="j", namespace="n")
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)

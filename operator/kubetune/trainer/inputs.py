@@ -47,8 +47,8 @@ def hf_repo(uri: str) -> tuple[str, str, str | None]:
 
 
 def hf_commit(uri: str, repo_type: str, revision: str | None = None) -> str:
-    """The commit sha the revision of hf://ORG/NAME[/FILE][@REV] (else `revision`, else main) names now: one
-    repository-info request, which also checks that the repository exists and the token may read it."""
+    """The commit sha the revision of hf://ORG/NAME[/FILE][@REV] (else `revision`, else the default branch) names
+    now: one repository-info request, which also checks that the repository exists and the token may read it."""
     from huggingface_hub import HfApi
 
     repo, _, written = hf_repo(uri)
