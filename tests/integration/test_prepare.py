@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests import hub as local_hub
 from tests import s3server
 from tests.integration import serving
 from tests.integration.support import (
@@ -228,3 +229,126 @@ def test_eviction_takes_what_no_unfinished_job_uses(api: Api, scene: Scene) -> N
     prepare_pod = api.kube.list("Pod", scene.ns, "kubetune.io/prepare=next")[0]["metadata"]["name"]
     evicted = [e for e in events_of(pod_logs(scene.agent, scene.ns, prepare_pod)) if e["event"] == "cache-evicted"]
     assert old.name in {e["key"] for e in evicted}, evicted
+
+
+# --- hf:// against a local Hub (tests/hub.py), a ConfigMap, an S3 prefix -----------------------------------------
+
+HUB_MODEL = "kt/tiny"
+HUB_DATA = "kt/capitals-gated"
+HUB_TOKEN = "hf_granted_token"
+
+
+@dataclass
+class HubScene:
+    hub: local_hub.Hub
+    endpoint: str
+    model_commit: str
+    data_commit: str
+
+
+@pytest.fixture(scope="module")
+def hub(scene: Scene, api: Api, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubScene]:
+    """The local Hub serving the tiny model and a gated dataset repository with named splits (train: JSONL and
+    Parquet files; validation: Parquet), and the Secret of the token it grants."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kubetune import s3
+
+    # The scene's tiny model, from its bucket (building a second one in this process can hang the tokenizers'
+    # trainer once the process has forked).
+    model = s3.download(scene.bucket.client(), f"s3://{BUCKET}/models/tiny", tmp_path_factory.mktemp("hub") / "tiny")
+    records = serving.sft_records()
+    table = tmp_path_factory.mktemp("hub-parquet")
+    pq.write_table(pa.Table.from_pylist(records[3:]), table / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(records[:2]), table / "validation.parquet")
+    files = {
+        "train.jsonl": "".join(f"{json.dumps(r)}\n" for r in records[:3]),
+        "data/train-00000-of-00001.parquet": (table / "train.parquet").read_bytes(),
+        "data/validation-00000-of-00001.parquet": (table / "validation.parquet").read_bytes(),
+    }
+    api.kubectl("create", "secret", "generic", "hf-token", "-n", scene.ns, f"--from-literal=token={HUB_TOKEN}")
+    with local_hub.running() as (served, server):
+        model_commit = served.push("model", HUB_MODEL, model)
+        data_commit = served.push("dataset", HUB_DATA, files, gated=True, tokens=(HUB_TOKEN,))
+        yield HubScene(served, server.endpoint, model_commit, data_commit)
+
+
+def hub_job(scene: Scene, hub: HubScene, name: str, dataset: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    """A job of the Hub's tiny model, the pods pointed at the local Hub by spec.env."""
+    model = {"uri": f"hf://{HUB_MODEL}"}
+    env = [{"name": "HF_ENDPOINT", "value": hub.endpoint}]
+    return training_job(name, scene.ns, steps=2, every=2, baseModel=model, dataset=dataset, env=env, **spec)
+
+
+def test_an_hf_model_and_a_gated_hf_dataset_are_prepared_from_the_hub(api: Api, scene: Scene, hub: HubScene) -> None:
+    dataset = {"uri": f"hf://{HUB_DATA}", "split": "train", "secretRef": {"name": "hf-token", "key": "token"}}
+    api.apply(hub_job(scene, hub, "hub", dataset))
+    status = wait_done(api, scene.ns, "hub", timeout=300)
+    report = status["dataset"]
+    # The train split: 3 JSONL records and 2 Parquet rows; the commits the branches named, reported.
+    assert report["records"] == 5, dump(status)
+    assert (report["modelRevision"], report["datasetRevision"]) == (hub.model_commit, hub.data_commit), dump(status)
+    assert report["modelCache"].startswith("/var/cache/kubetune-shared/entries/"), dump(status)
+    # The model's files came from the hub once; the gated repository was read with the Secret's token only.
+    weights = [p for p in hub.hub.downloads(HUB_MODEL) if p.endswith("/model.safetensors")]
+    assert weights == [f"/{HUB_MODEL}/resolve/{hub.model_commit}/model.safetensors"], hub.hub.downloads()
+    gated = [r for r in hub.hub.requests if f"/{HUB_DATA}" in r.path]
+    assert gated and all(r.token == HUB_TOKEN and r.status == 200 for r in gated), gated
+    # The training pod trained from the cache the prepare pod filled.
+    (train_pod,) = job_pods(api, scene.ns, "hub")
+    events = events_of(pod_logs(scene.agent, scene.ns, train_pod["metadata"]["name"]))
+    assert [e for e in events if e["event"] == "prepared-inputs"], events[:10]
+
+
+def test_a_missing_hf_dataset_fails_before_any_gpu_pod(api: Api, scene: Scene, hub: HubScene) -> None:
+    api.apply(hub_job(scene, hub, "hub-missing", {"uri": "hf://kt/no-such-data"}))
+    status = api.wait_state("FineTuneJob", scene.ns, "hub-missing", "Failed", timeout=180)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "DatasetNotFound" and "hf://kt/no-such-data" in failed["message"], dump(status)
+    assert status["dataset"]["error"]["reason"] == "DatasetNotFound", dump(status)
+    warnings = [e for e in api.events(scene.ns, "hub-missing") if e["type"] == "Warning"]
+    assert any(e["reason"] == "DatasetNotFound" for e in warnings), warnings
+    # Asked once (a 404 is a definite answer, not retried), and nothing of it downloaded.
+    asked = [r for r in hub.hub.requests if "/kt/no-such-data" in r.path]
+    assert [(r.path, r.status) for r in asked] == [("/api/datasets/kt/no-such-data", 404)], asked
+    time.sleep(2)  # what the operator would do after the failure has had its chance
+    assert api.get("Job", scene.ns, "hub-missing") is None
+    assert not [p for p in scene.gpu_pods if p.startswith("hub-missing-")], scene.gpu_pods
+
+
+def wait_prepared(api: Api, ns: str, name: str, timeout: float = 180) -> dict[str, Any]:
+    """The status once the Prepared condition is True (fail at once on Failed)."""
+
+    def check() -> dict[str, Any] | None:
+        status = api.status("FineTuneJob", ns, name)
+        assert status.get("state") != "Failed", dump(status)
+        prepared = [c for c in status.get("conditions", []) if c["type"] == "Prepared" and c["status"] == "True"]
+        return status if prepared else None
+
+    return wait_for(check, timeout, f"FineTuneJob {ns}/{name} Prepared", interval=1)
+
+
+def test_a_configmap_dataset_and_an_s3_prefix_of_several_files_are_prepared(api: Api, scene: Scene) -> None:
+    records = serving.sft_records()
+    data = "".join(f"{json.dumps(r)}\n" for r in records)
+    api.kubectl("create", "configmap", "capitals", "-n", scene.ns, f"--from-literal=sft.jsonl={data}")
+    client = scene.bucket.client()
+    parts = {"data/parts/a.jsonl": records[:2], "data/parts/b.jsonl": records[2:], "data/parts/c/d.jsonl": records}
+    for key, chunk in parts.items():
+        client.put_object(Bucket=BUCKET, Key=key, Body="".join(f"{json.dumps(r)}\n" for r in chunk))
+    datasets = {"cm": {"uri": "configmap://capitals/sft.jsonl"}, "prefix": scene.s3("data/parts")}
+    for name, dataset in datasets.items():
+        # Suspended: the prepare step runs, no training (what it would train on is the other tests' business).
+        spec = job_spec(scene, name, suspend=True)
+        spec["spec"]["dataset"] = {**dataset, "validationSplit": 0.0}
+        api.apply(spec)
+    try:
+        for name, expected in (("cm", len(records)), ("prefix", 2 * len(records))):
+            status = wait_prepared(api, scene.ns, name)
+            assert status["dataset"]["records"] == expected, dump(status)
+            assert status["dataset"]["cache"], dump(status)
+            assert not status["dataset"]["modelRevision"] and not status["dataset"]["datasetRevision"], dump(status)
+    finally:
+        # Unfinished jobs keep their cache entries from eviction: these must not hold theirs.
+        api.kubectl("delete", "finetunejobs", "cm", "prefix", "-n", scene.ns, "--wait=true", check=False)

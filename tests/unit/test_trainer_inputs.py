@@ -1,9 +1,8 @@
-"""Where the trainer finds its inputs: mounted URIs, and hf:// downloads (faked; no network here)."""
+"""Where the trainer finds its inputs: mounted URIs, and hf:// downloads from a local Hub (tests/hub.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -11,6 +10,7 @@ from kubetune.api.v1alpha1 import JobIdentity
 from kubetune.trainer.errors import TrainerFailure
 from kubetune.trainer.inputs import dataset_path, fetch, model_path, output_dir
 from kubetune.trainer.progress import status_sender
+from tests import hub as local_hub
 
 
 def test_uris_resolve_to_mounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,23 +33,47 @@ def test_uris_resolve_to_mounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_hf_uris_download_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    hub = pytest.importorskip("huggingface_hub")
-    calls: list[dict[str, Any]] = []
-
-    def snapshot_download(**kwargs: Any) -> str:
-        calls.append(kwargs)
-        return str(tmp_path / "snapshot")
-
-    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
-    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("KUBETUNE_CACHE_ROOT", str(tmp_path / "cache"))
-    assert fetch("hf://Qwen/Qwen2.5-7B@abc123") == tmp_path / "snapshot"
-    assert calls[0]["repo_id"] == "Qwen/Qwen2.5-7B" and calls[0]["revision"] == "abc123"
-    assert calls[0]["token"] == "hf_secret" and calls[0]["allow_patterns"] is None
-    assert calls[0]["cache_dir"] == str(tmp_path / "cache" / "hf" / "Qwen" / "Qwen2.5-7B" / ".hub")
-    assert fetch("hf://org/data/sft/train.jsonl", "dataset") == tmp_path / "snapshot" / "sft" / "train.jsonl"
-    assert calls[1]["repo_id"] == "org/data" and calls[1]["repo_type"] == "dataset"
-    assert calls[1]["allow_patterns"] == ["sft/train.jsonl"]
+    with local_hub.running() as (hub, server):
+        local_hub.point_client_at(monkeypatch, server.endpoint)
+        first = hub.push("model", "org/m", {"config.json": "{}", "tokenizer.json": "{}"}, private=True, tokens=("t",))
+        hub.push("model", "org/m", {"config.json": '{"moved": true}'})
+        hub.push("dataset", "org/data", {"sft/train.jsonl": "{}\n", "other.jsonl": "{}\n"})
+        monkeypatch.setenv("HF_TOKEN", "t")
+        # The revision written in the URI: that commit, into the cache root; with the token.
+        model = fetch(f"hf://org/m@{first}")
+        assert (model / "tokenizer.json").is_file() and (model / "config.json").read_text() == "{}"
+        assert model.is_relative_to(tmp_path / "cache" / "hf" / "org" / "m" / ".hub")
+        assert {r.token for r in hub.requests if "/org/m/" in r.path} == {"t"}
+        # A file of a dataset repository: only that file is downloaded.
+        data = fetch("hf://org/data/sft/train.jsonl", "dataset")
+        assert data.name == "train.jsonl" and data.read_text() == "{}\n"
+        assert hub.downloads("org/data") == [
+            f"/datasets/org/data/resolve/{hub.repos['dataset', 'org/data'].refs['main']}/sft/train.jsonl"
+        ]
+        # A token the private repository does not grant is refused (401), a definite answer: not retried.
+        monkeypatch.setenv("HF_TOKEN", "other")
+        with pytest.raises(TrainerFailure) as denied:
+            model_path("hf://org/m")
+        assert (denied.value.reason, denied.value.exit_code) == ("ModelNotFound", 3)
+        assert "401" in denied.value.message
+
+
+def test_access_denied_is_the_hub_status_not_digits_in_the_url() -> None:
+    from huggingface_hub import HfApi
+
+    from kubetune.trainer.prepare import denied
+
+    with local_hub.running() as (hub, server):
+        hub.push("model", "org/gated", {"config.json": "{}"}, gated=True)
+        errors = {}
+        for repo in ("org/model-401", "org/gated"):  # a 404 whose URL reads 401, and a 401
+            with pytest.raises(Exception) as raised:
+                HfApi(endpoint=server.endpoint, token=False).repo_info(repo)
+            errors[repo] = raised.value
+    assert "401" in str(errors["org/model-401"]) and not denied(errors["org/model-401"])
+    assert denied(errors["org/gated"])
 
 
 def test_status_sender_only_in_a_cluster(monkeypatch: pytest.MonkeyPatch) -> None:

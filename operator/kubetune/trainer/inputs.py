@@ -38,18 +38,38 @@ from kubetune.trainer.retries import RetriesExhausted, RetryPolicy, call_with_re
 T = TypeVar("T")
 
 
-def hf_download(uri: str, repo_type: str, revision: str | None = None) -> Path:
-    """Download hf://ORG/NAME[/FILE][@REV] (a whole repo, or one file of it) and return its local path."""
-    from huggingface_hub import snapshot_download
-
+def hf_repo(uri: str) -> tuple[str, str, str | None]:
+    """hf://ORG/NAME[/FILE][@REV] as (ORG/NAME, FILE or "", REV or None)."""
     loc = storage.parse(uri)
     org, _, rest = f"{loc.root}/{loc.path}".partition("/")
     name, _, file = rest.partition("/")
-    repo = f"{org}/{name}"
+    return f"{org}/{name}", file, loc.revision
+
+
+def hf_commit(uri: str, repo_type: str, revision: str | None = None) -> str:
+    """The commit sha the revision of hf://ORG/NAME[/FILE][@REV] (else `revision`, else the default branch) names
+    now: one repository-info request, which also checks that the repository exists and the token may read it."""
+    from huggingface_hub import HfApi
+
+    repo, _, written = hf_repo(uri)
+    info = HfApi(token=os.environ.get("HF_TOKEN") or None).repo_info(
+        repo, repo_type=repo_type, revision=written or revision
+    )
+    if not info.sha:
+        raise ValueError(f"the hub named no commit for {uri}")
+    return str(info.sha)
+
+
+def hf_download(uri: str, repo_type: str, revision: str | None = None, commit: str | None = None) -> Path:
+    """Download hf://ORG/NAME[/FILE][@REV] (a whole repo, or one file of it) and return its local path. `commit`
+    (from hf_commit) pins the download to that commit instead of the revision."""
+    from huggingface_hub import snapshot_download
+
+    repo, file, written = hf_repo(uri)
     snapshot = snapshot_download(
         repo_id=repo,
         repo_type=repo_type,
-        revision=loc.revision or revision,
+        revision=commit or written or revision,
         token=os.environ.get("HF_TOKEN") or None,
         cache_dir=os.path.join(storage.local_path(f"hf://{repo}"), ".hub"),
         allow_patterns=[file] if file else None,
@@ -62,10 +82,16 @@ def s3_download(uri: str, access: s3.Access) -> Path:
     return s3.download(s3.client(access), uri, Path(storage.local_path(uri)))
 
 
-def fetch(uri: str, repo_type: str = "model", revision: str | None = None, access: s3.Access | None = None) -> Path:
-    """The local path of `uri`, downloading hf:// and s3:// locations first."""
+def fetch(
+    uri: str,
+    repo_type: str = "model",
+    revision: str | None = None,
+    access: s3.Access | None = None,
+    commit: str | None = None,
+) -> Path:
+    """The local path of `uri`, downloading hf:// (at `commit` when given) and s3:// locations first."""
     if uri.startswith("hf://"):
-        return hf_download(uri, repo_type, revision)
+        return hf_download(uri, repo_type, revision, commit)
     if uri.startswith("s3://"):
         return s3_download(uri, access or s3.Access())
     return Path(storage.local_path(uri))

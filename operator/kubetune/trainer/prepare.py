@@ -40,21 +40,38 @@ from kubetune.trainer.errors import (
     report_failure,
 )
 from kubetune.trainer.progress import StatusReporter, log_event, status_patch, status_sender
+from kubetune.trainer.retries import http_status
 
 log = logging.getLogger("kubetune.prepare")
-DENIED_MARKS = ("AccessDenied", "Forbidden", "403", "401", "GatedRepo", "Unauthorized")
+DENIED_MARKS = ("AccessDenied", "Forbidden", "GatedRepo", "Unauthorized")
 Report = dict[str, Any]
+HF_INPUTS = {
+    "model": ("base model", MODEL_NOT_FOUND, MODEL_UNAVAILABLE),
+    "dataset": ("dataset", DATASET_NOT_FOUND, DATASET_UNAVAILABLE),
+}
+"""An hf:// input's repository type: its name in messages, its reasons when not found or unavailable."""
 T = TypeVar("T")
 
 
 def denied(err: BaseException) -> bool:
-    """Whether an error (or one of its causes) is a refusal of access rather than a missing object."""
+    """Whether an error (or one of its causes) is a refusal of access rather than a missing object: the first
+    HTTP status along the causes decides (401, 403), else a word of the error (S3's AccessDenied, ...). Not digits
+    in a message: a URL's port may read 401."""
     seen: BaseException | None = err
     while seen is not None:
+        status = http_status(seen)
+        if status is not None:
+            return status in (401, 403)
         if any(mark in f"{type(seen).__name__} {seen}" for mark in DENIED_MARKS):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def cache_uri(uri: str) -> str:
+    """The URI a cache entry is keyed by: an hf:// one without its revision, for the key holds the commit it names."""
+    loc = storage.parse(uri)
+    return f"hf://{loc.root}/{loc.path}".rstrip("/") if loc.scheme == "hf" else uri
 
 
 def fetched(what: str, uri: str, not_found: str, unavailable: str, fetch_once: Callable[[], T]) -> T:
@@ -91,6 +108,8 @@ class Preparer:
         self.reporter = reporter
         self.cache = Cache(Path(config.cache.root)) if config.cache else None
         self.started = time.time()
+        self.commits: dict[str, str] = {}
+        """"model" and "dataset": the commit sha an hf:// input's revision named when this run resolved it."""
 
     def send(self, dataset: Report) -> None:
         patch = status_patch({"dataset": {"inputsHash": self.config.inputs_hash or "", **dataset}}, self.config.job.uid)
@@ -109,33 +128,47 @@ class Preparer:
         access = s3.Access.of(spec.base_model.s3)
         reasons = (MODEL_NOT_FOUND, MODEL_UNAVAILABLE)
         scheme = storage.parse(uri).scheme
+        commit = self.hf_commit("model", uri, revision) if scheme == "hf" else None
         if self.cache is None or scheme not in ("s3", "hf"):
             self.send({"downloaded": f"base model {uri}: fetching"} if scheme in ("s3", "hf") else {})
-            return fetched("base model", uri, *reasons, lambda: inputs.fetch(uri, "model", revision, access)), ""
-        key = entry_key(uri, revision)
+            path = fetched("base model", uri, *reasons, lambda: inputs.fetch(uri, "model", revision, access, commit))
+            return path, ""
+        key = entry_key(cache_uri(uri), commit or revision)
         entry = self.cache.lookup(key)
         if entry is None:
             log_event("cache-miss", what="base model", uri=uri, key=key)
 
             def write(folder: Path) -> None:
-                fetched("base model", uri, *reasons, lambda: self.download_model(uri, revision, access, folder))
+                fetched("base model", uri, *reasons, lambda: self.download_model(uri, commit, access, folder))
 
-            entry = self.cache.fill(key, write, {"uri": uri, "revision": revision or ""})
+            entry = self.cache.fill(key, write, {"uri": uri, "revision": commit or revision or ""})
         else:
             log_event("cache-hit", what="base model", uri=uri, key=key)
         return entry / "model", key
 
-    def download_model(self, uri: str, revision: str | None, access: s3.Access, folder: Path) -> Path:
+    def download_model(self, uri: str, commit: str | None, access: s3.Access, folder: Path) -> Path:
         if uri.startswith("s3://"):
             return s3.download(s3.client(access), uri, folder / "model", self.progress(f"base model {uri}"))
         from huggingface_hub import snapshot_download
 
-        loc = storage.parse(uri)
         self.send({"downloaded": f"base model {uri}: downloading"})
-        repo = f"{loc.root}/{loc.path}"
+        repo, _, _ = inputs.hf_repo(uri)
         token = os.environ.get("HF_TOKEN") or None
-        snapshot_download(repo_id=repo, revision=loc.revision or revision, token=token, local_dir=folder / "model")
+        snapshot_download(repo_id=repo, revision=commit, token=token, local_dir=folder / "model")
         return folder / "model"
+
+    def hf_commit(self, what: str, uri: str, revision: str | None = None) -> str:
+        """The commit sha an hf:// input's revision names now (one request; ModelNotFound, DatasetNotFound or
+        AccessDenied when the hub says so), kept for the report."""
+        if what not in self.commits:
+            label, not_found, unavailable = HF_INPUTS[what]
+
+            def resolve() -> str:
+                return inputs.hf_commit(uri, what, revision)
+
+            self.commits[what] = fetched(label, uri, not_found, unavailable, resolve)
+            log_event("hf-revision", what=label, uri=uri, commit=self.commits[what])
+        return self.commits[what]
 
     def content_tag(self) -> str:
         """What identifies the dataset's content without reading it where possible (S3 ETags)."""
@@ -151,7 +184,7 @@ class Preparer:
             if not path.exists():
                 raise TrainerFailure(DATASET_NOT_FOUND, f"dataset {uri}: nothing at {path}")
             return content_digest(path)
-        return storage.parse(uri).revision or ""  # hf://: the revision names the content
+        return self.hf_commit("dataset", uri)  # hf://: the commit names the content
 
     def data(self, model_dir: Path, model_key: str) -> tuple[PreparedData, Path | None]:
         """The checked, tokenized dataset, and its cache entry (None without a cache)."""
@@ -164,7 +197,7 @@ class Preparer:
         params = [self.content_tag(), model_key or spec.base_model.uri, spec.method.value, spec.dataset.format.value]
         params += [spec.dataset.split or ""]
         params += [str(hp.max_seq_length), str(spec.dataset.validation_split), str(hp.seed)]
-        key = entry_key(spec.dataset.uri, None, "|".join(params))
+        key = entry_key(cache_uri(spec.dataset.uri), None, "|".join(params))
         entry = self.cache.lookup(key)
         if entry is not None:
             log_event("cache-hit", what="prepared dataset", uri=spec.dataset.uri, key=key)
@@ -182,9 +215,9 @@ class Preparer:
         spec = self.config.spec
         access = s3.Access.of(spec.dataset.s3)
         uri = spec.dataset.uri
-        path = fetched(
-            "dataset", uri, DATASET_NOT_FOUND, DATASET_UNAVAILABLE, lambda: inputs.fetch(uri, "dataset", access=access)
-        )
+        commit = self.hf_commit("dataset", uri) if storage.parse(uri).scheme == "hf" else None
+        reasons = (DATASET_NOT_FOUND, DATASET_UNAVAILABLE)
+        path = fetched("dataset", uri, *reasons, lambda: inputs.fetch(uri, "dataset", access=access, commit=commit))
         if not path.exists():
             raise TrainerFailure(DATASET_NOT_FOUND, f"dataset {uri}: nothing at {path}")
         hp = spec.hyperparameters
@@ -219,6 +252,8 @@ class Preparer:
             "checkedAt": datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
             "cache": str(entry) if entry else "",
             "modelCache": str(model_dir) if model_key else "",
+            "modelRevision": self.commits.get("model", ""),
+            "datasetRevision": self.commits.get("dataset", ""),
             "downloaded": "",
             "error": None,
         }

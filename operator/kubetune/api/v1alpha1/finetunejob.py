@@ -504,6 +504,12 @@ class DatasetStatus(KubeModel):
     """Where the prepared (tokenized, Arrow) dataset is in the cache claim; empty without a cache claim."""
     model_cache: str = ""
     """Where the base model is in the cache claim (hf:// and s3:// models); empty otherwise."""
+    model_revision: str = ""
+    """The commit sha the revision of an hf:// base model named when the step ran (its cache key); empty for
+    other schemes."""
+    dataset_revision: str = ""
+    """The commit sha the revision of an hf:// dataset named when the step ran (its cache key); empty for other
+    schemes."""
     downloaded: str = ""
     """Download progress while the prepare step runs, e.g. "base model 1.2 GB of 15.0 GB"."""
     error: PrepareError | None = None
