@@ -693,6 +693,12 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - needs the 
     parser.add_argument(
         "--processes", type=int, help=f"GPUs/processes (default {PROCESSES}; --smoke {SMOKE_PROCESSES})"
     )
+    parser.add_argument(
+        "--global-batch",
+        type=int,
+        help=f"sequences per optimizer step (default {GLOBAL_BATCH // PROCESSES} per process: {GLOBAL_BATCH} on "
+        f"{PROCESSES}); with --processes 1, the 24 GB emulation of one card (--case 4090d-plan) on a one-GPU machine",
+    )
     parser.add_argument("--out", type=Path, help="also copy the results file here (e.g. $OUT)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/kubetune-trainer-multigpu"))
     parser.add_argument("--minutes", type=float, default=9.3, help="time budget of the call, model build included")
@@ -712,7 +718,11 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - needs the 
         trainer_gpu.build_model(args.build_model, realistic.tokenizer_text())
         return 0
     deadline = time.monotonic() + 60 * args.minutes
-    scale = smoke_scale(args.processes or SMOKE_PROCESSES) if args.smoke else gpu_scale(args.processes or PROCESSES)
+    processes = args.processes or (SMOKE_PROCESSES if args.smoke else PROCESSES)
+    if args.smoke:
+        scale = smoke_scale(processes)
+    else:
+        scale = gpu_scale(processes, args.global_batch or GLOBAL_BATCH * processes // PROCESSES)
     cases = chosen_cases(args.case)
     if args.dry_run:
         for case in cases:
