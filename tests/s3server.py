@@ -128,9 +128,13 @@ class HoldingProxy:
                 data = answer.read()
                 conn.close()
                 self.send_response(answer.status)
+                dropped = ("connection", "transfer-encoding", "server", "date", "content-length")
                 for name, value in answer.getheaders():
-                    if name.lower() not in ("connection", "transfer-encoding", "server", "date"):
+                    if name.lower() not in dropped:
                         self.send_header(name, value)
+                # The body as read (moto may have sent it in chunks); a HEAD tells the size of the object.
+                length = answer.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length)
                 self.end_headers()
                 if self.command == "HEAD":
                     return

@@ -225,7 +225,11 @@ def download_model(uri: str, access: s3.Access, cache_root: Path | None) -> Path
         log.info("%s: the cache has it (%s)", uri, key)
     else:
         log.info("%s: not in the cache, downloading into %s", uri, key)
-        entry = cache.fill(key, lambda folder: s3.download(s3.client(access), uri, folder / "model"), {"uri": uri})
+
+        def write(folder: Path) -> None:
+            s3.download(s3.client(access), uri, folder / "model")
+
+        entry = cache.fill(key, write, {"uri": uri})
     return entry / "model"
 
 

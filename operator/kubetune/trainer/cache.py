@@ -1,6 +1,6 @@
 """The shared model and dataset cache on a claim (docs/cache.md): keys, atomic entries, LRU eviction.
 
-Layout under the root (the claim, mounted read-write only in prepare pods):
+Layout under the root (the claim, mounted read-write only in prepare pods and servers' model init containers):
 
     entries/<key>/            one complete entry; `kubetune-entry.json` inside it is written before the rename
     staging/<key>.<random>/   an entry being written; renamed into entries/ when complete, never read
