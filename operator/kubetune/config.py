@@ -94,7 +94,8 @@ class ServerConfig(_Config):
     extra_args: list[str] = Field(default_factory=list)
     """vLLM flags added to every server before spec.engineArgs (e.g. --kv-cache-memory-bytes on CPU clusters)."""
     model_cache_claim: str | None = None
-    """A ReadWriteMany claim for the download cache (hf:// weights), shared by replicas; an emptyDir otherwise."""
+    """A ReadWriteMany claim for the download cache (hf:// weights), shared by replicas; an emptyDir otherwise.
+    An s3:// base model is read from cache.claimName's claim instead, when the namespace has it."""
     termination_grace_seconds: int = 60
     """Time a server pod gets after SIGTERM to finish the requests it has."""
     adapter_resync_seconds: float = 10.0
@@ -132,13 +133,15 @@ class PrepareConfig(_Config):
 
 
 class CacheConfig(_Config):
-    """The model and dataset cache shared by FineTuneJobs (docs/cache.md)."""
+    """The model and dataset cache shared by FineTuneJobs and ModelServers (docs/cache.md)."""
 
     claim_name: str | None = None
-    """A claim of this name in a FineTuneJob's namespace holds the cache (ReadWriteMany across nodes); the
-    prepare pod writes it, training pods mount it read-only. A namespace without it: per-pod downloads."""
+    """A claim of this name in a FineTuneJob's or ModelServer's namespace holds the cache (ReadWriteMany across
+    nodes); prepare pods and a server's model init container write it, training pods and vLLM mount it read-only
+    (servers: s3:// base models). A namespace without it: per-pod downloads."""
     size_limit_gib: float | None = None
-    """Least recently used entries are evicted beyond this size (never one an unfinished job uses)."""
+    """Least recently used entries are evicted beyond this size (never one an unfinished job or a ModelServer
+    uses), before a prepare step's download and after it."""
     evict_idle_seconds: float = 3600.0
     """Only entries unused this long may be evicted (covers a job whose prepare step ran moments ago)."""
 

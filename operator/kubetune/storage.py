@@ -9,7 +9,9 @@ makes the client; the operator only passes the Secret's name on).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -17,7 +19,8 @@ from typing import Any
 PVC_ROOT = "/mnt/pvc"
 CONFIGMAP_ROOT = "/mnt/configmap"
 CACHE_ROOT = "/var/cache/kubetune"
-# The cache claim shared by jobs (docs/cache.md): read-write in prepare pods, read-only in training pods.
+# The cache claim shared by jobs and servers (docs/cache.md): read-write in prepare pods and in a server's model
+# init container, read-only in training pods and in vLLM.
 SHARED_CACHE_ROOT = "/var/cache/kubetune-shared"
 CONFIG_DIR = "/etc/kubetune"
 SECRETS_ROOT = "/var/run/secrets/kubetune"
@@ -105,3 +108,22 @@ def join(uri: str, *parts: str) -> str:
     """Append path parts to a URI (or plain path)."""
     base = uri.rstrip("/")
     return "/".join([base, *(p.strip("/") for p in parts)])
+
+
+def entry_key(uri: str, revision: str | None = None, content: str = "") -> str:
+    """The cache entry (docs/cache.md) of a URI at a revision (and, for data, a tag of its content): readable
+    prefix, then a hash of all three, so that two URIs never share an entry. Here, not in trainer/cache.py, so
+    that the operator can name the entry a server's vLLM reads."""
+    slug = re.sub(r"[^a-z0-9]+", "-", uri.lower()).strip("-")[:48]
+    digest = hashlib.sha256(f"{uri}@{revision or ''}#{content}".encode()).hexdigest()[:16]
+    return f"{slug}-{digest}"
+
+
+def model_entry_key(uri: str) -> str:
+    """The cache entry of a base model: its URI and revision, as the prepare step keys it."""
+    return entry_key(uri, parse(uri).revision)
+
+
+def cached_model_dir(uri: str) -> str:
+    """Where a pod that mounts the cache claim finds the base model `uri`, once cached."""
+    return str(PurePosixPath(SHARED_CACHE_ROOT, "entries", model_entry_key(uri), "model"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -352,3 +353,82 @@ def test_a_configmap_dataset_and_an_s3_prefix_of_several_files_are_prepared(api:
     finally:
         # Unfinished jobs keep their cache entries from eviction: these must not hold theirs.
         api.kubectl("delete", "finetunejobs", "cm", "prefix", "-n", scene.ns, "--wait=true", check=False)
+def container_pid(agent: AgentProcess, pod: dict[str, Any], container: str) -> int:
+    """The process of a pod's container on the node agent (its bootstrap exec'd the command)."""
+    (pid_file,) = (agent.state_dir / "pods" / pod["metadata"]["uid"] / "containers").glob(f"{container}/pid")
+    return int(pid_file.read_text())
+
+
+def test_a_prepare_pod_killed_mid_download_leaves_nothing_used_and_the_next_one_downloads_afresh(
+    api: Api, scene: Scene
+) -> None:
+    # The model's weights come through a proxy that sends half of the first download, then holds it: the prepare
+    # pod is killed while it waits for the rest, with half a file in its staging folder.
+    from kubetune.trainer.cache import entry_key
+
+    client = scene.bucket.client()
+    for key in scene.bucket.keys(BUCKET, "models/tiny/"):
+        copy = key.replace("models/tiny/", "models/tiny-killed/")
+        client.copy_object(Bucket=BUCKET, Key=copy, CopySource=f"{BUCKET}/{key}")
+    weights = "models/tiny-killed/model.safetensors"
+    full = client.head_object(Bucket=BUCKET, Key=weights)["ContentLength"]
+    cache = scene.root / CACHE_CLAIM
+    key = entry_key(f"s3://{BUCKET}/models/tiny-killed")
+    with s3server.holding_proxy(scene.bucket) as proxy:
+        proxy.hold(BUCKET, weights)
+        model = {**scene.s3("models/tiny-killed"), "s3": {"secretName": SECRET, "endpoint": proxy.endpoint}}
+        dataset = {**scene.s3("data/sft.jsonl"), "validationSplit": 0.0}
+        api.apply(training_job("killed", scene.ns, steps=2, every=2, baseModel=model, dataset=dataset))
+        assert proxy.holding.wait(240), "the prepare pod never reached the model's weights"
+
+        def partial() -> list[Path]:
+            """s3.download's files in the making, in the staging folder of the entry (staging/KEY.RANDOM/)."""
+            files = [p for folder in cache.glob(f"staging/{key}.*") for p in folder.rglob("model.safetensors*")]
+            return [p for p in files if p.is_file() and 0 < p.stat().st_size < full]
+
+        (half,) = wait_for(partial, 30, "half of the weights in a staging folder")
+        staging = half.relative_to(cache / "staging").parts[0]
+        assert not (cache / "entries" / key).exists()  # nothing complete, nothing visible
+        (first,) = api.kube.list("Pod", scene.ns, "kubetune.io/prepare=killed")
+        os.kill(container_pid(scene.agent, first, "prepare"), signal.SIGKILL)
+        status = wait_done(api, scene.ns, "killed", timeout=300)
+    # The next prepare pod downloaded the whole model into a staging folder of its own, renamed it into place, and
+    # removed the killed one's; the training pod read that entry and trained at its first try.
+    assert status["dataset"]["modelCache"] == f"/var/cache/kubetune-shared/entries/{key}/model", dump(status)
+    assert status.get("restarts", 0) == 0, dump(status)
+    assert scene.object_gets().count(weights) == 2  # the download held and killed, and the whole one after it
+    entry = cache / "entries" / key
+    assert (entry / "kubetune-entry.json").is_file()
+    original = client.get_object(Bucket=BUCKET, Key=weights)["Body"].read()
+    assert (entry / "model" / "model.safetensors").read_bytes() == original
+    assert not (cache / "staging" / staging).exists()
+    pods = api.kube.list("Pod", scene.ns, "kubetune.io/prepare=killed")
+    (second,) = [p for p in pods if p["metadata"]["uid"] != first["metadata"]["uid"]]
+    events = events_of(pod_logs(scene.agent, scene.ns, second["metadata"]["name"]))
+    misses = [e for e in events if e["event"] == "cache-miss" and e["what"] == "base model"]
+    assert misses and misses[0]["key"] == key, events[:10]  # the half entry was not taken for a complete one
+    assert staging in {e["folder"] for e in events if e["event"] == "cache-staging-removed"}, events
+
+
+def test_a_resumed_training_pod_reads_the_cache_and_downloads_nothing(api: Api, scene: Scene) -> None:
+    dataset = {**scene.s3("data/sft.jsonl"), "validationSplit": 0.0}
+    api.apply(training_job("resumed", scene.ns, steps=24, every=4, baseModel=scene.s3("models/tiny"), dataset=dataset))
+    prepared = wait_for(
+        lambda: (d := api.status("FineTuneJob", scene.ns, "resumed").get("dataset")) and d.get("checkedAt") and d,
+        240,
+        "the prepare step's report",
+    )
+    assert prepared["modelCache"] and prepared["cache"], prepared
+    checkpoints = scene.root / "adapters" / "resumed" / "checkpoints"
+    wait_for(lambda: list(checkpoints.glob("checkpoint-*/kubetune-complete.json")), 300, "a checkpoint", 0.2)
+    # From here on, no object of the model or the data may be downloaded again: not by this pod, not by the next.
+    before = scene.object_gets()
+    (first,) = [p for p in job_pods(api, scene.ns, "resumed") if p["status"].get("phase") == "Running"]
+    os.kill(container_pid(scene.agent, first, "trainer"), signal.SIGKILL)
+    status = wait_done(api, scene.ns, "resumed", timeout=400)
+    assert status["restarts"] == 1 and status["lastRestart"]["resumeStep"] >= 4, dump(status)
+    assert scene.object_gets() == before, scene.object_gets()[len(before) :]
+    (second,) = [p for p in job_pods(api, scene.ns, "resumed") if p["metadata"]["uid"] != first["metadata"]["uid"]]
+    events = events_of(pod_logs(scene.agent, scene.ns, second["metadata"]["name"]))
+    assert [e for e in events if e["event"] == "prepared-inputs"], events[:10]  # the model and data from the cache
+    assert [e["step"] for e in events if e["event"] == "resume"] == [status["lastRestart"]["resumeStep"]], events[:10]

@@ -71,6 +71,7 @@ def admitted(nodes: int, prepare_job: dict[str, Any] | None = None, namespace_wr
     ctx = Context(kube=kube, config=OperatorConfig(), status=StatusWriter(kube))
     prepare_jobs = {KEY: [prepare_job]} if prepare_job else {}
     ctx.indexes = {"finetunejobs": {}, "training_jobs": {}, "training_pods": {}, "prepare_jobs": prepare_jobs}
+    ctx.indexes["modelservers"] = {}
     if namespace_written:
         ctx.trainer_access.add("ns")
     finetunejob.admit(ctx, body(nodes), None)

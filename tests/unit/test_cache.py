@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.trainer.cache import MARKER, Cache, Entry, choose_evictions, entry_key
+from kubetune.trainer.cache import MARKER, Cache, Entry, Limit, choose_evictions, entry_key
 
 
 def test_keys_differ_by_uri_revision_and_content_and_are_stable() -> None:
@@ -70,3 +70,18 @@ def test_evict_removes_the_chosen_folders_and_stale_staging(tmp_path: Path) -> N
     left.mkdir(parents=True)
     os.utime(left, (1.0, 1.0))
     assert cache.clean_staging(older_than=100.0) == ["m.dead"] and not left.exists()
+
+
+def test_room_is_made_before_a_download_so_that_the_new_entry_fits(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    for key in ("oldest", "held", "recent"):
+        cache.fill(key, lambda folder: (folder / "w").write_bytes(b"x" * 100), {})
+    for key, used in (("oldest", 1.0), ("held", 2.0), ("recent", 3.0)):
+        os.utime(tmp_path / "used" / key, (used, used))
+    # 300 bytes in a cache of 350: a 100-byte download needs one entry gone first; "held" is in use.
+    limited = Cache(tmp_path, Limit(size=350, keep=("held",), not_after=10.0))
+    assert limited.make_room(100) == ["oldest"]
+    assert sum(e.size for e in limited.entries()) + 100 <= 350
+    # An entry the step itself uses is kept too, and without a limit nothing goes.
+    assert limited.make_room(250, used=["recent"]) == []
+    assert Cache(tmp_path).make_room(10**9) == [] and len(cache.entries()) == 2

@@ -167,3 +167,27 @@ def test_nobody_but_the_operator_gets_an_answer(address: str) -> None:
     assert client.report(replica(address, pod="srv-b"), OPERATOR).loaded is None
     assert FakeVllm.seen == []
     assert unsigned(address, "GET", "/health") == 200  # the kubelet's probe
+
+
+def test_an_s3_base_model_comes_from_the_cache_entry_the_prepare_step_fills(
+    bucket: s3server.S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubetune.storage import cached_model_dir
+    from kubetune.trainer.cache import MARKER, Cache, entry_key
+
+    monkeypatch.setenv("KUBETUNE_S3_SECRETS_ROOT", str(tmp_path / "secrets"))
+    s3server.secret_dir(tmp_path / "secrets", "creds")
+    access = Access("creds", bucket.endpoint)
+    root = tmp_path / "shared"
+    # An entry a FineTuneJob's prepare step made (its key: URI and revision): used as it is, nothing downloaded.
+    Cache(root).fill(entry_key("s3://adapters/a", None), lambda f: (f / "model").mkdir(), {"uri": "s3://adapters/a"})
+    path = fetcher.download_model("s3://adapters/a", access, root)
+    assert str(path) == cached_model_dir("s3://adapters/a").replace("/var/cache/kubetune-shared", str(root))
+    assert list(path.iterdir()) == []  # the prepare step's (empty) folder, not a download
+    # A model not cached yet is downloaded into its entry once, marker last; then the object may go.
+    bucket.client().put_object(Bucket="adapters", Key="m/config.json", Body=b"{}")
+    filled = fetcher.download_model("s3://adapters/m", access, root)
+    assert (filled / "config.json").read_bytes() == b"{}" and (filled.parent / MARKER).is_file()
+    bucket.client().delete_object(Bucket="adapters", Key="m/config.json")
+    assert fetcher.download_model("s3://adapters/m", access, root) == filled
+    assert not list((root / "staging").iterdir())

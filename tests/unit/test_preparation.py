@@ -6,7 +6,10 @@ from typing import Any
 
 import yaml
 
+from kubetune import storage
 from kubetune.config import OperatorConfig
+from kubetune.controllers import prepare
+from kubetune.controllers.context import Context
 from kubetune.render import finetunejob
 from kubetune.render import prepare as render
 from kubetune.render.common import ANNOTATION_SPEC_HASH
@@ -80,3 +83,22 @@ def test_where_the_prepare_step_stands() -> None:
     assert crashed.reason == "PrepareFailed" and "BackoffLimitExceeded" in crashed.message
     assert preparation.prepared_inputs(report, "x") is None
     assert preparation.entries_in_use([report, None, {"modelCache": "/c/entries/m/model"}]) == ["d", "m"]
+
+
+def test_eviction_keeps_the_entries_of_unfinished_jobs_and_of_the_namespaces_servers() -> None:
+    ctx = Context(kube=None, config=CONFIG, status=None)  # type: ignore[arg-type]  # indexes only
+    running = {"cache": f"{SHARED_CACHE_ROOT}/entries/data", "modelCache": f"{SHARED_CACHE_ROOT}/entries/model/model"}
+    done = {"cache": f"{SHARED_CACHE_ROOT}/entries/old"}
+    ctx.indexes = {
+        "finetunejobs": {
+            ("ns", "running"): [{"status": {"state": "Running", "dataset": running}}],
+            ("ns", "done"): [{"status": {"state": "Succeeded", "dataset": done}}],
+        },
+        "modelservers": {
+            ("ns", "s3"): [{"spec": {"baseModel": {"uri": "s3://bucket/served"}}}],
+            ("ns", "hf"): [{"spec": {"baseModel": {"uri": "hf://org/model"}}}],  # vLLM's own download, not cached
+            ("other", "s3"): [{"spec": {"baseModel": {"uri": "s3://bucket/elsewhere"}}}],  # another claim
+        },
+    }
+    served = storage.model_entry_key("s3://bucket/served")
+    assert prepare.entries_in_use(ctx, "ns") == sorted(["data", "model", served])

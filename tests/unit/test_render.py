@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kubetune import storage
 from kubetune.api.v1alpha1 import FineTuneJob, ModelServer, Plan, S3Access
 from kubetune.config import OperatorConfig, UnknownGpuType
 from kubetune.render import finetunejob, modelserver, trainer_access
 from kubetune.render.common import ANNOTATION_SPEC_HASH
+from kubetune.trainer import cache
 from tests.rejections import EXAMPLES
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
@@ -192,6 +194,42 @@ def test_s3_secrets_go_to_the_fetcher_only_and_an_s3_model_is_downloaded_first()
     assert init["command"] == ["kubetune", "fetcher", "--download", "s3://models/qwen", "--secret-name", "model-creds"]
     assert vllm["args"][:2] == ["--model", "/var/cache/kubetune/s3/models/qwen"]
     assert fetcher["command"][:2] == ["kubetune", "fetcher"]
+
+
+def with_model(server: ModelServer, uri: str, s3: S3Access | None = None) -> ModelServer:
+    model = server.spec.base_model.model_copy(update={"uri": uri, "secret_ref": None, "s3": s3})
+    return server.model_copy(update={"spec": server.spec.model_copy(update={"base_model": model})})
+
+
+def test_an_s3_model_is_read_from_the_cache_claim_which_only_the_init_container_writes() -> None:
+    server = with_model(load_server(), "s3://models/qwen", S3Access(secret_name="model-creds"))
+    children = modelserver.children(server, [], CONFIG, cache_claim="kubetune-cache")
+    pod = next(c for c in children if c["kind"] == "Deployment")["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    vllm, fetcher = pod["containers"]
+    entry = f"/var/cache/kubetune-shared/entries/{storage.model_entry_key('s3://models/qwen')}/model"
+    # The same entry as a FineTuneJob's prepare step on this model (trainer/cache.py keys: URI and revision).
+    assert entry.split("/")[-2] == cache.entry_key("s3://models/qwen", None)
+    assert vllm["args"][:2] == ["--model", entry]
+    assert init["command"][-2:] == ["--cache", "/var/cache/kubetune-shared"]
+
+    def shared(container: dict) -> list[dict]:
+        return [m for m in container["volumeMounts"] if m["mountPath"] == "/var/cache/kubetune-shared"]
+
+    assert [m["readOnly"] for m in shared(init)] == [False]
+    assert [m["readOnly"] for m in shared(vllm)] == [True] and shared(fetcher) == []
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "shared-cache"]
+    assert volume["persistentVolumeClaim"] == {"claimName": "kubetune-cache", "readOnly": False}
+
+
+@pytest.mark.parametrize("uri", ["s3://models/qwen", "hf://Qwen/Qwen2.5-7B-Instruct", "pvc://models/qwen"])
+def test_without_a_cache_claim_or_for_models_it_does_not_hold_the_server_is_unchanged(uri: str) -> None:
+    server = with_model(load_server(), uri, S3Access(secret_name="c") if uri.startswith("s3") else None)
+    plain = modelserver.children(server, [], CONFIG)
+    assert modelserver.children(server, [], CONFIG, cache_claim=None) == plain
+    with_claim = modelserver.children(server, [], CONFIG, cache_claim="kubetune-cache")
+    assert (with_claim == plain) == (not uri.startswith("s3://"))  # hf:// is vLLM's download, pvc:// on its claim
+    assert (modelserver.cache_entry(uri) is None) == (not uri.startswith("s3://"))
 
 
 def test_vllm_arguments() -> None:

@@ -14,6 +14,7 @@ from kubetune.controllers import mounts
 from kubetune.controllers.context import Context, Key
 from kubetune.k8s import children
 from kubetune.render import finetunejob as render
+from kubetune.render import modelserver as server_render
 from kubetune.render import prepare as prepare_render
 from kubetune.status import preparation
 from kubetune.status.conditions import get, now_iso, set_condition
@@ -96,10 +97,14 @@ def cache_claim(ctx: Context, namespace: str) -> str | None:
 
 
 def entries_in_use(ctx: Context, namespace: str) -> list[str]:
-    """Cache entries of the namespace's unfinished jobs (the claim is the namespace's own): never evicted."""
+    """Cache entries of the namespace's unfinished jobs and of its ModelServers' base models (the claim is the
+    namespace's own): never evicted."""
     jobs = [ftj for (ns, _), ftjs in ctx.entries("finetunejobs") if ns == namespace for ftj in ftjs]
     unfinished = [(j.get("status") or {}) for j in jobs if (j.get("status") or {}).get("state") not in FINISHED]
-    return preparation.entries_in_use([s.get("dataset") for s in unfinished])
+    servers = [ms for (ns, _), store in ctx.entries("modelservers") if ns == namespace for ms in store]
+    models = [str(((ms.get("spec") or {}).get("baseModel") or {}).get("uri") or "") for ms in servers]
+    served = [key for uri in models if "://" in uri and (key := server_render.cache_entry(uri))]
+    return sorted({*preparation.entries_in_use([s.get("dataset") for s in unfinished]), *served})
 
 
 def write_status(

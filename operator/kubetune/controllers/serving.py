@@ -26,6 +26,7 @@ from kubetune.api.v1alpha1 import ModelServer
 from kubetune.config import UnknownGpuType
 from kubetune.controllers import metrics, mounts
 from kubetune.controllers.context import RETRY_API_ERROR_S, Context, Key, retried
+from kubetune.controllers.prepare import cache_claim
 from kubetune.k8s.children import NameConflict, delete_owned, write
 from kubetune.k8s.client import ApiError
 from kubetune.planner.engine import check_engine
@@ -73,7 +74,11 @@ def reconcile(ctx: Context, key: Key, recheck: bool = False) -> None:
             _refuse(ctx, key, body, engine.reason, engine.message)
             return
         adapters = resolve(server, _jobs_in(ctx, key[0]))
-        children = render.children(server, adapters.locations, ctx.config, adapters.secrets, ctx.signer.public_key)
+        # The model cache's claim is looked up only for a model its pods would read from it.
+        claim = cache_claim(ctx, key[0]) if render.cache_entry(server.spec.base_model.uri) else None
+        children = render.children(
+            server, adapters.locations, ctx.config, adapters.secrets, ctx.signer.public_key, claim
+        )
         scaled = traffic.scaled_object(server, ctx.config, render.served_name(server))
         write_children(ctx, key, uid, children, recheck, scaled)
         reports = sync_adapters(ctx, key, server, adapters)

@@ -5,7 +5,9 @@ Adapters are not part of the Deployment: the operator loads them into the runnin
 runtime LoRA API, so a new adapter never restarts the server. The Deployment only makes their storage
 visible: every claim an adapter is or will be written to is mounted read-only, and the adapter fetcher beside
 vLLM (`kubetune fetcher`) gets the Secrets of s3:// adapters and downloads those into the cache volume that
-both containers share. An s3:// base model is downloaded by an init container before vLLM starts.
+both containers share. An s3:// base model is downloaded by an init container before vLLM starts; when the
+namespace has the cache claim (docs/cache.md), into the cache entry a FineTuneJob's prepare step fills (or not at
+all, when it is there), which vLLM then reads read-only.
 
 The replica count is always spec.replicas: autoscalers scale the ModelServer (its scale subresource), never
 the Deployment, so the operator is the one writer of the Deployment's replicas. A replica joins the Service
@@ -27,6 +29,7 @@ from kubetune.render.common import (
     Manifest,
     PodParts,
     cache_and_shm_parts,
+    cache_parts,
     credential_parts,
     labels,
     merge_parts,
@@ -37,7 +40,7 @@ from kubetune.render.common import (
     storage_parts,
     user_env,
 )
-from kubetune.storage import CACHE_ROOT, local_path, parse
+from kubetune.storage import CACHE_ROOT, SHARED_CACHE_ROOT, cached_model_dir, local_path, model_entry_key, parse
 
 SERVER_CONTAINER = "vllm"
 FETCHER_CONTAINER = "fetcher"
@@ -96,18 +99,26 @@ def rope_overrides(server: ModelServer) -> dict[str, Any] | None:
     return {"rope_scaling": parameters, "max_position_embeddings": positions}
 
 
-def model_arguments(uri: str) -> list[str]:
-    """vLLM's --model (and --revision) for a base model URI."""
+def cache_entry(uri: str) -> str | None:
+    """The cache entry (docs/cache.md) a server's pods read their base model from when the namespace has the cache
+    claim: that of an s3:// model, which the init container fetches. An hf:// model is vLLM's own download; a
+    pvc:// one is on its claim."""
+    return model_entry_key(uri) if parse(uri).scheme == "s3" else None
+
+
+def model_arguments(uri: str, cached: bool = False) -> list[str]:
+    """vLLM's --model (and --revision) for a base model URI; `cached`: read from the model cache."""
     loc = parse(uri)
     if loc.scheme == "hf":
         args = ["--model", f"{loc.root}/{loc.path}"]
         return args + (["--revision", loc.revision] if loc.revision else [])
-    return ["--model", local_path(uri)]
+    return ["--model", cached_model_dir(uri) if cached else local_path(uri)]
 
 
-def server_arguments(server: ModelServer, config: OperatorConfig) -> list[str]:
+def server_arguments(server: ModelServer, config: OperatorConfig, cached: bool = False) -> list[str]:
     """The vLLM OpenAI server's command-line arguments: the operator's own, the installation's
-    (config.server.extraArgs), then the user's spec.engineArgs, so that later ones win."""
+    (config.server.extraArgs), then the user's spec.engineArgs, so that later ones win. `cached`: the base model
+    is read from the model cache."""
     spec = server.spec
     g = spec.generation_defaults
     overrides: dict[str, Any] = {
@@ -118,7 +129,7 @@ def server_arguments(server: ModelServer, config: OperatorConfig) -> list[str]:
     if g.max_tokens is not None:
         overrides["max_new_tokens"] = g.max_tokens
     args = [
-        *model_arguments(spec.base_model.uri),
+        *model_arguments(spec.base_model.uri, cached),
         "--served-model-name",
         served_name(server),
         "--host",
@@ -158,10 +169,12 @@ def children(
     config: OperatorConfig,
     adapter_secrets: list[str] | None = None,
     operator_key: str = "",
+    cache_claim: str | None = None,
 ) -> list[Manifest]:
     """Every object the operator applies for a ModelServer, in creation order; `adapter_locations` are the URIs of
     its adapters, present and future (pvc:// ones are mounted), `adapter_secrets` the Secrets of its s3:// adapters,
-    `operator_key` the public key the adapter fetchers check the operator's requests with.
+    `operator_key` the public key the adapter fetchers check the operator's requests with, `cache_claim` the
+    model cache's claim in the server's namespace, if it has one.
     The Services go first: when a name is taken by someone else, no pod has started for it yet; the NetworkPolicy
     (when the installation renders them) before any pod it guards."""
     ui = server.spec.ui.enabled
@@ -170,7 +183,7 @@ def children(
         service(server, config),
         *([ui_service(server, config)] if ui else []),
         *([traffic.network_policy(server, config)] if policy else []),
-        deployment(server, adapter_locations, config, adapter_secrets or [], operator_key),
+        deployment(server, adapter_locations, config, adapter_secrets or [], operator_key, cache_claim),
         *([ui_deployment(server, config)] if ui else []),
     ]
 
@@ -223,8 +236,9 @@ def fetcher_container(
     }
 
 
-def model_init_container(server: ModelServer, image: str, mounts: list[Manifest]) -> Manifest:
-    """Downloads an s3:// base model to the path vLLM's --model names, before vLLM starts."""
+def model_init_container(server: ModelServer, image: str, mounts: list[Manifest], cached: bool) -> Manifest:
+    """Downloads an s3:// base model to the path vLLM's --model names, before vLLM starts; `cached`: that path is
+    in the model cache, which this container alone mounts writable."""
     model = server.spec.base_model
     access = model.s3
     args = [model.uri]
@@ -234,6 +248,8 @@ def model_init_container(server: ModelServer, image: str, mounts: list[Manifest]
         args += ["--endpoint", access.endpoint]
     if access and access.region:
         args += ["--region", access.region]
+    if cached:
+        args += ["--cache", SHARED_CACHE_ROOT]
     return {
         "name": MODEL_INIT_CONTAINER,
         "image": image,
@@ -248,11 +264,16 @@ def deployment(
     config: OperatorConfig,
     adapter_secrets: list[str] | None = None,
     operator_key: str = "",
+    cache_claim: str | None = None,
 ) -> Manifest:
     spec = server.spec
     key = api_key_ref(server, config)
     name = server.metadata.name
     image = spec.image or config.images.server
+    # The model cache: written by the init container only; vLLM reads the model from it.
+    cached = bool(cache_claim) and cache_entry(spec.base_model.uri) is not None
+    model_cache = cache_parts(cache_claim if cached else None, writable=True)
+    read_only_cache = PodParts(mounts=[{**m, "readOnly": True} for m in model_cache.mounts])
     storage = merge_parts(
         [
             _model_cache_parts(config),
@@ -263,6 +284,7 @@ def deployment(
     parts = merge_parts(
         [
             storage,
+            read_only_cache,
             credential_parts(spec.base_model.uri, spec.base_model.secret_ref),
             PodParts(env=[{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}, *api_key_env(key)]),
             PodParts(env=user_env(spec.env)),
@@ -287,7 +309,7 @@ def deployment(
         # vLLM's OpenAI server, whose error becomes the termination message (server/engine.py); the log's tail
         # when the wrapper itself could not write it.
         "command": ["kubetune", "engine"],
-        "args": server_arguments(server, config),
+        "args": server_arguments(server, config, cached),
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "env": parts.env,
         "ports": [{"name": "http", "containerPort": config.server_port}],
@@ -308,10 +330,11 @@ def deployment(
             fetcher_container(image, storage, adapter_secret_parts, config, fetcher_env(config, key, operator_key)),
         ],
         "readinessGates": [{"conditionType": ADAPTERS_GATE}],
-        "volumes": merge_parts([parts, adapter_secret_parts, model_secret]).volumes,
+        "volumes": merge_parts([parts, model_cache, adapter_secret_parts, model_secret]).volumes,
     }
     if parse(spec.base_model.uri).scheme == "s3":
-        pod_spec["initContainers"] = [model_init_container(server, image, merge_parts([storage, model_secret]).mounts)]
+        mounts = merge_parts([storage, PodParts(mounts=model_cache.mounts), model_secret]).mounts
+        pod_spec["initContainers"] = [model_init_container(server, image, mounts, cached)]
     if gpu.node_selector:
         pod_spec["nodeSelector"] = dict(gpu.node_selector)
     if gpu.tolerations:

@@ -18,8 +18,11 @@ operator signed (kubetune/signing.py; the public key is KUBETUNE_OPERATOR_PUBLIC
     GET /v1/models, POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter: vLLM's answer
     GET /health (unsigned: the kubelet's probe)
 
-`kubetune fetcher --download s3://BUCKET/PREFIX [--secret-name NAME] [--endpoint URL] [--region R]` is the init
-container of a server whose base model is in S3: it downloads the model to the path vLLM's --model names.
+`kubetune fetcher --download s3://BUCKET/PREFIX [--secret-name NAME] [--endpoint URL] [--region R] [--cache ROOT]`
+is the init container of a server whose base model is in S3: it downloads the model to the path vLLM's --model
+names. With `--cache` (the namespace's cache claim, docs/cache.md) that path is the model's cache entry, the one a
+FineTuneJob's prepare step fills: an entry that is there is used as it is (nothing downloaded), a missing one is
+filled as the prepare step fills it (staging folder, marker, rename), and vLLM mounts the cache read-only.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any
 
 from kubetune import s3, storage
 from kubetune.signing import Verifier
+from kubetune.trainer.cache import Cache
 
 log = logging.getLogger("kubetune.fetcher")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -209,6 +213,26 @@ def from_environment() -> tuple[Verifier | None, Vllm | None]:
     return verifier, vllm
 
 
+def download_model(uri: str, access: s3.Access, cache_root: Path | None) -> Path:
+    """The base model at `uri` where vLLM's --model names it: downloaded to its local path, or (with a cache
+    root) its cache entry, used when complete and filled atomically when not."""
+    if cache_root is None:
+        return s3.download(s3.client(access), uri, Path(storage.local_path(uri)))
+    cache = Cache(cache_root)
+    key = storage.model_entry_key(uri)
+    entry = cache.lookup(key)
+    if entry is not None:
+        log.info("%s: the cache has it (%s)", uri, key)
+    else:
+        log.info("%s: not in the cache, downloading into %s", uri, key)
+
+        def write(folder: Path) -> None:
+            s3.download(s3.client(access), uri, folder / "model")
+
+        entry = cache.fill(key, write, {"uri": uri})
+    return entry / "model"
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kubetune fetcher", description="Fetch LoRA adapters for vLLM (sidecar).")
     parser.add_argument("--host", default="0.0.0.0")
@@ -217,12 +241,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--secret-name", default="", help="with --download: the Secret of the location")
     parser.add_argument("--endpoint", default="", help="with --download: the S3 endpoint")
     parser.add_argument("--region", default="", help="with --download: the bucket's region")
+    parser.add_argument("--cache", type=Path, help="with --download: the model cache's root (docs/cache.md)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.download:
         access = s3.Access(args.secret_name, args.endpoint, args.region)
         try:
-            path = s3.download(s3.client(access), args.download, Path(storage.local_path(args.download)))
+            path = download_model(args.download, access, args.cache)
         except s3.S3Error as err:
             log.error("%s", err)
             return 1

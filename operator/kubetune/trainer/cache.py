@@ -1,6 +1,6 @@
 """The shared model and dataset cache on a claim (docs/cache.md): keys, atomic entries, LRU eviction.
 
-Layout under the root (the claim, mounted read-write only in prepare pods):
+Layout under the root (the claim, mounted read-write only in prepare pods and servers' model init containers):
 
     entries/<key>/            one complete entry; `kubetune-entry.json` inside it is written before the rename
     staging/<key>.<random>/   an entry being written; renamed into entries/ when complete, never read
@@ -8,17 +8,16 @@ Layout under the root (the claim, mounted read-write only in prepare pods):
 
 An entry appears by one rename of a complete folder, so a reader never sees a half-written one and a download
 killed midway leaves only a staging folder (removed by a later prepare step once it is old). Eviction takes the
-least recently used entries until the new one fits, but never one in `keep` (the entries named in the reports of
-the namespace's unfinished FineTuneJobs, which the operator passes in) nor one used after `not_after` (a job
-prepared moments ago whose report the operator had not seen yet).
+least recently used entries until the new one fits (before a download whose size is known, and after the step),
+but never one in `keep` (the entries named in the reports of the namespace's unfinished FineTuneJobs and the base
+models of its ModelServers, which the operator passes in) nor one used after `not_after` (a job prepared moments
+ago whose report the operator had not seen yet).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import time
 import uuid
@@ -27,15 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune.storage import entry_key as entry_key  # its home: the operator names the entries servers read
+
 MARKER = "kubetune-entry.json"
-
-
-def entry_key(uri: str, revision: str | None = None, content: str = "") -> str:
-    """A folder name for a URI at a revision (and, for data, a tag of its content): readable prefix, then a hash
-    of all three, so that two URIs never share an entry."""
-    slug = re.sub(r"[^a-z0-9]+", "-", uri.lower()).strip("-")[:48]
-    digest = hashlib.sha256(f"{uri}@{revision or ''}#{content}".encode()).hexdigest()[:16]
-    return f"{slug}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -64,15 +57,26 @@ def choose_evictions(
     return chosen
 
 
+@dataclass(frozen=True)
+class Limit:
+    """What eviction works with: the size limit in bytes, the entries in use, and the time after which a use
+    protects an entry (`choose_evictions`)."""
+
+    size: int
+    keep: tuple[str, ...] = ()
+    not_after: float = 0.0
+
+
 def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 class Cache:
-    """One cache root (the claim's mount)."""
+    """One cache root (the claim's mount); `limit`: the size limit that `make_room` keeps (None: no limit)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, limit: Limit | None = None) -> None:
         self.root = root
+        self.limit = limit
 
     def path(self, key: str) -> Path:
         return self.root / "entries" / key
@@ -128,6 +132,13 @@ class Cache:
         for key in chosen:
             self.discard(key)
         return chosen
+
+    def make_room(self, incoming: int, used: Iterable[str] = ()) -> list[str]:
+        """Evict within the limit so that `incoming` more bytes fit, keeping also `used`: before a download (so
+        that the new entry fits) and after a step (`incoming` 0). The evicted keys; none without a limit."""
+        if self.limit is None:
+            return []
+        return self.evict(self.limit.size, incoming, [*self.limit.keep, *used], self.limit.not_after)
 
     def discard(self, key: str) -> None:
         trash = self.root / "staging" / f"removed-{key}.{uuid.uuid4().hex[:8]}"

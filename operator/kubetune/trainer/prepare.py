@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from kubetune import s3, storage
 from kubetune.api.v1alpha1 import TrainerConfig
 from kubetune.trainer import inputs
-from kubetune.trainer.cache import Cache, entry_key
+from kubetune.trainer.cache import Cache, Limit, entry_key
 from kubetune.trainer.config import load_config
 from kubetune.trainer.data import PreparedData, load_tokenizer, prepare
 from kubetune.trainer.errors import (
@@ -106,8 +106,8 @@ class Preparer:
     def __init__(self, config: TrainerConfig, reporter: StatusReporter) -> None:
         self.config = config
         self.reporter = reporter
-        self.cache = Cache(Path(config.cache.root)) if config.cache else None
         self.started = time.time()
+        self.cache = Cache(Path(config.cache.root), cache_limit(config, self.started)) if config.cache else None
         self.commits: dict[str, str] = {}
         """"model" and "dataset": the commit sha an hf:// input's revision named when this run resolved it."""
 
@@ -137,6 +137,7 @@ class Preparer:
         entry = self.cache.lookup(key)
         if entry is None:
             log_event("cache-miss", what="base model", uri=uri, key=key)
+            self.make_room(self.download_size(uri, access))
 
             def write(folder: Path) -> None:
                 fetched("base model", uri, *reasons, lambda: self.download_model(uri, commit, access, folder))
@@ -145,6 +146,20 @@ class Preparer:
         else:
             log_event("cache-hit", what="base model", uri=uri, key=key)
         return entry / "model", key
+
+    def download_size(self, uri: str, access: s3.Access) -> int:
+        """The bytes a download of the base model will add: the S3 listing's sizes; 0 (unknown) for hf://."""
+        if not uri.startswith("s3://") or self.cache is None or self.cache.limit is None:
+            return 0
+        client = s3.client(access)
+        sizes = fetched("base model", uri, MODEL_NOT_FOUND, MODEL_UNAVAILABLE, lambda: s3.list_keys(client, uri))
+        return sum(sizes.values())
+
+    def make_room(self, incoming: int, used: tuple[str, ...] = ()) -> None:
+        """Evict before a download, so that the new entry fits, and after the step (docs/cache.md)."""
+        assert self.cache is not None
+        for key in self.cache.make_room(incoming, used):
+            log_event("cache-evicted", key=key, incoming=incoming)
 
     def download_model(self, uri: str, commit: str | None, access: s3.Access, folder: Path) -> Path:
         if uri.startswith("s3://"):
@@ -203,6 +218,7 @@ class Preparer:
             log_event("cache-hit", what="prepared dataset", uri=spec.dataset.uri, key=key)
             return inputs.load_data(entry), entry
         log_event("cache-miss", what="prepared dataset", uri=spec.dataset.uri, key=key)
+        self.make_room(0, (model_key,))
 
         def write(folder: Path) -> None:
             inputs.save_data(self.check(model_dir, folder), folder)
@@ -263,13 +279,18 @@ class Preparer:
         settings = self.config.cache
         if self.cache is None or settings is None:
             return
-        quiet_since = self.started - settings.idle_seconds
-        for name in self.cache.clean_staging(quiet_since):
+        for name in self.cache.clean_staging(self.started - settings.idle_seconds):
             log_event("cache-staging-removed", folder=name)
-        if settings.size_limit_bytes is not None:
-            keep = [*settings.keep, *used]
-            for key in self.cache.evict(settings.size_limit_bytes, 0, keep, quiet_since):
-                log_event("cache-evicted", key=key)
+        self.make_room(0, tuple(used))
+
+
+def cache_limit(config: TrainerConfig, started: float) -> Limit | None:
+    """The cache's size limit for a step that started at `started`: the operator's list of entries in use, and
+    nothing used within the idle time before the step (docs/cache.md)."""
+    settings = config.cache
+    if settings is None or settings.size_limit_bytes is None:
+        return None
+    return Limit(settings.size_limit_bytes, tuple(settings.keep), started - settings.idle_seconds)
 
 
 def check_credentials(config: TrainerConfig) -> None:
