@@ -19,6 +19,7 @@ class RecordingKube:
     def __init__(self) -> None:
         self.trips: list[list[str]] = []
         self.created: list[dict[str, Any]] = []
+        self.statuses: list[dict[str, Any]] = []
         self._together: list[str] | None = None
 
     def _send(self, kind: str) -> None:
@@ -41,6 +42,7 @@ class RecordingKube:
 
     def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         self.trips.append([f"{kind}/status"])
+        self.statuses.append(status)
         return {"metadata": {"name": name, "namespace": namespace, "resourceVersion": "2"}, "status": status}
 
     def request(self, method: str, url: str, body: Any = None, **_: Any) -> dict[str, Any]:
@@ -66,15 +68,20 @@ def admit(nodes: int, namespace_written: bool = False) -> list[list[str]]:
     return admitted(nodes, namespace_written=namespace_written).trips
 
 
-def admitted(nodes: int, prepare_job: dict[str, Any] | None = None, namespace_written: bool = False) -> RecordingKube:
+def admitted(
+    nodes: int, prepare_job: dict[str, Any] | None = None, namespace_written: bool = False, **spec: Any
+) -> RecordingKube:
     kube: Any = RecordingKube()
     ctx = Context(kube=kube, config=OperatorConfig(), status=StatusWriter(kube))
     prepare_jobs = {KEY: [prepare_job]} if prepare_job else {}
     ctx.indexes = {"finetunejobs": {}, "training_jobs": {}, "training_pods": {}, "prepare_jobs": prepare_jobs}
     ctx.indexes["modelservers"] = {}
+    ctx.indexes["training_workloads"] = {}
     if namespace_written:
         ctx.trainer_access.add("ns")
-    finetunejob.admit(ctx, body(nodes), None)
+    job = body(nodes)
+    job["spec"].update(spec)
+    finetunejob.admit(ctx, job, None)
     return kube
 
 
@@ -95,6 +102,20 @@ def test_the_training_job_waits_for_the_prepare_step() -> None:
     third = admitted(nodes=1, prepare_job=failed)
     assert [m for m in third.created if m["kind"] == "Job"] == []
     assert ["Event"] in third.trips
+
+
+def test_a_suspended_run_prepares_queued_or_not_and_only_its_training_waits() -> None:
+    # The prepare pod needs no GPU and no quota: a run resumed later trains at once. A queued one gets its training
+    # Job only when resumed (Kueue would hold it anyway), an unqueued one a suspended training Job.
+    for queued in ({}, {"queueName": "team-a"}):
+        first = admitted(nodes=1, suspend=True, **queued)
+        assert [m["metadata"]["name"] for m in first.created if m["kind"] == "Job"] == ["sft-prep"], queued
+        (status,) = first.statuses
+        assert status["state"] == "Suspended", (queued, status)
+        prepare = next(m for m in first.created if m["kind"] == "Job")
+        done = {**prepare, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+        later = [m for m in admitted(nodes=1, prepare_job=done, suspend=True, **queued).created if m["kind"] == "Job"]
+        assert [(m["metadata"]["name"], m["spec"].get("suspend")) for m in later] == ([] if queued else [("sft", True)])
 
 
 def test_the_job_goes_after_everything_its_pods_need_and_the_status_last() -> None:

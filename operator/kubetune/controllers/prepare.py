@@ -124,6 +124,8 @@ def write_status(
         if failed:
             conditions = set_condition(conditions, "Failed", True, found.reason, found.message, generation=gen)
             wanted.update(state="Failed", completionTime=current.get("completionTime") or now_iso())
+        elif body.get("spec", {}).get("suspend"):
+            wanted["state"] = "Suspended"  # it prepares all the same; its training pods wait for spec.suspend false
         elif state not in ("Running", "Suspended"):
             wanted["state"] = "Pending"
         return {**wanted, "conditions": conditions}

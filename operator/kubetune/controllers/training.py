@@ -178,14 +178,15 @@ def _write_children(
     own = [m for m in support if not trainer_access.is_trainer_access(m["metadata"]["labels"])]
     with _trainer_access_to_write(ctx, ftj.metadata.namespace) as access:
         children.start_writes(ctx.kube, [*access, *own], ctx.owned)()
-    if job is None:
-        if existing is not None and not existing["metadata"].get("deletionTimestamp"):
-            ctx.kube.delete("Job", ftj.metadata.namespace, ftj.metadata.name, propagation="Foreground")
-        return None
+    if job is None and existing is not None and not existing["metadata"].get("deletionTimestamp"):
+        ctx.kube.delete("Job", ftj.metadata.namespace, ftj.metadata.name, propagation="Foreground")
+    # A suspended run prepares all the same, queued or not (a CPU pod, no quota): it trains at once when resumed.
     if step is not None and step.state != "succeeded":
         if step.state in ("absent", "stale") and prepare.start(ctx, ftj, plan, init_adapter_uri, step):
             raise Retry("inputs changed: replacing the prepare Job", 2.0)
         return step
+    if job is None:
+        return None
     return children.write(ctx.kube, job, ctx.owned(job), release=render.create_only_fields(ftj))
 
 
