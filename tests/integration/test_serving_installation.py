@@ -31,6 +31,7 @@ from tests.integration.support import (
     wait_for,
 )
 
+from kubetune.config import GPU_TOLERATION
 from kubetune.dev.controlplane import Cluster
 
 OPERATOR_NAMESPACE = "kubetune-system"
@@ -72,7 +73,8 @@ def installation(operator: OperatorProcess, tmp_path_factory: pytest.TempPathFac
     }
     settings["server"]["apiKeySecretRef"] = {"name": DEFAULT_KEY_SECRET, "key": "key"}
     taint = {"key": AGENT_TAINT.split("=")[0], "operator": "Exists", "effect": "NoSchedule"}
-    settings["uiScheduling"] = {"nodeSelector": dict([AGENT_LABEL]), "tolerations": [taint]}
+    # The agent's Node has GPUs, so it has their taint too.
+    settings["uiScheduling"] = {"nodeSelector": dict([AGENT_LABEL]), "tolerations": [taint, GPU_TOLERATION]}
     folder = tmp_path_factory.mktemp("installation-operator")
     (folder / "operator.yaml").write_text(yaml.safe_dump(settings))
     mine = OperatorProcess(operator.kubeconfig, folder, folder / "operator.yaml")
@@ -255,7 +257,8 @@ def test_the_chat_page_answers_through_vllm_with_the_servers_key(api: Api, scene
     keys = {"named": (NAMED_KEY_SECRET, NAMED_KEY), "plain": (DEFAULT_KEY_SECRET, DEFAULT_KEY)}
     for name, (secret, _) in keys.items():
         # The chat page's Deployment takes the same key from the same Secret as vLLM, by reference.
-        (container,) = api.get("Deployment", scene.ns, f"{name}-ui")["spec"]["template"]["spec"]["containers"]
+        ui = wait_for(lambda n=name: api.get("Deployment", scene.ns, f"{n}-ui"), 30, f"{name}'s chat page Deployment")
+        (container,) = ui["spec"]["template"]["spec"]["containers"]
         assert container["env"] == [
             {"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": secret, "key": "key"}}}
         ], name
@@ -270,8 +273,10 @@ def test_the_chat_page_answers_through_vllm_with_the_servers_key(api: Api, scene
         code, body = serving.post(address, "/v1/chat/completions", question, api_key=key)
         assert code == 200, body
         expected = body["choices"][0]["message"]["content"].strip()
+        assert expected, body  # something to compare: the tiny model's greedy 16 tokens
         # The page, started by the operator with the key from the Secret, lists the model and answers through vLLM
         # exactly what vLLM answers (greedy decoding).
         listed, answer = ask_the_page(f"{page['status']['podIP']}:{UI_PORT}", serving.QUESTION)
         assert [c[0] for c in listed["choices"]] == [name], listed
         assert answer.strip() == expected, (answer, expected)
+        print(f"\n{name}: the chat page answered {answer.strip()!r} with the key of {keys[name][0]}")
