@@ -30,6 +30,8 @@ from kubetune.dev.binaries import ensure_keda_crd
 from kubetune.dev.controlplane import Cluster
 from kubetune.render import modelserver as render
 from kubetune.render import traffic
+from kubetune.server import engine
+from kubetune.trainer.tiny import build_tiny_model
 
 pytestmark = [pytest.mark.server, NEEDS_ROOT, NEEDS_SERVER]
 SERVER = "prod"
@@ -108,8 +110,13 @@ def test_a_server_vllm_would_refuse_is_refused_before_any_pod(api: Api, scene: S
     cond = ready_condition(api, scene.ns, "wide")
     assert cond["reason"] == "TensorParallelSizeInvalid" and cond["message"].endswith("use one of 1, 2, 4"), cond
     assert not api.get("Deployment", scene.ns, "wide")
-    reasons = {(e["type"], e["reason"]) for name in ("long", "wide") for e in api.events(scene.ns, name)}
-    assert {("Warning", "MaxModelLenTooLarge"), ("Warning", "TensorParallelSizeInvalid")} <= reasons
+    # The Event follows the status write.
+    wanted = {("Warning", "MaxModelLenTooLarge"), ("Warning", "TensorParallelSizeInvalid")}
+    wait_for(
+        lambda: wanted <= {(e["type"], e["reason"]) for name in ("long", "wide") for e in api.events(scene.ns, name)},
+        10,
+        "the Warning Events",
+    )
     api.kubectl("delete", "msrv", "long", "wide", "-n", scene.ns)
 
 
@@ -129,30 +136,88 @@ def exit_of(api: Api, ns: str, server: str) -> dict[str, Any] | None:
 
 
 def test_vllm_start_failures_are_named_within_seconds_of_the_exit(api: Api, scene: Scene) -> None:
-    # Two servers at once, one on each of the agent's "GPUs": an argument vLLM does not know, and a context the
-    # tiny model (4096 positions; not one the operator knows) does not have.
+    # Two servers at once, one on each of the agent's "GPUs": an argument vLLM does not know (vLLM refuses it), and
+    # a context the tiny model (4096 positions; not one the operator knows) does not have, which the pod's engine
+    # refuses from the model's config.json before vLLM starts.
     api.apply(serving.model_server("bad-args", scene.ns, engineArgs=["--dtype=float32", "--bogus-flag"]))
     api.apply(serving.model_server("too-long", scene.ns, maxModelLen=8192))
     expected = {
-        "bad-args": ("InvalidEngineArgs", "api_server.py: error: unrecognized arguments: --bogus-flag"),
-        "too-long": ("MaxModelLenTooLarge", "User-specified max_model_len (8192) is greater than the derived"),
+        "bad-args": (
+            "InvalidEngineArgs",
+            "vLLM exited with code 2 (Error)",
+            "api_server.py: error: unrecognized arguments: --bogus-flag",
+        ),
+        "too-long": (
+            "MaxModelLenTooLarge",
+            "vLLM not started",
+            "maxModelLen 8192 is above the 4096 tokens tiny (Qwen2ForCausalLM) was trained for: set maxModelLen to at "
+            "most 4096, or add ropeScaling {type: yarn, factor: 2, originalMaxPositionEmbeddings: 4096} (YaRN) "
+            "(config.json: /mnt/pvc/models/tiny/config.json)",
+        ),
     }
-    for name, (reason, says) in expected.items():
-        term = wait_for(lambda n=name: exit_of(api, scene.ns, n), 240, f"vLLM of {name} to exit", interval=0.5)
+    # The first exit of each (the engine's refusal is quick, and the agent restarts it after 1 s).
+    first_exits: dict[str, dict[str, Any]] = {}
+
+    def both_exited() -> bool:
+        for name in expected:
+            if name not in first_exits and (term := exit_of(api, scene.ns, name)):
+                first_exits[name] = term
+        return len(first_exits) == len(expected)
+
+    wait_for(both_exited, 240, "both to exit", interval=0.5)
+    for name, (reason, how, says) in expected.items():
         cond = wait_for(
             lambda n=name, r=reason: (c := ready_condition(api, scene.ns, n)).get("reason") == r and c,
             NAMED_WITHIN_S,
             f"{name}'s Ready condition to say {reason}",
             interval=0.5,
         )
-        assert says in cond["message"] and "vLLM exited with code" in cond["message"], cond
+        assert says in cond["message"] and how in cond["message"], cond
         assert api.status("ModelServer", scene.ns, name)["state"] == "Failed"
         # The Warning Event is posted when the reason appears (the condition's time is that of Ready turning False).
-        event = next(e for e in api.events(scene.ns, name) if e["reason"] == reason and e["type"] == "Warning")
-        seconds = (when(event["metadata"]["creationTimestamp"]) - when(term["finishedAt"])).total_seconds()
-        print(f"\n{name}: {reason} {seconds:.0f} s after vLLM exited (within a second of the clocks' rounding)")
+        event = wait_for(
+            lambda n=name, r=reason: next(
+                (e for e in api.events(scene.ns, n) if e["reason"] == r and e["type"] == "Warning"), None
+            ),
+            10,
+            f"{name}'s Warning Event",
+        )
+        seconds = (when(event["metadata"]["creationTimestamp"]) - when(first_exits[name]["finishedAt"])).total_seconds()
+        print(f"\n{name}: {reason} {seconds:.0f} s after its first exit seen (within a second of the clocks' rounding)")
     api.kubectl("delete", "msrv", "bad-args", "too-long", "-n", scene.ns)
     wait_for(lambda: not api.kube.list("Pod", scene.ns, "app.kubernetes.io/component=server"), 90, "their pods to go")
+
+
+def test_the_engine_refuses_what_the_models_config_json_rules_out(api: Api, scene: Scene, agent: AgentProcess) -> None:
+    # A model the operator does not know, whose 3 attention heads do not split over 2 GPUs: its Deployment is
+    # written (nothing of the model is known before its pod reads it), and the pod's engine refuses it from
+    # config.json, as vLLM would after loading for minutes ("Total number of attention heads (3) must be
+    # divisible by tensor parallel size (2)"), without starting vLLM.
+    build_tiny_model(scene.root / "models" / "odd", heads=(3, 1))
+    api.apply(serving.model_server("odd", scene.ns, baseModel={"uri": "pvc://models/odd"}, tensorParallelSize=2))
+    term = wait_for(lambda: exit_of(api, scene.ns, "odd"), 240, "the engine to exit", interval=0.5)
+    assert term["exitCode"] == engine.EXIT_REFUSED, term
+    cond = wait_for(
+        lambda: (c := ready_condition(api, scene.ns, "odd")).get("reason") == "TensorParallelSizeInvalid" and c,
+        NAMED_WITHIN_S,
+        "odd's Ready condition to say TensorParallelSizeInvalid",
+        interval=0.5,
+    )
+    assert "vLLM not started" in cond["message"] and cond["message"].endswith(
+        "tensorParallelSize 2 does not split the 3 attention heads (1 key-value heads) of odd (Qwen2ForCausalLM) "
+        "evenly: use one of 1 (config.json: /mnt/pvc/models/odd/config.json)"
+    ), cond
+    assert api.status("ModelServer", scene.ns, "odd")["state"] == "Failed"
+    assert api.get("Deployment", scene.ns, "odd") is not None  # the operator could not know
+    events = api.events(scene.ns, "odd")
+    assert any(e["reason"] == "TensorParallelSizeInvalid" and e["type"] == "Warning" for e in events), events
+    # The vLLM container's whole output: the refusal, once per start (restarts append to the log).
+    logs = (agent.state_dir / "logs" / scene.ns).glob("odd-*/vllm.log")
+    lines = {line for log in logs for line in log.read_text().splitlines() if line.strip()}
+    refused = "kubetune engine refused to start vLLM: TensorParallelSizeInvalid: tensorParallelSize 2"
+    assert lines and all(line.startswith(refused) for line in lines), lines
+    api.kubectl("delete", "msrv", "odd", "-n", scene.ns)
+    wait_for(lambda: not api.kube.list("Pod", scene.ns, "app.kubernetes.io/component=server"), 90, "its pods to go")
 
 
 # --- 2. the API key --------------------------------------------------------------------------------------

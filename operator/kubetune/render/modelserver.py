@@ -376,7 +376,11 @@ def ui_deployment(server: ModelServer, config: OperatorConfig) -> Manifest:
     container = {
         "name": "ui",
         "image": config.images.ui,
-        "command": ["kubetune", "ui", "--endpoint", endpoint(server, config), "--port", str(config.ui_port)],
+        # --host spelled out like vLLM's: where pods share one network (the dev node agent), it becomes the pod IP.
+        "command": [
+            *("kubetune", "ui", "--endpoint", endpoint(server, config)),
+            *("--host", "0.0.0.0", "--port", str(config.ui_port)),
+        ],
         "ports": [{"name": "http", "containerPort": config.ui_port}],
         "readinessProbe": _probe("/", config.ui_port, 10, 3),
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},

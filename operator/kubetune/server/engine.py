@@ -7,10 +7,16 @@ them: a failed engine process prints its error, then the API server prints a tra
 unchanged, remembers the error lines (`error_lines`), and on a failed exit writes them to the termination log,
 where the operator reads them (status/engine.py names the reason: InvalidEngineArgs, OutOfMemory,
 MaxModelLenTooLarge, EngineFailed). Signals are passed on to vLLM, so a pod's shutdown drains as before.
+
+Before vLLM starts, the model's config.json (on a volume, or the Hub's copy of an hf model) is read and the
+tensor-parallel size and maxModelLen checked against it (planner/engine.py, the same check and messages as
+the operator's for the models it knows): a server vLLM would refuse after loading for minutes is refused in
+seconds, as TensorParallelSizeInvalid or MaxModelLenTooLarge, without starting vLLM.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -20,11 +26,16 @@ from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 from types import FrameType
+from typing import Any
+
+from kubetune.planner.engine import EngineRefusal, limits_from_config, refusal, refusal_text
 
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"
 # What the kubelet keeps of a termination message (4096 bytes); leave room for a multi-byte character.
 MESSAGE_LIMIT = 4000
 TAIL_LINES = 400
+# The exit code of a server refused before vLLM started (sysexits' EX_CONFIG).
+EXIT_REFUSED = 78
 
 # vLLM's log prefix: "(EngineCore pid=7) ERROR 12-07 03:58:13 [core.py:1510] ".
 _PREFIX = re.compile(r"^(\([^)]*pid=\d+\) )?((DEBUG|INFO|WARNING|ERROR|CRITICAL) [\d-]+ [\d:.]+ \[[^\]]*\] )?")
@@ -56,8 +67,75 @@ def termination_message(lines: list[str]) -> str:
     return text if len(text.encode()) <= MESSAGE_LIMIT else text.encode()[-MESSAGE_LIMIT:].decode(errors="ignore")
 
 
+def last_value(argv: list[str], *flags: str) -> str | None:
+    """The value of the last of `flags` in vLLM's arguments (`--flag VALUE` or `--flag=VALUE`): later ones win."""
+    found = None
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in flags:
+            found = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return found
+
+
+def _integer(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None  # vLLM's own spellings ("32k", "auto"): its check
+
+
+def model_config(model: str, revision: str | None) -> tuple[dict[str, Any], str] | None:
+    """The config.json of vLLM's --model and where it was read: the model's folder, or the Hub's copy of an
+    ORG/NAME model (what vLLM reads first, too). None when there is none to read."""
+    folder = Path(model)
+    path: str | Path = folder / "config.json"
+    if not folder.is_dir():
+        if folder.is_absolute() or model.count("/") != 1:
+            return None
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(model, "config.json", revision=revision)
+        except Exception as err:  # offline, gated, no such model: vLLM will say so
+            print(f"kubetune engine: config.json of {model} not read before vLLM starts: {err}", file=sys.stderr)
+            return None
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return (config, str(path)) if isinstance(config, dict) else None
+
+
+def preflight(argv: list[str], environ: dict[str, str] | None = None) -> EngineRefusal | None:
+    """Why vLLM would refuse these arguments for the model's config.json (its --hf-overrides applied), or None."""
+    env = os.environ if environ is None else environ
+    model = last_value(argv, "--model")
+    found = model_config(model, last_value(argv, "--revision")) if model else None
+    if model is None or found is None:
+        return None
+    config, source = found
+    try:
+        overrides = json.loads(last_value(argv, "--hf-overrides") or "{}")
+    except ValueError:
+        overrides = {}
+    if isinstance(overrides, dict):
+        config = {**config, **overrides}
+    limits = limits_from_config(config, Path(model).name or model)
+    size = _integer(last_value(argv, "--tensor-parallel-size", "-tp")) or 1
+    wanted = _integer(last_value(argv, "--max-model-len"))
+    context = None if env.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").lower() in ("1", "true") else limits.context
+    refused = refusal(limits, size, wanted, context)
+    return EngineRefusal(refused.reason, f"{refused.message} (config.json: {source})") if refused else None
+
+
 def main(argv: list[str]) -> int:
-    """Run vLLM with `argv`; its exit code is ours."""
+    """Run vLLM with `argv`, unless the model's config.json shows that it would refuse them; its exit code is
+    ours."""
+    if (refused := preflight(argv)) is not None:
+        text = refusal_text(refused)
+        print(text, file=sys.stderr)
+        write_termination_message(text)
+        return EXIT_REFUSED
     child = subprocess.Popen(
         [sys.executable, "-m", VLLM_SERVER, *argv],
         stdout=subprocess.PIPE,
@@ -82,10 +160,13 @@ def main(argv: list[str]) -> int:
             errors.append(line)  # kept apart: a long traceback must not push the root cause out of the tail
     code = child.wait()
     if code != 0:
-        message = termination_message(error_lines([*errors[:20], *tail]))
-        path = Path(os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log"))
-        try:
-            path.write_text(message)
-        except OSError as err:
-            print(f"kubetune engine: cannot write the termination message to {path}: {err}", file=sys.stderr)
+        write_termination_message(termination_message(error_lines([*errors[:20], *tail])))
     return code if code >= 0 else 128 - code
+
+
+def write_termination_message(message: str) -> None:
+    path = Path(os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log"))
+    try:
+        path.write_text(message)
+    except OSError as err:
+        print(f"kubetune engine: cannot write the termination message to {path}: {err}", file=sys.stderr)

@@ -8,6 +8,11 @@ reports the exit, long before the startup probe would give up:
 - MaxModelLenTooLarge: maxModelLen is above what the model supports, or above what its KV cache can hold;
 - OutOfMemory: the weights or the KV cache did not fit (or the kernel killed the container for memory);
 - EngineFailed: anything else.
+
+Before vLLM, `kubetune engine` checks the model's config.json; a server it refuses ends with that refusal as the
+termination message (planner/engine.py's refusal_text), named like the operator's own refusals:
+TensorParallelSizeInvalid or MaxModelLenTooLarge. The kernel's OOM kill is the kubelet's termination reason
+OOMKilled (exit code 137), which leaves no error line: it is OutOfMemory whatever the message says.
 """
 
 from __future__ import annotations
@@ -16,10 +21,19 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from kubetune.planner.engine import parsed_refusal
 from kubetune.status.pods import Problem, ended
 
 ENGINE_CONTAINER = "vllm"
-ENGINE_REASONS = ("InvalidEngineArgs", "MaxModelLenTooLarge", "OutOfMemory", "EngineFailed")
+ENGINE_REASONS = (
+    "InvalidEngineArgs",
+    "MaxModelLenTooLarge",
+    "TensorParallelSizeInvalid",
+    "OutOfMemory",
+    "EngineFailed",
+)
+OOM_KILLED = "OOMKilled"
+OOM_ADVICE = "the kernel killed it for using more memory than its limit: raise spec.resources.memory"
 MESSAGE_CHARS = 1500
 
 _MAX_MODEL_LEN = re.compile(
@@ -35,10 +49,15 @@ _INVALID_ARGS = re.compile(
 
 
 def engine_reason(message: str, exit_code: int | None, kubelet_reason: str = "") -> str:
-    """The reason for a vLLM container that ended with `message` (its termination message)."""
+    """The reason for a vLLM container that ended with `message` (its termination message), `exit_code` and the
+    kubelet's termination reason."""
+    if kubelet_reason == OOM_KILLED:
+        return "OutOfMemory"
+    if (refused := parsed_refusal(message)) is not None:
+        return refused.reason
     if _MAX_MODEL_LEN.search(message):
         return "MaxModelLenTooLarge"
-    if kubelet_reason == "OOMKilled" or _OUT_OF_MEMORY.search(message):
+    if _OUT_OF_MEMORY.search(message):
         return "OutOfMemory"
     if exit_code == 2 or _INVALID_ARGS.search(message):
         return "InvalidEngineArgs"
@@ -68,6 +87,11 @@ def engine_failure(pod: Mapping[str, Any]) -> Problem | None:
         reason = engine_reason(text, term.get("exitCode"), str(term.get("reason") or ""))
         restarts = int(status.get("restartCount") or 0)
         again = f", restarted {restarts} time(s)" if restarts else ""
+        name = meta.get("name", "")
+        if reason != "OutOfMemory" and (refused := parsed_refusal(text)) is not None:
+            return Problem(reason, f"pod {name}: vLLM not started{again}: {refused.message}")
         detail = text[-MESSAGE_CHARS:] if text else "no error message (see the container's log)"
-        return Problem(reason, f"pod {meta.get('name', '')}: vLLM {ended(term)}{again}: {detail}")
+        if term.get("reason") == OOM_KILLED:  # the log's tail says nothing of it
+            detail = OOM_ADVICE + (f"\n{text[-MESSAGE_CHARS:]}" if text else "")
+        return Problem(reason, f"pod {name}: vLLM {ended(term)}{again}: {detail}")
     return None

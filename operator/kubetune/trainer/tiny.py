@@ -53,11 +53,16 @@ def build_tokenizer(text: Iterable[str], vocab_size: int = 512):  # -> PreTraine
 
 
 def build_tiny_model(
-    out_dir: str | Path, text: Iterable[str] = (), seed: int = 0, dtype: str = "float32", init_std: float = 0.02
+    out_dir: str | Path,
+    text: Iterable[str] = (),
+    seed: int = 0,
+    dtype: str = "float32",
+    init_std: float = 0.02,
+    heads: tuple[int, int] = (4, 2),
 ) -> Path:
     """Write a randomly initialised tiny Qwen2 (config, safetensors weights, tokenizer) to `out_dir`. `init_std`
     is the weights' standard deviation: the tied embeddings' scale bounds how confident the trained model's
-    answers can be (LoRA adapts the linear layers only)."""
+    answers can be (LoRA adapts the linear layers only). `heads`: attention and key-value heads, of 32 each."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -66,11 +71,11 @@ def build_tiny_model(
     vocab = -(-len(tokenizer) // 64) * 64
     config = Qwen2Config(
         vocab_size=vocab,
-        hidden_size=128,
+        hidden_size=32 * heads[0],
         intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads[0],
+        num_key_value_heads=heads[1],
         max_position_embeddings=4096,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.pad_token_id,
