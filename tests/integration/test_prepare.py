@@ -34,7 +34,7 @@ from tests.integration.support import (
     dump,
     wait_for,
 )
-from tests.integration.training import events_of, job_pods, pod_logs, training_job, wait_done
+from tests.integration.training import events_of, job_pods, pod_logs, training_job, wait_done, wait_prepared
 
 from kubetune.dev.controlplane import Cluster
 
@@ -212,7 +212,8 @@ def test_a_killed_download_is_never_used_and_the_next_one_starts_clean(api: Api,
 def test_eviction_takes_what_no_unfinished_job_uses(api: Api, scene: Scene) -> None:
     # "held" stays unfinished (suspended after its prepare step): its entries must survive later prepare steps.
     api.apply(job_spec(scene, "held", model="models/tiny-copy", suspend=True))
-    held = api.wait_state("FineTuneJob", scene.ns, "held", "Suspended", timeout=180)
+    held = wait_prepared(api, scene.ns, "held")
+    assert held["state"] == "Suspended", dump(held)  # it prepared, suspended
     held_entries = {held["dataset"]["cache"].rsplit("/", 1)[1], held["dataset"]["modelCache"].split("/")[-2]}
     # An entry of a job that finished long ago (complete, last used an hour ago).
     old = scene.root / CACHE_CLAIM / "entries" / "s3-old-model-0123456789abcdef"
@@ -316,18 +317,6 @@ def test_a_missing_hf_dataset_fails_before_any_gpu_pod(api: Api, scene: Scene, h
     time.sleep(2)  # what the operator would do after the failure has had its chance
     assert api.get("Job", scene.ns, "hub-missing") is None
     assert not [p for p in scene.gpu_pods if p.startswith("hub-missing-")], scene.gpu_pods
-
-
-def wait_prepared(api: Api, ns: str, name: str, timeout: float = 180) -> dict[str, Any]:
-    """The status once the Prepared condition is True (fail at once on Failed)."""
-
-    def check() -> dict[str, Any] | None:
-        status = api.status("FineTuneJob", ns, name)
-        assert status.get("state") != "Failed", dump(status)
-        prepared = [c for c in status.get("conditions", []) if c["type"] == "Prepared" and c["status"] == "True"]
-        return status if prepared else None
-
-    return wait_for(check, timeout, f"FineTuneJob {ns}/{name} Prepared", interval=1)
 
 
 def test_a_configmap_dataset_and_an_s3_prefix_of_several_files_are_prepared(api: Api, scene: Scene) -> None:

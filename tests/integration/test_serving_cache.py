@@ -29,7 +29,7 @@ from tests.integration.support import (
     dump,
     wait_for,
 )
-from tests.integration.training import events_of, pod_logs, training_job, wait_done
+from tests.integration.training import events_of, pod_logs, training_job, wait_done, wait_prepared
 
 from kubetune.dev.controlplane import Cluster
 from kubetune.storage import cached_model_dir, model_entry_key
@@ -166,7 +166,8 @@ def test_a_prepare_step_makes_room_before_its_download_but_never_takes_a_served_
     data = scene.s3("data/sft.jsonl")
     spec = training_job("third", scene.ns, steps=2, every=2, baseModel=scene.s3("models/third"), dataset=data)
     api.apply({**spec, "spec": {**spec["spec"], "suspend": True}})
-    status = api.wait_state("FineTuneJob", scene.ns, "third", "Suspended", timeout=240)
+    status = wait_prepared(api, scene.ns, "third", timeout=240)
+    assert status["state"] == "Suspended", dump(status)
     assert status["dataset"]["modelCache"] == cached_model_dir(f"s3://{BUCKET}/models/third"), dump(status)
     (prepare_pod,) = api.kube.list("Pod", scene.ns, "kubetune.io/prepare=third")
     events = events_of(pod_logs(scene.agent, scene.ns, prepare_pod["metadata"]["name"]))

@@ -94,3 +94,15 @@ def tiny_model_namespace(api: Api, agent: AgentProcess) -> Iterator[str]:
         api.kubectl("delete", kinds, "--all", "-n", ns, "--wait=false", check=False)
         wait_for(lambda: not api.kube.list("Pod", ns) or None, 90, f"pods of {ns} to go")
         api.kube.delete("Namespace", "", ns)
+
+
+def wait_prepared(api: Api, ns: str, name: str, timeout: float = 180) -> dict[str, Any]:
+    """The status once the Prepared condition is True (fail at once on Failed)."""
+
+    def check() -> dict[str, Any] | None:
+        status = api.status("FineTuneJob", ns, name)
+        assert status.get("state") != "Failed", dump(status)
+        prepared = [c for c in status.get("conditions", []) if c["type"] == "Prepared" and c["status"] == "True"]
+        return status if prepared else None
+
+    return wait_for(check, timeout, f"FineTuneJob {ns}/{name} Prepared", interval=1)
