@@ -193,6 +193,21 @@ def test_an_oom_killed_vllm_is_out_of_memory(api: Api, kwok_ns: str) -> None:
     api.kubectl("delete", "msrv", "oom", "-n", kwok_ns)
 
 
+def test_the_chat_page_goes_when_spec_ui_enabled_goes(api: Api, kwok_ns: str) -> None:
+    # The chat page's Service and Deployment are children only while spec.ui.enabled: turned off, they are deleted.
+    api.apply(kwok_server("paged", kwok_ns, ui={"enabled": True}))
+    for kind in ("Service", "Deployment"):
+        wait_for(lambda kind=kind: api.get(kind, kwok_ns, "paged-ui"), 60, f"the chat page's {kind}")
+    api.kubectl("patch", "msrv", "paged", "-n", kwok_ns, "--type=merge", "-p", '{"spec":{"ui":{"enabled":false}}}')
+    wait_for(
+        lambda: all(api.get(kind, kwok_ns, "paged-ui") is None for kind in ("Service", "Deployment")),
+        60,
+        "the chat page's Service and Deployment deleted",
+    )
+    assert api.get("Deployment", kwok_ns, "paged") is not None  # the server itself stays
+    api.kubectl("delete", "msrv", "paged", "-n", kwok_ns)
+
+
 # --- the chat page with the server's API key --------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from kubetune.adapters.resolution import Resolution, resolve, selects
 from kubetune.api.v1alpha1 import ModelServer
 from kubetune.config import UnknownGpuType
 from kubetune.controllers import metrics, mounts
-from kubetune.controllers.context import RETRY_API_ERROR_S, Context, Key, retried
+from kubetune.controllers.context import CHILD_KINDS, RETRY_API_ERROR_S, Context, Key, retried
 from kubetune.controllers.prepare import cache_claim
 from kubetune.k8s.children import NameConflict, delete_owned, write
 from kubetune.k8s.client import ApiError
@@ -41,8 +41,10 @@ KIND = "ModelServer"
 CONTROLLER = "modelserver"  # the label of its metrics
 # A ScaledObject that could not be written (KEDA not installed, a refusal) is tried again this often.
 KEDA_RECHECK_S = 60.0
-# Children a server has only with some settings; removed when the setting goes (NetworkPolicy: the installation's).
-OPTIONAL_KINDS = ("NetworkPolicy", "ScaledObject")
+# Children a server has only with some settings, by kind and the suffix of their name; removed when the setting
+# goes (NetworkPolicy: the installation's; ScaledObject: spec.autoscaling; the chat page's Service and Deployment:
+# spec.ui.enabled).
+OPTIONAL_CHILDREN = (("NetworkPolicy", ""), ("ScaledObject", ""), ("Service", "-ui"), ("Deployment", "-ui"))
 
 
 def _jobs_in(ctx: Context, namespace: str) -> dict[str, dict[str, Any]]:
@@ -160,18 +162,21 @@ def write_children(
 
 def _remove_unwanted(ctx: Context, key: Key, uid: str, wanted: list[Manifest]) -> None:
     """Delete the server's optional children that it no longer has (a NetworkPolicy when the installation stops
-    rendering them, the ScaledObject when spec.autoscaling goes), if the server controls them."""
-    kept = {m["kind"] for m in wanted}
-    for kind in OPTIONAL_KINDS:
-        if kind in kept:
+    rendering them, the ScaledObject when spec.autoscaling goes, the chat page when spec.ui.enabled goes), if the
+    server controls them."""
+    kept = {(m["kind"], m["metadata"]["name"]) for m in wanted}
+    for kind, suffix in OPTIONAL_CHILDREN:
+        name = key[1] + suffix
+        if (kind, name) in kept:
             continue
-        probe = {"kind": kind, "metadata": {"namespace": key[0], "name": key[1]}}
+        probe = {"kind": kind, "metadata": {"namespace": key[0], "name": name}}
         # Watched kinds are deleted only when the view shows one; the ScaledObject (not watched) is read.
-        known = ctx.owned(probe) if kind == "NetworkPolicy" else None
-        if kind == "NetworkPolicy" and known is None:
+        watched = kind in CHILD_KINDS
+        known = ctx.owned(probe) if watched else None
+        if watched and known is None:
             continue
         try:
-            delete_owned(ctx.kube, kind, key[0], key[1], uid, known)
+            delete_owned(ctx.kube, kind, key[0], name, uid, known)
         except ApiError as err:
             if not err.not_found:  # 404 on a kind the cluster does not serve (no KEDA): nothing to remove
                 raise
