@@ -28,7 +28,7 @@ def load_bench() -> ModuleType:
     return bench_modules.load("operator_scale")
 
 
-def test_bare_job_is_the_operators_job_without_owner_or_its_service_account() -> None:
+def test_bare_job_is_the_operators_job_without_owner_service_account_or_managed_by_label() -> None:
     bench = load_bench()
     job = bench.bare_job("job-0007", "bench-1000")
 
@@ -42,8 +42,13 @@ def test_bare_job_is_the_operators_job_without_owner_or_its_service_account() ->
     assert "ownerReferences" in rendered["metadata"] and "ownerReferences" not in job["metadata"]
     assert rendered["spec"]["template"]["spec"]["serviceAccountName"] == "kubetune-trainer"
     assert job["spec"]["template"]["spec"]["serviceAccountName"] == "default"
-    # Apart from those two, the very Job the operator applies: same pods, labels (the bench's pod watch
-    # finds them by the FineTuneJob label), GPU request, node selection and kwok run time.
+    # Without the operator's managed-by label, which its watches select by: the floor's Jobs and pods, left in
+    # the cluster by --compare, are not in the operator's indexes while it runs.
+    assert "app.kubernetes.io/managed-by" in rendered["metadata"]["labels"]
+    for meta in (rendered["metadata"], rendered["spec"]["template"]["metadata"]):
+        del meta["labels"]["app.kubernetes.io/managed-by"]
+    # Apart from those, the very Job the operator applies: same pods, labels (the bench's pod watch finds them by
+    # the FineTuneJob label), GPU request, node selection and kwok run time.
     rendered["spec"]["template"]["spec"]["serviceAccountName"] = "default"
     del rendered["metadata"]["ownerReferences"]
     assert job == rendered
