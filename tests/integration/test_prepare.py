@@ -319,6 +319,34 @@ def test_a_missing_hf_dataset_fails_before_any_gpu_pod(api: Api, scene: Scene, h
     assert not [p for p in scene.gpu_pods if p.startswith("hub-missing-")], scene.gpu_pods
 
 
+def test_without_a_cache_the_training_pod_fetches_the_commit_that_was_prepared(
+    api: Api, scene: Scene, hub: HubScene
+) -> None:
+    """A namespace without the cache claim: the pods fetch the model themselves. The branch moves between the
+    prepare step and training; the training pod still reads the commit the prepare step checked the data with."""
+    ns = api.create_namespace()
+    wait_for(lambda: api.get("ServiceAccount", ns, "default"), 30, f"ServiceAccount default in {ns}")
+    api.create_bound_pvc(ns, "adapters")
+    data = "".join(f"{json.dumps(r)}\n" for r in serving.sft_records())
+    api.kubectl("create", "configmap", "capitals", "-n", ns, f"--from-literal=sft.jsonl={data}")
+    spec = hub_job(scene, hub, "pinned", {"uri": "configmap://capitals/sft.jsonl"}, suspend=True)
+    spec["metadata"]["namespace"] = ns
+    try:
+        api.apply(spec)
+        prepared = wait_prepared(api, ns, "pinned")["dataset"]
+        assert prepared["modelRevision"] == hub.model_commit and not prepared["cache"], dump(prepared)
+        repo = hub.hub.repos[("model", HUB_MODEL)]
+        moved = hub.hub.push("model", HUB_MODEL, {**repo.commits[hub.model_commit], "README.md": "moved on"})
+        served_before = len(hub.hub.downloads(HUB_MODEL))
+        api.kubectl("patch", "finetunejob", "pinned", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+        wait_done(api, ns, "pinned", timeout=300)
+        weights = [p for p in hub.hub.downloads(HUB_MODEL)[served_before:] if p.endswith("/model.safetensors")]
+        assert weights == [f"/{HUB_MODEL}/resolve/{hub.model_commit}/model.safetensors"], (moved, weights)
+    finally:
+        api.kubectl("delete", "finetunejobs,jobs,pods", "--all", "-n", ns, "--wait=false", check=False)
+        wait_for(lambda: not api.kube.list("Pod", ns) or None, 90, f"pods of {ns} to go")
+        api.kube.delete("Namespace", "", ns)
+
 def test_a_configmap_dataset_and_an_s3_prefix_of_several_files_are_prepared(api: Api, scene: Scene) -> None:
     records = serving.sft_records()
     data = "".join(f"{json.dumps(r)}\n" for r in records)

@@ -55,7 +55,22 @@ def test_training_pods_mount_the_cache_read_only() -> None:
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert {m["mountPath"]: m for m in container["volumeMounts"]}[SHARED_CACHE_ROOT]["readOnly"] is True
     config = yaml.safe_load(job["spec"]["template"]["metadata"]["annotations"][finetunejob.ANNOTATION_TRAINER_CONFIG])
-    assert config["prepared"] == {"modelDir": "", "datasetDir": f"{SHARED_CACHE_ROOT}/entries/d"}
+    assert config["prepared"]["datasetDir"] == f"{SHARED_CACHE_ROOT}/entries/d"
+    assert not config["prepared"]["modelDir"] and not config["prepared"]["modelRevision"]
+
+
+def test_training_pods_without_a_cache_fetch_the_commit_the_prepare_step_resolved() -> None:
+    ftj = load_ftj("finetunejob-sft.yaml")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    # No cache: the pods fetch the inputs themselves, at the commit the branch named when the job was prepared.
+    prepared = preparation.prepared_inputs({"inputsHash": "h", "modelRevision": commit}, "h")
+    assert prepared is not None and prepared.dataset_dir == ""
+    job = finetunejob.children(ftj, PLAN, CONFIG, None, prepared, None)[-1]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert all(m["mountPath"] != SHARED_CACHE_ROOT for m in container["volumeMounts"])
+    config = yaml.safe_load(job["spec"]["template"]["metadata"]["annotations"][finetunejob.ANNOTATION_TRAINER_CONFIG])
+    assert config["prepared"]["modelRevision"] == commit and config["prepared"]["datasetDir"] == ""
+    assert preparation.prepared_inputs({"inputsHash": "h"}, "h") is None
 
 
 def job(digest: str, condition: str | None = None, message: str = "") -> dict[str, Any]:

@@ -60,6 +60,21 @@ def test_hf_uris_download_into_the_cache(tmp_path: Path, monkeypatch: pytest.Mon
         assert "401" in denied.value.message
 
 
+def test_the_prepared_commit_wins_over_a_branch_that_moved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("KUBETUNE_CACHE_ROOT", str(tmp_path / "cache"))
+    with local_hub.running() as (hub, server):
+        local_hub.point_client_at(monkeypatch, server.endpoint)
+        model = hub.push("model", "org/m", {"config.json": '{"v": 1}'})
+        data = hub.push("dataset", "org/data", {"train.jsonl": '{"v": 1}\n'})
+        hub.push("model", "org/m", {"config.json": '{"v": 2}'})
+        hub.push("dataset", "org/data", {"train.jsonl": '{"v": 2}\n'})
+        # `@main` now names the second commits; the commits the prepare step resolved are what the pod reads.
+        assert (model_path("hf://org/m@main", None, None, model) / "config.json").read_text() == '{"v": 1}'
+        assert dataset_path("hf://org/data/train.jsonl@main", None, data).read_text() == '{"v": 1}\n'
+        assert (model_path("hf://org/m@main") / "config.json").read_text() == '{"v": 2}'
+
+
 def test_access_denied_is_the_hub_status_not_digits_in_the_url() -> None:
     from huggingface_hub import HfApi
 

@@ -71,7 +71,7 @@ def prepared_inputs(ctx: Context, body: dict[str, Any], ftj: FineTuneJob) -> tup
     """What the training pods read from the cache, and the claim they mount for it (None, None: they fetch the
     inputs themselves)."""
     prepared = preparation.prepared_inputs(_report(body), prepare_render.inputs_hash(ftj.spec))
-    return prepared, ctx.config.cache.claim_name if prepared else None
+    return prepared, ctx.config.cache.claim_name if prepared and prepared.dataset_dir else None
 
 
 def start(

@@ -63,11 +63,18 @@ def look(job: dict[str, Any] | None, dataset: dict[str, Any] | None, digest: str
 
 
 def prepared_inputs(dataset: dict[str, Any] | None, digest: str) -> PreparedInputs | None:
-    """Where the training pods find the cached inputs; None without a cache (they fetch them themselves)."""
+    """Where the training pods find the cached inputs (without a cache they fetch them themselves) and the base
+    model's resolved commit; None before the prepare step reported."""
     report = report_for(dataset, digest)
-    if report.get("error") or not report.get("cache"):
+    fields = ("modelCache", "cache", "modelRevision", "datasetRevision")
+    if report.get("error") or not any(report.get(f) for f in fields):
         return None
-    return PreparedInputs(model_dir=str(report.get("modelCache") or ""), dataset_dir=str(report["cache"]))
+    return PreparedInputs(
+        model_dir=str(report.get("modelCache") or ""),
+        dataset_dir=str(report.get("cache") or ""),
+        model_revision=str(report.get("modelRevision") or ""),
+        dataset_revision=str(report.get("datasetRevision") or ""),
+    )
 
 
 def entries_in_use(datasets: list[dict[str, Any] | None]) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kubetune import s3, storage
-from kubetune.api.v1alpha1 import TrainerConfig
+from kubetune.api.v1alpha1 import PreparedInputs, TrainerConfig
 from kubetune.trainer.data import DatasetReport, PreparedData, TokenStats, load_tokenizer, prepare
 from kubetune.trainer.errors import (
     DATASET_INVALID,
@@ -109,19 +109,23 @@ def fetch_or_fail(what: str, uri: str, reasons: tuple[str, str], fetch_once: Cal
         raise TrainerFailure(reasons[0], f"cannot fetch {what} {uri}: {err}") from err
 
 
-def model_path(uri: str, revision: str | None = None, access: s3.Access | None = None) -> Path:
-    """The base model's directory (config, weights, tokenizer); ModelNotFound when it is not there."""
+def model_path(
+    uri: str, revision: str | None = None, access: s3.Access | None = None, commit: str | None = None
+) -> Path:
+    """The base model's directory (config, weights, tokenizer; an hf:// model at `commit` when given);
+    ModelNotFound when it is not there."""
     reasons = (MODEL_NOT_FOUND, MODEL_UNAVAILABLE)
-    path = fetch_or_fail("base model", uri, reasons, lambda: fetch(uri, "model", revision, access))
+    path = fetch_or_fail("base model", uri, reasons, lambda: fetch(uri, "model", revision, access, commit))
     if not (path / "config.json").is_file():
         raise TrainerFailure(MODEL_NOT_FOUND, f"base model {uri}: no config.json at {path}")
     return path
 
 
-def dataset_path(uri: str, access: s3.Access | None = None) -> Path:
-    """The dataset's file, or its folder of files (a repository, a prefix); DatasetInvalid when neither is there."""
+def dataset_path(uri: str, access: s3.Access | None = None, commit: str | None = None) -> Path:
+    """The dataset's file, or its folder of files (a repository, a prefix; an hf:// one at `commit` when given);
+    DatasetInvalid when neither is there."""
     reasons = (DATASET_INVALID, DATASET_UNAVAILABLE)
-    path = fetch_or_fail("dataset", uri, reasons, lambda: fetch(uri, "dataset", access=access))
+    path = fetch_or_fail("dataset", uri, reasons, lambda: fetch(uri, "dataset", access=access, commit=commit))
     if not path.exists():
         raise TrainerFailure(DATASET_INVALID, f"dataset {uri}: nothing at {path}")
     return path
@@ -209,20 +213,23 @@ def stage(config: TrainerConfig) -> Inputs:
         restored = remote.restore_latest(output / "checkpoints", clean=os.environ.get("NODE_RANK", "0") == "0")
         if restored is not None:
             log_event("checkpoint-downloaded", step=restored, uri=remote.checkpoint_uri(restored))
-    prepared = config.prepared
-    if prepared and prepared.model_dir:
+    prepared = config.prepared or PreparedInputs()
+    if prepared.model_dir:
         model_dir = Path(prepared.model_dir)  # the prepare step's cache entry (read-only mount)
     else:
-        model_dir = model_path(spec.base_model.uri, config.base_model_revision, s3.Access.of(spec.base_model.s3))
+        # Without a cache, the commit the prepare step checked the data with (a branch may have moved since).
+        access = s3.Access.of(spec.base_model.s3)
+        commit = prepared.model_revision or None
+        model_dir = model_path(spec.base_model.uri, config.base_model_revision, access, commit)
     # DPO's starting adapter is another job's output: read with this job's output credentials.
     init = init_adapter_path(config.init_adapter_uri, s3.Access.of(spec.output.s3)) if config.init_adapter_uri else None
-    if prepared and prepared.dataset_dir:
+    if prepared.dataset_dir:
         log_event("prepared-inputs", modelDir=str(model_dir), datasetDir=prepared.dataset_dir)
         return Inputs(model_dir, output, load_data(Path(prepared.dataset_dir)), init)
     tokenizer = load_tokenizer(model_dir)
     data = prepare(
         tokenizer,
-        dataset_path(spec.dataset.uri, s3.Access.of(spec.dataset.s3)),
+        dataset_path(spec.dataset.uri, s3.Access.of(spec.dataset.s3), prepared.dataset_revision or None),
         spec.method,
         spec.dataset.format,
         spec.hyperparameters.max_seq_length,

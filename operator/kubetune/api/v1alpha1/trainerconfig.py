@@ -32,7 +32,13 @@ class PreparedInputs(KubeModel):
     model_dir: str = ""
     """The base model's folder; empty: fetched by the training pod as without a cache."""
     dataset_dir: str = ""
-    """The tokenized dataset (Arrow, `train/`, `validation/`, `inputs.json`)."""
+    """The tokenized dataset (Arrow, `train/`, `validation/`, `inputs.json`); empty: no cache, the training pod
+    fetches and tokenizes the dataset itself."""
+    model_revision: str = ""
+    """The commit an hf:// base model's revision named when the prepare step resolved it: training pods without a
+    cache fetch that commit, so that a branch moved meanwhile does not change what they train on."""
+    dataset_revision: str = ""
+    """The same for an hf:// dataset."""
 
 
 class CacheSettings(KubeModel):
