@@ -119,9 +119,25 @@ def entry_key(uri: str, revision: str | None = None, content: str = "") -> str:
     return f"{slug}-{digest}"
 
 
-def model_entry_key(uri: str) -> str:
-    """The cache entry of a base model: its URI and revision, as the prepare step keys it."""
-    return entry_key(uri, parse(uri).revision)
+def cache_uri(uri: str) -> str:
+    """The URI a cache entry is keyed by: an hf:// one without its revision, for the key holds the commit it names."""
+    loc = parse(uri)
+    return f"hf://{loc.root}/{loc.path}".rstrip("/") if loc.scheme == "hf" else uri
+
+
+def model_entry_key(uri: str, commit: str | None = None) -> str:
+    """The cache entry of a base model, as the prepare step keys it: an s3:// URI and its revision; an hf:// one
+    (without its revision) and the `commit` that revision named when it was resolved."""
+    return entry_key(cache_uri(uri), commit) if parse(uri).scheme == "hf" else entry_key(uri, parse(uri).revision)
+
+
+def model_entries(uri: str) -> str:
+    """The cache entries a server on base model `uri` may read, as a key or (hf://: any commit of the repository,
+    whose commit only the pod resolves) a glob pattern of keys. A pattern may also match a repository whose name
+    extends this one's: such an entry is kept from eviction too, never read."""
+    if parse(uri).scheme == "hf":
+        return entry_key(cache_uri(uri)).rsplit("-", 1)[0] + "-*"
+    return model_entry_key(uri)
 
 
 def cached_model_dir(uri: str) -> str:

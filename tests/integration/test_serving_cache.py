@@ -1,5 +1,5 @@
-"""ModelServers and the model cache on the node agent: vLLM (on CPU) reads an s3:// base model from the cache
-claim that FineTuneJobs' prepare steps fill, and a server on a model not cached yet fills it once.
+"""ModelServers and the model cache on the node agent: vLLM (on CPU) reads an s3:// or hf:// base model from the
+cache claim that FineTuneJobs' prepare steps fill, and a server on a model not cached yet fills it once.
 
 The models are in a real S3 API (moto's server, whose request log counts downloads); the namespace has the cache
 claim of the tests' operator configuration (`kubetune-cache`, about 1 KB and no idle time: every prepare step
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests import hub as local_hub
 from tests import s3server
 from tests.integration import serving
 from tests.integration.support import (
@@ -32,6 +33,7 @@ from tests.integration.support import (
 from tests.integration.training import events_of, pod_logs, training_job, wait_done, wait_prepared
 
 from kubetune.dev.controlplane import Cluster
+from kubetune.render.modelserver import MODEL_LINK
 from kubetune.storage import cached_model_dir, model_entry_key
 
 pytestmark = [pytest.mark.server, NEEDS_ROOT, NEEDS_TRAINER, NEEDS_SERVER]
@@ -178,3 +180,42 @@ def test_a_prepare_step_makes_room_before_its_download_but_never_takes_a_served_
     # The served models stay, although the cache is far above its limit.
     assert (scene.entry("models/tiny") / MARKER).is_file() and (scene.entry("models/other") / MARKER).is_file()
     assert {scene.entry("models/tiny").name, scene.entry("models/other").name}.isdisjoint(e["key"] for e in evicted)
+
+
+HUB_MODEL = "kt/tiny"
+
+
+def test_an_hf_server_reads_the_entry_a_prepare_step_filled_for_the_commit_its_branch_names(
+    api: Api, scene: Scene, tmp_path: Path
+) -> None:
+    from kubetune import s3
+
+    # The earlier servers have made their point: their vLLMs would only slow this one's start on two cores.
+    api.kubectl("delete", "modelservers", "cached", "fresh", "-n", scene.ns, "--wait=true", check=False)
+    model = s3.download(scene.bucket.client(), f"s3://{BUCKET}/models/tiny", tmp_path / "tiny")
+    with local_hub.running() as (hub, server):
+        commit = hub.push("model", HUB_MODEL, model)
+        env = [{"name": "HF_ENDPOINT", "value": server.endpoint}]
+        uri = f"hf://{HUB_MODEL}@main"
+        data = scene.s3("data/sft.jsonl")
+        spec = training_job("hubjob", scene.ns, steps=2, every=2, baseModel={"uri": uri}, dataset=data, env=env)
+        api.apply({**spec, "spec": {**spec["spec"], "suspend": True}})  # its prepare step fills the entry
+        status = wait_prepared(api, scene.ns, "hubjob", timeout=240)
+        entry = f"/var/cache/kubetune-shared/entries/{model_entry_key(uri, commit)}/model"
+        assert status["dataset"]["modelCache"] == entry, dump(status)
+        before = hub.downloads(HUB_MODEL)
+        assert before, hub.requests  # the prepare step downloaded the commit's files
+
+        api.apply(serving.model_server("hub", scene.ns, baseModel={"uri": uri}, env=env))
+        (address,) = wait_for(
+            lambda: serving.replica_addresses(api, scene.ns, "hub") or None, 600, "the server to be Ready", interval=1
+        )
+        # The pod asked the Hub which commit main names, found that commit's entry, and downloaded no file.
+        assert hub.downloads(HUB_MODEL) == before, hub.downloads(HUB_MODEL)[len(before) :]
+        (pod,) = server_pods(api, scene.ns, "hub")
+        logs = pod_logs(scene.agent, scene.ns, pod["metadata"]["name"])
+        assert f"the revision names commit {commit}" in logs and "the cache has it" in logs, logs[-2000:]
+        vllm = next(c for c in pod["spec"]["containers"] if c["name"] == "vllm")
+        assert vllm["args"][:2] == ["--model", MODEL_LINK], vllm["args"]
+        code, body = serving.chat(address, "hub")
+        assert code == 200 and body["choices"][0]["message"]["content"], body

@@ -191,3 +191,34 @@ def test_an_s3_base_model_comes_from_the_cache_entry_the_prepare_step_fills(
     bucket.client().delete_object(Bucket="adapters", Key="m/config.json")
     assert fetcher.download_model("s3://adapters/m", access, root) == filled
     assert not list((root / "staging").iterdir())
+
+
+def test_an_hf_base_model_is_linked_to_the_cache_entry_of_the_commit_its_revision_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("huggingface_hub")
+    from kubetune.storage import model_entry_key
+    from kubetune.trainer.cache import MARKER
+    from tests import hub as local_hub
+
+    root, link = tmp_path / "shared", tmp_path / "link" / "model"
+    with local_hub.running() as (hub, server):
+        local_hub.point_client_at(monkeypatch, server.endpoint)
+        first = hub.push("model", "org/m", {"config.json": '{"v": 1}'})
+        # Filled into the entry a prepare step gives that commit (storage.model_entry_key), and linked.
+        path = fetcher.download_model("hf://org/m@main", Access(), root, link)
+        assert path == root / "entries" / model_entry_key("hf://org/m", first) / "model"
+        assert (path.parent / MARKER).is_file() and (link / "config.json").read_text() == '{"v": 1}'
+        assert link.resolve() == path.resolve()
+        # A restarted pod (the link is there) on the same commit downloads nothing.
+        served = len(hub.downloads("org/m"))
+        assert fetcher.download_model("hf://org/m@main", Access(), root, link) == path
+        assert len(hub.downloads("org/m")) == served
+        # The branch moved: the new commit's entry, and the link follows it.
+        moved = hub.push("model", "org/m", {"config.json": '{"v": 2}'})
+        again = fetcher.download_model("hf://org/m@main", Access(), root, link)
+        assert again.parent.name == model_entry_key("hf://org/m", moved) and path.is_dir()
+        assert (link / "config.json").read_text() == '{"v": 2}'
+        # Without a cache (or a link), vLLM downloads an hf:// model itself: the fetcher refuses to.
+        with pytest.raises(ValueError, match="only into the cache"):
+            fetcher.download_model("hf://org/m", Access(), None, link)

@@ -111,9 +111,10 @@ def test_eviction_keeps_the_entries_of_unfinished_jobs_and_of_the_namespaces_ser
         },
         "modelservers": {
             ("ns", "s3"): [{"spec": {"baseModel": {"uri": "s3://bucket/served"}}}],
-            ("ns", "hf"): [{"spec": {"baseModel": {"uri": "hf://org/model"}}}],  # vLLM's own download, not cached
+            ("ns", "hf"): [{"spec": {"baseModel": {"uri": "hf://org/model@v1"}}}],  # any commit: a pattern
             ("other", "s3"): [{"spec": {"baseModel": {"uri": "s3://bucket/elsewhere"}}}],  # another claim
         },
     }
     served = storage.model_entry_key("s3://bucket/served")
-    assert prepare.entries_in_use(ctx, "ns") == sorted(["data", "model", served])
+    hf_served = storage.model_entries("hf://org/model")
+    assert prepare.entries_in_use(ctx, "ns") == sorted(["data", "model", served, hf_served])

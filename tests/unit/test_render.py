@@ -10,6 +10,7 @@ import yaml
 
 from kubetune import storage
 from kubetune.api.v1alpha1 import FineTuneJob, ModelServer, Plan, S3Access
+from kubetune.api.v1alpha1.base import EnvVar
 from kubetune.config import OperatorConfig, UnknownGpuType
 from kubetune.render import finetunejob, modelserver, trainer_access
 from kubetune.render.common import ANNOTATION_SPEC_HASH
@@ -222,14 +223,57 @@ def test_an_s3_model_is_read_from_the_cache_claim_which_only_the_init_container_
     assert volume["persistentVolumeClaim"] == {"claimName": "kubetune-cache", "readOnly": False}
 
 
+def test_an_hf_model_is_read_from_the_cache_through_the_link_the_init_container_makes() -> None:
+    server = with_model(load_server(), "hf://Qwen/Qwen2.5-7B-Instruct@main", None)
+    env = [EnvVar(name="HF_ENDPOINT", value="http://hub.internal")]
+    server = server.model_copy(update={"spec": server.spec.model_copy(update={"env": env})})
+    pod = next(
+        c
+        for c in modelserver.children(server, [], CONFIG, "key", cache_claim="kubetune-cache")
+        if c["kind"] == "Deployment"
+    )["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    vllm = pod["containers"][0]
+    # The commit is resolved in the pod: vLLM reads the link to its entry, without --revision.
+    assert vllm["args"][:2] == ["--model", modelserver.MODEL_LINK] and "--revision" not in vllm["args"]
+    assert init["command"][-5:] == [
+        "hf://Qwen/Qwen2.5-7B-Instruct@main",
+        "--link",
+        modelserver.MODEL_LINK,
+        "--cache",
+        "/var/cache/kubetune-shared",
+    ]
+    # The init container has the Hub's endpoint (and a token when spec.baseModel has one), not the API key.
+    assert {e["name"] for e in init["env"]} >= {"HF_ENDPOINT"} and all(
+        not e["name"].startswith("VLLM_") for e in init["env"]
+    )
+
+    def mounted(container: dict, path: str) -> list[bool]:
+        return [bool(m.get("readOnly")) for m in container["volumeMounts"] if m["mountPath"] == path]
+
+    assert mounted(init, "/var/cache/kubetune-shared") == [False] and mounted(vllm, "/var/cache/kubetune-shared") == [
+        True
+    ]
+    assert mounted(init, modelserver.MODEL_LINK_DIR) == [False] and mounted(vllm, modelserver.MODEL_LINK_DIR) == [True]
+    # The prepare steps keep every commit's entry of the repository (a glob of keys), the one the pod links included.
+    pattern = modelserver.cache_entry("hf://Qwen/Qwen2.5-7B-Instruct@main")
+    assert pattern is not None and pattern.endswith("-*")
+    key = storage.model_entry_key("hf://Qwen/Qwen2.5-7B-Instruct@v1", "0" * 40)
+    assert cache.choose_evictions([cache.Entry(key, 10, 0.0)], 0, 0, [pattern], 1.0) == []
+    other = storage.model_entry_key("hf://Qwen/Qwen2.5-0.5B", "0" * 40)
+    assert cache.choose_evictions([cache.Entry(other, 10, 0.0)], 0, 0, [pattern], 1.0) == [other]
+
+
 @pytest.mark.parametrize("uri", ["s3://models/qwen", "hf://Qwen/Qwen2.5-7B-Instruct", "pvc://models/qwen"])
 def test_without_a_cache_claim_or_for_models_it_does_not_hold_the_server_is_unchanged(uri: str) -> None:
     server = with_model(load_server(), uri, S3Access(secret_name="c") if uri.startswith("s3") else None)
     plain = modelserver.children(server, [], CONFIG)
     assert modelserver.children(server, [], CONFIG, cache_claim=None) == plain
     with_claim = modelserver.children(server, [], CONFIG, cache_claim="kubetune-cache")
-    assert (with_claim == plain) == (not uri.startswith("s3://"))  # hf:// is vLLM's download, pvc:// on its claim
-    assert (modelserver.cache_entry(uri) is None) == (not uri.startswith("s3://"))
+    assert (with_claim == plain) == uri.startswith("pvc://")  # a pvc:// model is on its claim
+    assert (modelserver.cache_entry(uri) is None) == uri.startswith("pvc://")
+    if uri.startswith("hf://"):  # without the claim, vLLM downloads it itself at the revision
+        assert modelserver.server_arguments(server, CONFIG)[:2] == ["--model", "Qwen/Qwen2.5-7B-Instruct"]
 
 
 def test_vllm_arguments() -> None:

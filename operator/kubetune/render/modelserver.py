@@ -40,11 +40,14 @@ from kubetune.render.common import (
     storage_parts,
     user_env,
 )
-from kubetune.storage import CACHE_ROOT, SHARED_CACHE_ROOT, cached_model_dir, local_path, model_entry_key, parse
+from kubetune.storage import CACHE_ROOT, SHARED_CACHE_ROOT, cached_model_dir, local_path, model_entries, parse
 
 SERVER_CONTAINER = "vllm"
 FETCHER_CONTAINER = "fetcher"
 MODEL_INIT_CONTAINER = "model"
+MODEL_LINK_DIR = "/var/run/kubetune-model"
+"""An emptyDir where the init container links an hf:// model's cache entry (the commit is known in the pod only)."""
+MODEL_LINK = f"{MODEL_LINK_DIR}/model"
 # A replica is Ready (and in the Service) only once the operator has set this condition on its pod: when it
 # has loaded every adapter it can (controllers/serving.py).
 ADAPTERS_GATE = "kubetune.io/adapters-loaded"
@@ -100,15 +103,18 @@ def rope_overrides(server: ModelServer) -> dict[str, Any] | None:
 
 
 def cache_entry(uri: str) -> str | None:
-    """The cache entry (docs/cache.md) a server's pods read their base model from when the namespace has the cache
-    claim: that of an s3:// model, which the init container fetches. An hf:// model is vLLM's own download; a
-    pvc:// one is on its claim."""
-    return model_entry_key(uri) if parse(uri).scheme == "s3" else None
+    """The cache entries (docs/cache.md) a server's pods read their base model from when the namespace has the
+    cache claim, which the init container fills: that of an s3:// model, any commit of an hf:// one (a key
+    pattern: the pod resolves the revision). A pvc:// model is on its claim."""
+    return model_entries(uri) if parse(uri).scheme in ("s3", "hf") else None
 
 
 def model_arguments(uri: str, cached: bool = False) -> list[str]:
-    """vLLM's --model (and --revision) for a base model URI; `cached`: read from the model cache."""
+    """vLLM's --model (and --revision) for a base model URI; `cached`: read from the model cache (an hf:// model
+    through the link the init container made to the entry of the commit it resolved)."""
     loc = parse(uri)
+    if loc.scheme == "hf" and cached:
+        return ["--model", MODEL_LINK]
     if loc.scheme == "hf":
         args = ["--model", f"{loc.root}/{loc.path}"]
         return args + (["--revision", loc.revision] if loc.revision else [])
@@ -236,12 +242,18 @@ def fetcher_container(
     }
 
 
-def model_init_container(server: ModelServer, image: str, mounts: list[Manifest], cached: bool) -> Manifest:
+def model_init_container(
+    server: ModelServer, image: str, mounts: list[Manifest], cached: bool, env: list[Manifest] | None = None
+) -> Manifest:
     """Downloads an s3:// base model to the path vLLM's --model names, before vLLM starts; `cached`: that path is
-    in the model cache, which this container alone mounts writable."""
+    in the model cache, which this container alone mounts writable. With the cache, an hf:// model too: its
+    revision resolved to a commit (with `env`: HF_TOKEN, HF_ENDPOINT), the commit's entry used or filled, and
+    linked at MODEL_LINK."""
     model = server.spec.base_model
     access = model.s3
     args = [model.uri]
+    if parse(model.uri).scheme == "hf":
+        args += ["--link", MODEL_LINK]
     if access and access.secret_name:
         args += ["--secret-name", access.secret_name]
     if access and access.endpoint:
@@ -254,6 +266,7 @@ def model_init_container(server: ModelServer, image: str, mounts: list[Manifest]
         "name": MODEL_INIT_CONTAINER,
         "image": image,
         "command": ["kubetune", "fetcher", "--download", *args],
+        **({"env": env} if env else {}),
         "volumeMounts": [dict(m) for m in mounts],
     }
 
@@ -272,7 +285,11 @@ def deployment(
     image = spec.image or config.images.server
     # The model cache: written by the init container only; vLLM reads the model from it.
     cached = bool(cache_claim) and cache_entry(spec.base_model.uri) is not None
+    hf_cached = cached and parse(spec.base_model.uri).scheme == "hf"
     model_cache = cache_parts(cache_claim if cached else None, writable=True)
+    if hf_cached:
+        link = {"name": "model-link", "mountPath": MODEL_LINK_DIR}
+        model_cache = model_cache + PodParts(volumes=[{"name": "model-link", "emptyDir": {}}], mounts=[link])
     read_only_cache = PodParts(mounts=[{**m, "readOnly": True} for m in model_cache.mounts])
     storage = merge_parts(
         [
@@ -332,9 +349,11 @@ def deployment(
         "readinessGates": [{"conditionType": ADAPTERS_GATE}],
         "volumes": merge_parts([parts, model_cache, adapter_secret_parts, model_secret]).volumes,
     }
-    if parse(spec.base_model.uri).scheme == "s3":
+    if parse(spec.base_model.uri).scheme == "s3" or hf_cached:
         mounts = merge_parts([storage, PodParts(mounts=model_cache.mounts), model_secret]).mounts
-        pod_spec["initContainers"] = [model_init_container(server, image, mounts, cached)]
+        # The Hub's token and the user's variables (HF_ENDPOINT, proxies); not vLLM's API key.
+        hub_env = [e for e in parts.env if not e["name"].startswith("VLLM_")] if hf_cached else None
+        pod_spec["initContainers"] = [model_init_container(server, image, mounts, cached, hub_env)]
     if gpu.node_selector:
         pod_spec["nodeSelector"] = dict(gpu.node_selector)
     if gpu.tolerations:

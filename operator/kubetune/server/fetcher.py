@@ -23,6 +23,9 @@ is the init container of a server whose base model is in S3: it downloads the mo
 names. With `--cache` (the namespace's cache claim, docs/cache.md) that path is the model's cache entry, the one a
 FineTuneJob's prepare step fills: an entry that is there is used as it is (nothing downloaded), a missing one is
 filled as the prepare step fills it (staging folder, marker, rename), and vLLM mounts the cache read-only.
+`kubetune fetcher --download hf://ORG/NAME[@REV] --cache ROOT --link PATH` does the same for an hf:// model when
+the namespace has the cache claim: the revision is resolved to its commit here (the operator holds no Hub token),
+the commit's entry used or filled, and linked at PATH, which vLLM's --model names.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from kubetune import s3, storage
+from kubetune import hf, s3, storage
 from kubetune.signing import Verifier
 from kubetune.trainer.cache import Cache
 
@@ -213,43 +216,72 @@ def from_environment() -> tuple[Verifier | None, Vllm | None]:
     return verifier, vllm
 
 
-def download_model(uri: str, access: s3.Access, cache_root: Path | None) -> Path:
-    """The base model at `uri` where vLLM's --model names it: downloaded to its local path, or (with a cache
-    root) its cache entry, used when complete and filled atomically when not."""
+def download_model(uri: str, access: s3.Access, cache_root: Path | None, link: Path | None = None) -> Path:
+    """The base model at `uri` where vLLM's --model names it: an s3:// one downloaded to its local path, or (with a
+    cache root) its cache entry, used when complete and filled atomically when not. An hf:// one (with a cache root
+    and a `link` only): the entry of the commit its revision names now, linked at `link`."""
+    if storage.parse(uri).scheme == "hf":
+        if cache_root is None or link is None:
+            raise ValueError(f"{uri}: an hf:// model is downloaded here only into the cache, with --link")
+        commit = hf.commit(uri, "model")
+        log.info("%s: the revision names commit %s", uri, commit)
+        path = cached(cache_root, storage.model_entry_key(uri, commit), storage.cache_uri(uri), commit, uri)
+        link_to(path, link)
+        return path
     if cache_root is None:
         return s3.download(s3.client(access), uri, Path(storage.local_path(uri)))
+    return cached(cache_root, storage.model_entry_key(uri), uri, None, uri, access)
+
+
+def cached(
+    cache_root: Path, key: str, keyed_uri: str, commit: str | None, uri: str, access: s3.Access | None = None
+) -> Path:
+    """The model folder of cache entry `key`: used as it is when complete, else downloaded into it atomically (the
+    way a prepare step fills it: staging folder, marker, rename)."""
     cache = Cache(cache_root)
-    key = storage.model_entry_key(uri)
     entry = cache.lookup(key)
     if entry is not None:
         log.info("%s: the cache has it (%s)", uri, key)
-    else:
-        log.info("%s: not in the cache, downloading into %s", uri, key)
+        return entry / "model"
+    log.info("%s: not in the cache, downloading into %s", uri, key)
 
-        def write(folder: Path) -> None:
-            s3.download(s3.client(access), uri, folder / "model")
+    def write(folder: Path) -> None:
+        if commit is not None:
+            hf.download_model(uri, commit, folder / "model")
+        else:
+            s3.download(s3.client(access or s3.Access()), uri, folder / "model")
 
-        entry = cache.fill(key, write, {"uri": uri})
-    return entry / "model"
+    meta = {"uri": keyed_uri, **({"revision": commit} if commit else {})}
+    return cache.fill(key, write, meta) / "model"
+
+
+def link_to(target: Path, link: Path) -> None:
+    """`link` made a symbolic link to `target`, replacing one a restarted container left, in one rename."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    made = link.with_name(f".{link.name}.{os.getpid()}")
+    made.unlink(missing_ok=True)
+    made.symlink_to(target)
+    made.replace(link)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kubetune fetcher", description="Fetch LoRA adapters for vLLM (sidecar).")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--download", metavar="URI", help="download an s3:// location to its local path and exit")
+    parser.add_argument("--download", metavar="URI", help="download a base model (docs/cache.md) and exit")
     parser.add_argument("--secret-name", default="", help="with --download: the Secret of the location")
     parser.add_argument("--endpoint", default="", help="with --download: the S3 endpoint")
     parser.add_argument("--region", default="", help="with --download: the bucket's region")
     parser.add_argument("--cache", type=Path, help="with --download: the model cache's root (docs/cache.md)")
+    parser.add_argument("--link", type=Path, help="with --download of hf:// and --cache: link the entry here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.download:
         access = s3.Access(args.secret_name, args.endpoint, args.region)
         try:
-            path = download_model(args.download, access, args.cache)
-        except s3.S3Error as err:
-            log.error("%s", err)
+            path = download_model(args.download, access, args.cache, args.link)
+        except Exception as err:  # the pod's log says why; the init container's exit fails the pod
+            log.error("cannot download %s: %s", args.download, err)
             return 1
         log.info("downloaded %s to %s", args.download, path)
         return 0

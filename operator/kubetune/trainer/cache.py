@@ -16,6 +16,7 @@ ago whose report the operator had not seen yet).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -42,15 +43,18 @@ def choose_evictions(
     entries: Iterable[Entry], limit: int, incoming: int, keep: Iterable[str], not_after: float
 ) -> list[str]:
     """Keys to evict, least recently used first, until the entries plus `incoming` bytes fit in `limit`. Entries
-    in `keep` or used after `not_after` are never chosen (then the cache may stay above its limit)."""
+    in `keep` (keys, or glob patterns of keys: storage.model_entries) or used after `not_after` are never chosen
+    (then the cache may stay above its limit)."""
     entries = list(entries)
     kept = set(keep)
+    patterns = [k for k in kept if "*" in k]
     total = sum(e.size for e in entries) + incoming
     chosen = []
     for entry in sorted(entries, key=lambda e: (e.last_used, e.key)):
         if total <= limit:
             break
-        if entry.key in kept or entry.last_used > not_after:
+        in_use = entry.key in kept or any(fnmatch.fnmatchcase(entry.key, p) for p in patterns)
+        if in_use or entry.last_used > not_after:
             continue
         chosen.append(entry.key)
         total -= entry.size

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kubetune import s3, storage
+from kubetune import hf, s3, storage
 from kubetune.api.v1alpha1 import PreparedInputs, TrainerConfig
 from kubetune.trainer.data import DatasetReport, PreparedData, TokenStats, load_tokenizer, prepare
 from kubetune.trainer.errors import (
@@ -38,39 +38,17 @@ from kubetune.trainer.retries import RetriesExhausted, RetryPolicy, call_with_re
 T = TypeVar("T")
 
 
-def hf_repo(uri: str) -> tuple[str, str, str | None]:
-    """hf://ORG/NAME[/FILE][@REV] as (ORG/NAME, FILE or "", REV or None)."""
-    loc = storage.parse(uri)
-    org, _, rest = f"{loc.root}/{loc.path}".partition("/")
-    name, _, file = rest.partition("/")
-    return f"{org}/{name}", file, loc.revision
-
-
-def hf_commit(uri: str, repo_type: str, revision: str | None = None) -> str:
-    """The commit sha the revision of hf://ORG/NAME[/FILE][@REV] (else `revision`, else the default branch) names
-    now: one repository-info request, which also checks that the repository exists and the token may read it."""
-    from huggingface_hub import HfApi
-
-    repo, _, written = hf_repo(uri)
-    info = HfApi(token=os.environ.get("HF_TOKEN") or None).repo_info(
-        repo, repo_type=repo_type, revision=written or revision
-    )
-    if not info.sha:
-        raise ValueError(f"the hub named no commit for {uri}")
-    return str(info.sha)
-
-
 def hf_download(uri: str, repo_type: str, revision: str | None = None, commit: str | None = None) -> Path:
     """Download hf://ORG/NAME[/FILE][@REV] (a whole repo, or one file of it) and return its local path. `commit`
-    (from hf_commit) pins the download to that commit instead of the revision."""
+    (from hf.commit) pins the download to that commit instead of the revision."""
     from huggingface_hub import snapshot_download
 
-    repo, file, written = hf_repo(uri)
+    repo, file, written = hf.repo(uri)
     snapshot = snapshot_download(
         repo_id=repo,
         repo_type=repo_type,
         revision=commit or written or revision,
-        token=os.environ.get("HF_TOKEN") or None,
+        token=hf.token(),
         cache_dir=os.path.join(storage.local_path(f"hf://{repo}"), ".hub"),
         allow_patterns=[file] if file else None,
     )

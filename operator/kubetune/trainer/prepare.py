@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kubetune import s3, storage
+from kubetune import hf, s3, storage
 from kubetune.api.v1alpha1 import TrainerConfig
 from kubetune.trainer import inputs
 from kubetune.trainer.cache import Cache, Limit, entry_key
@@ -66,12 +66,6 @@ def denied(err: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
-
-
-def cache_uri(uri: str) -> str:
-    """The URI a cache entry is keyed by: an hf:// one without its revision, for the key holds the commit it names."""
-    loc = storage.parse(uri)
-    return f"hf://{loc.root}/{loc.path}".rstrip("/") if loc.scheme == "hf" else uri
 
 
 def fetched(what: str, uri: str, not_found: str, unavailable: str, fetch_once: Callable[[], T]) -> T:
@@ -133,7 +127,7 @@ class Preparer:
             self.send({"downloaded": f"base model {uri}: fetching"} if scheme in ("s3", "hf") else {})
             path = fetched("base model", uri, *reasons, lambda: inputs.fetch(uri, "model", revision, access, commit))
             return path, ""
-        key = entry_key(cache_uri(uri), commit or revision)
+        key = entry_key(storage.cache_uri(uri), commit or revision)
         entry = self.cache.lookup(key)
         if entry is None:
             log_event("cache-miss", what="base model", uri=uri, key=key)
@@ -164,13 +158,8 @@ class Preparer:
     def download_model(self, uri: str, commit: str | None, access: s3.Access, folder: Path) -> Path:
         if uri.startswith("s3://"):
             return s3.download(s3.client(access), uri, folder / "model", self.progress(f"base model {uri}"))
-        from huggingface_hub import snapshot_download
-
         self.send({"downloaded": f"base model {uri}: downloading"})
-        repo, _, _ = inputs.hf_repo(uri)
-        token = os.environ.get("HF_TOKEN") or None
-        snapshot_download(repo_id=repo, revision=commit, token=token, local_dir=folder / "model")
-        return folder / "model"
+        return hf.download_model(uri, commit, folder / "model")
 
     def hf_commit(self, what: str, uri: str, revision: str | None = None) -> str:
         """The commit sha an hf:// input's revision names now (one request; ModelNotFound, DatasetNotFound or
@@ -179,7 +168,7 @@ class Preparer:
             label, not_found, unavailable = HF_INPUTS[what]
 
             def resolve() -> str:
-                return inputs.hf_commit(uri, what, revision)
+                return hf.commit(uri, what, revision)
 
             self.commits[what] = fetched(label, uri, not_found, unavailable, resolve)
             log_event("hf-revision", what=label, uri=uri, commit=self.commits[what])
@@ -212,7 +201,7 @@ class Preparer:
         params = [self.content_tag(), model_key or spec.base_model.uri, spec.method.value, spec.dataset.format.value]
         params += [spec.dataset.split or ""]
         params += [str(hp.max_seq_length), str(spec.dataset.validation_split), str(hp.seed)]
-        key = entry_key(cache_uri(spec.dataset.uri), None, "|".join(params))
+        key = entry_key(storage.cache_uri(spec.dataset.uri), None, "|".join(params))
         entry = self.cache.lookup(key)
         if entry is not None:
             log_event("cache-hit", what="prepared dataset", uri=spec.dataset.uri, key=key)
