@@ -6,8 +6,11 @@ huggingface_hub is imported only when called, with the token of `$HF_TOKEN` and 
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from kubetune import storage
 
@@ -36,10 +39,35 @@ def commit(uri: str, repo_type: str, revision: str | None = None) -> str:
     return str(info.sha)
 
 
-def download_model(uri: str, at: str | None, folder: Path) -> Path:
-    """Every file of the model repository of `uri` at commit `at`, into `folder`."""
+def download_model(
+    uri: str, at: str | None, folder: Path, progress: Callable[[int, int], None] | None = None
+) -> Path:
+    """Every file of the model repository of `uri` at commit `at`, into `folder`; `progress(done, total)` with the
+    bytes written as they arrive (the total grows as each file's download starts)."""
     from huggingface_hub import snapshot_download
 
     repo_id, _, _ = repo(uri)
-    snapshot_download(repo_id=repo_id, revision=at, token=token(), local_dir=folder)
+    bars = _progress_bars(progress) if progress else None
+    snapshot_download(repo_id=repo_id, revision=at, token=token(), local_dir=folder, tqdm_class=bars)
     return folder
+
+
+def _progress_bars(progress: Callable[[int, int], None]) -> type:
+    """A tqdm class for snapshot_download that draws nothing and passes its bytes bar on to `progress`.
+
+    huggingface_hub sums every file's bytes into one bar (described "Reconstructing ...", unit B) made of the class
+    it is given; its other bars (files done; bytes received from the network) are left alone."""
+    from tqdm.auto import tqdm
+
+    class Bars(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.reports = kwargs.get("unit") == "B" and str(kwargs.get("desc", "")).startswith("Reconstructing")
+            super().__init__(*args, **{**kwargs, "file": io.StringIO(), "disable": False})
+
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            if self.reports:
+                progress(int(self.n), int(self.total or 0))
+            return shown
+
+    return Bars

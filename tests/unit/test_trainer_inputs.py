@@ -98,3 +98,22 @@ def test_status_sender_only_in_a_cluster(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
     assert status_sender(job) is None  # no service-account token here: training goes on, logging only
+
+
+def test_an_hf_download_reports_its_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("huggingface_hub")
+    from kubetune import hf
+
+    weights = bytes(range(256)) * 8192  # 2 MiB
+    with local_hub.running() as (hub, server):
+        local_hub.point_client_at(monkeypatch, server.endpoint)
+        commit = hub.push("model", "org/big", {"config.json": "{}", "model.safetensors": weights})
+        seen: list[tuple[int, int]] = []
+        folder = hf.download_model(
+            "hf://org/big", commit, tmp_path / "m", lambda done, total: seen.append((done, total))
+        )
+    assert (folder / "model.safetensors").read_bytes() == weights
+    size = len(weights) + 2
+    # Bytes as they were written, never past the total, ending with every byte of both files.
+    assert seen[-1] == (size, size), seen[-3:]
+    assert len(seen) >= 2 and all(done <= total for done, total in seen), seen

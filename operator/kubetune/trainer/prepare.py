@@ -158,8 +158,7 @@ class Preparer:
     def download_model(self, uri: str, commit: str | None, access: s3.Access, folder: Path) -> Path:
         if uri.startswith("s3://"):
             return s3.download(s3.client(access), uri, folder / "model", self.progress(f"base model {uri}"))
-        self.send({"downloaded": f"base model {uri}: downloading"})
-        return hf.download_model(uri, commit, folder / "model")
+        return hf.download_model(uri, commit, folder / "model", self.progress(f"base model {uri}"))
 
     def hf_commit(self, what: str, uri: str, revision: str | None = None) -> str:
         """The commit sha an hf:// input's revision names now (one request; ModelNotFound, DatasetNotFound or
