@@ -276,9 +276,15 @@ class Watcher:
             f"jsonpath={template}",
         ]
         self.stopping = False
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.ended: list[dict[str, Any]] = []
+        """Each time kubectl ended by itself: when (monotonic), its exit code and the end of its stderr."""
+        self.proc = self._start()
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
+
+    def _start(self) -> subprocess.Popen[str]:
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  # read when kubectl ends, then replaced
+        return subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1)
 
     def _read(self) -> None:
         while True:
@@ -290,7 +296,11 @@ class Watcher:
                 return
             # The watch ended (the API server closed it): list and watch again; nothing seen is lost.
             self.restarts += 1
-            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
+            self.stderr.seek(0)
+            self.ended.append(
+                {"at": time.monotonic(), "exit": self.proc.returncode, "stderr": self.stderr.read()[-300:]}
+            )
+            self.proc = self._start()
 
     def _line(self, line: str, now: float) -> None:
         seen = watch_line(line)
@@ -468,6 +478,26 @@ class BenchControlPlane(ControlPlane):
         return {name: int(entry["pid"]) for name, entry in state["processes"].items()}
 
 
+def unfinished(admin: Kube, namespace: str, names: list[str], most: int = 10) -> list[dict[str, Any]]:
+    """What the API server says of FineTuneJobs that never showed Succeeded (at most `most`): their state,
+    conditions and resourceVersion, and their training Job's conditions."""
+    found = []
+    for name in names[:most]:
+        ftj = admin.get("FineTuneJob", namespace, name) or {}
+        job = admin.get("Job", namespace, name) or {}
+        status = ftj.get("status") or {}
+        found.append(
+            {
+                "name": name,
+                "state": status.get("state"),
+                "conditions": [(c["type"], c["status"], c.get("reason")) for c in status.get("conditions") or []],
+                "resourceVersion": (ftj.get("metadata") or {}).get("resourceVersion"),
+                "job_conditions": [(c["type"], c["status"]) for c in (job.get("status") or {}).get("conditions") or []],
+            }
+        )
+    return found
+
+
 def run_size(
     n: int,
     admin: Kube,
@@ -524,6 +554,15 @@ def run_size(
         watcher.stop()
     if profiling is not None:
         profiling.join()
+    stuck = unfinished(admin, namespace, [name for name in created if name not in last.done_at]) if ftjs else []
+    for entry in stuck:  # what the bench's own watch last printed of it, and when
+        entry["watched"] = {
+            "state": last.state.get(entry["name"]),
+            "states_seen_at_s": {
+                k: round(v[entry["name"]] - start, 1) for k, v in last.reached.items() if entry["name"] in v
+            },
+        }
+    ended = [{**e, "at": round(e["at"] - start, 1)} for w in watchers for e in w.ended]
     latencies = [jobs.first_seen[name] - t for name, t in created.items() if name in jobs.first_seen]
     completed = jobs.done_at
     lags = [ftjs.done_at[name] - t for name, t in completed.items() if name in ftjs.done_at] if ftjs else []
@@ -558,6 +597,8 @@ def run_size(
         },
         "stages": stages(start, created, jobs, pods, ftjs),
         "watch_restarts": sum(w.restarts for w in watchers),
+        "not_succeeded": stuck,
+        "watches_ended": ended,
         "load_average_before": load_before,
         "load_average_after": load_average(),
     }
