@@ -47,12 +47,12 @@ def download_model(
     from huggingface_hub import snapshot_download
 
     repo_id, _, _ = repo(uri)
-    bars = _progress_bars(progress) if progress else None
+    bars = progress_bars(progress) if progress else None
     snapshot_download(repo_id=repo_id, revision=at, token=token(), local_dir=folder, tqdm_class=bars)
     return folder
 
 
-def _progress_bars(progress: Callable[[int, int], None]) -> type:
+def progress_bars(progress: Callable[[int, int], None]) -> type:
     """A tqdm class for snapshot_download that draws nothing and passes its bytes bar on to `progress`.
 
     huggingface_hub sums every file's bytes into one bar (described "Reconstructing ...", unit B) made of the class

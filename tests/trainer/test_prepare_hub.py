@@ -77,7 +77,13 @@ def run(pvc: Path, tmp_path: Path, name: str, cache: Path | None = None, **spec:
     return code, last[-1]
 
 
-def test_an_hf_model_and_a_dataset_repository_with_named_splits(pvc: Path, hub: local_hub.Hub, tmp_path: Path) -> None:
+def test_an_hf_model_and_a_dataset_repository_with_named_splits(
+    pvc: Path, hub: local_hub.Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubetune.trainer.prepare import Preparer
+
+    sent: list[str] = []
+    monkeypatch.setattr(Preparer, "send", lambda self, report: sent.append(str(report.get("downloaded") or "")))
     cache = tmp_path / "cache"
     counts = {}
     for split in ("train", "validation"):
@@ -89,6 +95,10 @@ def test_an_hf_model_and_a_dataset_repository_with_named_splits(pvc: Path, hub: 
         assert report["datasetRevision"] == hub.repos["dataset", DATA].refs["main"], report
         assert (Path(report["cache"]) / MARKER).is_file() and (Path(report["modelCache"]) / "config.json").is_file()
     assert counts == {"train": 5, "validation": 2}
+    # While they downloaded, the first step reported the model's and the dataset's bytes (the Prepared condition's
+    # message, docs/cache.md).
+    assert any(m.startswith(f"base model hf://{MODEL}: ") and " of " in m for m in sent), sent
+    assert any(m.startswith(f"dataset hf://{DATA}: ") and " of " in m for m in sent), sent
     # The model was downloaded once, by the first run (the second found it in the cache).
     weights = [p for p in hub.downloads(MODEL) if p.endswith("/model.safetensors")]
     assert len(weights) == 1, hub.downloads(MODEL)

@@ -36,11 +36,19 @@ from kubetune.trainer.remote import RemoteOutput
 from kubetune.trainer.retries import RetriesExhausted, RetryPolicy, call_with_retries
 
 T = TypeVar("T")
+Progress = Callable[[int, int], None]
+"""progress(done, total): bytes downloaded so far, of the total known so far."""
 
 
-def hf_download(uri: str, repo_type: str, revision: str | None = None, commit: str | None = None) -> Path:
+def hf_download(
+    uri: str,
+    repo_type: str,
+    revision: str | None = None,
+    commit: str | None = None,
+    progress: Progress | None = None,
+) -> Path:
     """Download hf://ORG/NAME[/FILE][@REV] (a whole repo, or one file of it) and return its local path. `commit`
-    (from hf.commit) pins the download to that commit instead of the revision."""
+    (from hf.commit) pins the download to that commit instead of the revision; `progress(done, total)` bytes."""
     from huggingface_hub import snapshot_download
 
     repo, file, written = hf.repo(uri)
@@ -51,13 +59,14 @@ def hf_download(uri: str, repo_type: str, revision: str | None = None, commit: s
         token=hf.token(),
         cache_dir=os.path.join(storage.local_path(f"hf://{repo}"), ".hub"),
         allow_patterns=[file] if file else None,
+        tqdm_class=hf.progress_bars(progress) if progress else None,
     )
     return Path(snapshot, file) if file else Path(snapshot)
 
 
-def s3_download(uri: str, access: s3.Access) -> Path:
+def s3_download(uri: str, access: s3.Access, progress: Progress | None = None) -> Path:
     """Download s3://BUCKET/KEY (an object, or every object under a prefix) into the cache root."""
-    return s3.download(s3.client(access), uri, Path(storage.local_path(uri)))
+    return s3.download(s3.client(access), uri, Path(storage.local_path(uri)), progress)
 
 
 def fetch(
@@ -66,12 +75,14 @@ def fetch(
     revision: str | None = None,
     access: s3.Access | None = None,
     commit: str | None = None,
+    progress: Progress | None = None,
 ) -> Path:
-    """The local path of `uri`, downloading hf:// (at `commit` when given) and s3:// locations first."""
+    """The local path of `uri`, downloading hf:// (at `commit` when given) and s3:// locations first (reporting
+    the bytes to `progress`)."""
     if uri.startswith("hf://"):
-        return hf_download(uri, repo_type, revision, commit)
+        return hf_download(uri, repo_type, revision, commit, progress)
     if uri.startswith("s3://"):
-        return s3_download(uri, access or s3.Access())
+        return s3_download(uri, access or s3.Access(), progress)
     return Path(storage.local_path(uri))
 
 

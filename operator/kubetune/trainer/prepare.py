@@ -221,7 +221,12 @@ class Preparer:
         uri = spec.dataset.uri
         commit = self.hf_commit("dataset", uri) if storage.parse(uri).scheme == "hf" else None
         reasons = (DATASET_NOT_FOUND, DATASET_UNAVAILABLE)
-        path = fetched("dataset", uri, *reasons, lambda: inputs.fetch(uri, "dataset", access=access, commit=commit))
+        progress = self.progress(f"dataset {uri}")
+
+        def download() -> Path:
+            return inputs.fetch(uri, "dataset", access=access, commit=commit, progress=progress)
+
+        path = fetched("dataset", uri, *reasons, download)
         if not path.exists():
             raise TrainerFailure(DATASET_NOT_FOUND, f"dataset {uri}: nothing at {path}")
         hp = spec.hyperparameters
