@@ -44,9 +44,10 @@ def api(cluster: Cluster) -> Api:
     return Api(cluster)
 
 
-def test_podman_and_buildah_share_the_storages_run_state() -> None:
+def test_podman_and_buildah_share_the_storages_run_state(operator_image: str) -> None:
     """podman keeps the run root its database was created with, whatever storage.conf says later; buildah reads
-    storage.conf. Both must use the one hack/images.sh writes, or each would keep its own record of mounts."""
+    storage.conf. Both must use the one hack/images.sh writes, or each would keep its own record of mounts. (After
+    a build: hack/images.sh installs podman and buildah where they are missing, as on a fresh machine.)"""
     env = containers.storage_env()
     storage = tomllib.loads(Path(env["CONTAINERS_STORAGE_CONF"]).read_text())["storage"]
     used = containers.podman("info", "--format", "{{.Store.RunRoot}}").stdout.strip()

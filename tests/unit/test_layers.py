@@ -60,7 +60,7 @@ OPERATOR_SIDE = (
     "crdgen",
     "chart",
 )
-POD_SIDE = ("trainer", "server", "s3")  # runs in the training and serving pods
+POD_SIDE = ("trainer", "server", "s3", "hf")  # runs in the training and serving pods
 TOOLS = ("cli", "__main__", "validate", "dev", "__init__")  # entry points and the local cluster
 HEAVY = ("torch", "transformers", "vllm", "gradio", "kubetune.trainer", "kubetune.server")
 
