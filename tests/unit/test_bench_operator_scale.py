@@ -271,3 +271,20 @@ def test_fake_vllm_loads_and_unloads_as_vllm_answers() -> None:
     assert pods.lora_call(loaded, "/v1/unload_lora_adapter", {"lora_name": "a"})[0] == 200
     assert pods.lora_call(loaded, "/v1/unload_lora_adapter", {"lora_name": "a"})[0] == 404
     assert loaded == {}
+
+
+def test_jobs_the_watch_missed_are_done_when_their_succeeded_condition_says() -> None:
+    bench = load_bench()
+
+    def ftj(name: str, state: str, when: str = "") -> dict[str, Any]:
+        conditions = [{"type": "Succeeded", "status": "True", "lastTransitionTime": when}] if when else []
+        return {"metadata": {"name": name}, "status": {"state": state, "conditions": conditions}}
+
+    listed = [ftj("seen", "Succeeded", "2026-12-07T16:00:05Z"), ftj("missed", "Succeeded", "2026-12-07T16:00:07Z")]
+    listed.append(ftj("running", "Running"))
+    admin = SimpleNamespace(list=lambda kind, namespace: listed if (kind, namespace) == ("FineTuneJob", "ns") else [])
+    watcher = SimpleNamespace(done_at={"seen": 104.0}, marked={})
+    watcher.mark_done = lambda name, at: watcher.marked.setdefault(name, at)
+    start_wall = 1796659200.0  # 2026-12-07T16:00:00Z
+    assert bench.missed_by_the_watch(admin, "ns", watcher, 100.0, start_wall) == ["missed"]
+    assert watcher.marked == {"missed": 107.0}
