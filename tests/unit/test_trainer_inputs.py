@@ -117,3 +117,30 @@ def test_an_hf_download_reports_its_bytes(tmp_path: Path, monkeypatch: pytest.Mo
     # Bytes as they were written, never past the total, ending with every byte of both files.
     assert seen[-1] == (size, size), seen[-3:]
     assert len(seen) >= 2 and all(done <= total for done, total in seen), seen
+
+
+def test_a_dataset_repository_is_downloaded_as_far_as_the_split_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("KUBETUNE_CACHE_ROOT", str(tmp_path / "cache"))
+    files = {
+        "README.md": "# data\n",
+        "images.zip": b"\0" * 1024,
+        "train.jsonl": '{"n": 1}\n',
+        "data/train-00000-of-00001.parquet": b"PAR1 train",
+        "data/validation-00000-of-00001.parquet": b"PAR1 validation",
+        "odd[1]-validation.jsonl": '{"n": 2}\n',
+    }
+    with local_hub.running() as (hub, server):
+        local_hub.point_client_at(monkeypatch, server.endpoint)
+        commit = hub.push("dataset", "org/splits", files)
+        folder = dataset_path("hf://org/splits", commit=commit, split="validation")
+        served = sorted(p.split(f"/resolve/{commit}/", 1)[1] for p in hub.downloads("org/splits"))
+        # The validation split's data files only (a name with glob characters too); no other split, no README, no zip.
+        assert served == ["data/validation-00000-of-00001.parquet", "odd%5B1%5D-validation.jsonl"], served
+        assert (folder / "data" / "validation-00000-of-00001.parquet").is_file()
+        # Without a split, every data file.
+        dataset_path("hf://org/splits", commit=commit)
+        again = sorted(p.split(f"/resolve/{commit}/", 1)[1] for p in hub.downloads("org/splits"))
+        assert [p for p in again if p not in served] == ["data/train-00000-of-00001.parquet", "train.jsonl"], again

@@ -12,6 +12,7 @@ once with the permanent one (ModelNotFound, ...).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from kubetune.trainer.errors import (
     TrainerFailure,
 )
 from kubetune.trainer.progress import log_event
+from kubetune.trainer.records import is_split_file
 from kubetune.trainer.remote import RemoteOutput
 from kubetune.trainer.retries import RetriesExhausted, RetryPolicy, call_with_retries
 
@@ -46,19 +48,27 @@ def hf_download(
     revision: str | None = None,
     commit: str | None = None,
     progress: Progress | None = None,
+    split: str | None = None,
 ) -> Path:
-    """Download hf://ORG/NAME[/FILE][@REV] (a whole repo, or one file of it) and return its local path. `commit`
-    (from hf.commit) pins the download to that commit instead of the revision; `progress(done, total)` bytes."""
-    from huggingface_hub import snapshot_download
+    """Download hf://ORG/NAME[/FILE][@REV] (a whole model repository, one file, or the data files of a dataset
+    repository, of `split` when given) and return its local path. `commit` (from hf.commit) pins the download to
+    that commit instead of the revision; `progress(done, total)` bytes."""
+    from huggingface_hub import HfApi, snapshot_download
 
     repo, file, written = hf.repo(uri)
+    at = commit or written or revision
+    wanted = [file] if file else None
+    if repo_type == "dataset" and not file:
+        # Only what the split's check reads (records.is_split_file), not the repository's other splits and files.
+        listed = HfApi(token=hf.token()).list_repo_files(repo, repo_type="dataset", revision=at)
+        wanted = [glob.escape(f) for f in listed if is_split_file(f, split)]
     snapshot = snapshot_download(
         repo_id=repo,
         repo_type=repo_type,
-        revision=commit or written or revision,
+        revision=at,
         token=hf.token(),
         cache_dir=os.path.join(storage.local_path(f"hf://{repo}"), ".hub"),
-        allow_patterns=[file] if file else None,
+        allow_patterns=wanted,
         tqdm_class=hf.progress_bars(progress) if progress else None,
     )
     return Path(snapshot, file) if file else Path(snapshot)
@@ -76,11 +86,12 @@ def fetch(
     access: s3.Access | None = None,
     commit: str | None = None,
     progress: Progress | None = None,
+    split: str | None = None,
 ) -> Path:
-    """The local path of `uri`, downloading hf:// (at `commit` when given) and s3:// locations first (reporting
-    the bytes to `progress`)."""
+    """The local path of `uri`, downloading hf:// (at `commit` when given; a dataset repository's files of `split`)
+    and s3:// locations first (reporting the bytes to `progress`)."""
     if uri.startswith("hf://"):
-        return hf_download(uri, repo_type, revision, commit, progress)
+        return hf_download(uri, repo_type, revision, commit, progress, split)
     if uri.startswith("s3://"):
         return s3_download(uri, access or s3.Access(), progress)
     return Path(storage.local_path(uri))
@@ -110,11 +121,15 @@ def model_path(
     return path
 
 
-def dataset_path(uri: str, access: s3.Access | None = None, commit: str | None = None) -> Path:
-    """The dataset's file, or its folder of files (a repository, a prefix; an hf:// one at `commit` when given);
-    DatasetInvalid when neither is there."""
+def dataset_path(
+    uri: str, access: s3.Access | None = None, commit: str | None = None, split: str | None = None
+) -> Path:
+    """The dataset's file, or its folder of files (a repository, a prefix; an hf:// one at `commit` when given,
+    only its files of `split`); DatasetInvalid when neither is there."""
     reasons = (DATASET_INVALID, DATASET_UNAVAILABLE)
-    path = fetch_or_fail("dataset", uri, reasons, lambda: fetch(uri, "dataset", access=access, commit=commit))
+    path = fetch_or_fail(
+        "dataset", uri, reasons, lambda: fetch(uri, "dataset", access=access, commit=commit, split=split)
+    )
     if not path.exists():
         raise TrainerFailure(DATASET_INVALID, f"dataset {uri}: nothing at {path}")
     return path
@@ -218,7 +233,9 @@ def stage(config: TrainerConfig) -> Inputs:
     tokenizer = load_tokenizer(model_dir)
     data = prepare(
         tokenizer,
-        dataset_path(spec.dataset.uri, s3.Access.of(spec.dataset.s3), prepared.dataset_revision or None),
+        dataset_path(
+            spec.dataset.uri, s3.Access.of(spec.dataset.s3), prepared.dataset_revision or None, spec.dataset.split
+        ),
         spec.method,
         spec.dataset.format,
         spec.hyperparameters.max_seq_length,

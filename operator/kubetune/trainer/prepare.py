@@ -224,7 +224,9 @@ class Preparer:
         progress = self.progress(f"dataset {uri}")
 
         def download() -> Path:
-            return inputs.fetch(uri, "dataset", access=access, commit=commit, progress=progress)
+            return inputs.fetch(
+                uri, "dataset", access=access, commit=commit, progress=progress, split=spec.dataset.split
+            )
 
         path = fetched("dataset", uri, *reasons, download)
         if not path.exists():

@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kubetune.api.v1alpha1 import DatasetFormat, Method
@@ -292,14 +292,17 @@ DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
 def split_files(folder: Path, split: str | None) -> list[Path]:
     """The data files under `folder` (hidden ones aside), in name order; with `split`, those whose path names it
     as a word: train.jsonl, train/part-0.parquet, data/train-00000-of-00001.parquet."""
-    files = []
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if not path.is_file() or path.suffix not in DATA_SUFFIXES or any(p.startswith(".") for p in relative.parts):
-            continue
-        if split is None or split in re.split(r"[-_./]", relative.with_suffix("").as_posix()):
-            files.append(path)
-    return files
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    return [path for path in files if is_split_file(path.relative_to(folder).as_posix(), split)]
+
+
+def is_split_file(relative: str, split: str | None) -> bool:
+    """Whether the file at `relative` (a path inside a dataset's folder or repository) is a data file of `split`
+    (of any split when None): `split_files`' rule, which also chooses what an hf:// repository download fetches."""
+    path = PurePosixPath(relative)
+    if path.suffix not in DATA_SUFFIXES or any(p.startswith(".") for p in path.parts):
+        return False
+    return split is None or split in re.split(r"[-_./]", path.with_suffix("").as_posix())
 
 
 def file_lines(path: Path) -> Iterator[bytes]:
