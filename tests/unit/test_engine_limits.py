@@ -166,3 +166,18 @@ def test_the_kernels_oom_kill_is_out_of_memory_from_the_pod_status_alone() -> No
     assert problem is not None and problem.reason == "OutOfMemory" and problem.message.endswith("took 1.2 s")
     # A SIGKILL that was not the OOM killer's (a liveness probe's kill: reason Error) is not called OutOfMemory.
     assert engine_reason("", 137, "Error") == "EngineFailed"
+
+
+def test_help_alone_describes_the_wrapper_without_starting_vllm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The images check `kubetune engine --help` at build time, where vLLM's GPU build cannot start without a GPU.
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "termination-log"))
+
+    def no_vllm(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("vLLM was started")
+
+    monkeypatch.setattr(subprocess, "Popen", no_vllm)
+    assert engine.main(["--help"]) == 0
+    assert "vllm.entrypoints.openai.api_server --help" in capsys.readouterr().out
+    assert not (tmp_path / "termination-log").exists()

@@ -130,7 +130,12 @@ def preflight(argv: list[str], environ: dict[str, str] | None = None) -> EngineR
 
 def main(argv: list[str]) -> int:
     """Run vLLM with `argv`, unless the model's config.json shows that it would refuse them; its exit code is
-    ours."""
+    ours. `--help` alone describes this wrapper without starting vLLM (whose GPU build cannot even print its help
+    without a GPU: the image builds check the command with it)."""
+    if argv in (["--help"], ["-h"]):
+        print((__doc__ or "").split("\n\n")[0])
+        print(f"vLLM's own options: python3 -m {VLLM_SERVER} --help")
+        return 0
     if (refused := preflight(argv)) is not None:
         text = refusal_text(refused)
         print(text, file=sys.stderr)
