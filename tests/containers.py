@@ -58,6 +58,8 @@ class Pod:
     """configMap/secret/projected volume name -> file name -> content."""
     annotations: dict[str, str] = field(default_factory=dict)
     """Annotations the pod gets beside its template's (e.g. a Job's completion index)."""
+    ip: str = "127.0.0.1"
+    """status.podIP: the address the pod's containers share (loopback when they run without a network)."""
     kubelet_env: dict[str, str] = field(default_factory=dict)
     """Variables the kubelet adds (KUBERNETES_SERVICE_HOST and _PORT)."""
     kubelet_mounts: dict[str, Path] = field(default_factory=dict)
@@ -102,7 +104,7 @@ class Pod:
         assert "fieldRef" in source, f"{var['name']}: only values and fieldRefs are supported here"
         path = source["fieldRef"]["fieldPath"]
         match = FIELD_ANNOTATION.fullmatch(path)
-        known = {"metadata.name": self.name, "metadata.namespace": self.namespace}
+        known = {"metadata.name": self.name, "metadata.namespace": self.namespace, "status.podIP": self.ip}
         return self.all_annotations()[match[1]] if match else known[path]
 
     def run_args(self, container_name: str, *, network: str = "host", detach: bool = False) -> list[str]:
@@ -129,8 +131,12 @@ class Pod:
             args += [f"--workdir={container['workingDir']}"]
         for name, value in self.kubelet_env.items():
             args += ["--env", f"{name}={value}"]
+        defined: dict[str, str] = {}
         for var in container.get("env", []):
-            args += ["--env", f"{var['name']}={self.env_value(var)}"]
+            # $(NAME) names a variable defined earlier in the list, which the kubelet substitutes.
+            value = re.sub(r"\$\((\w+)\)", lambda m: defined.get(m[1], m[0]), self.env_value(var))
+            defined[var["name"]] = value
+            args += ["--env", f"{var['name']}={value}"]
         for target, source in self.kubelet_mounts.items():
             args += ["--volume", f"{source}:{target}:ro"]
         volumes = {v["name"]: v for v in self.spec.get("volumes", [])}

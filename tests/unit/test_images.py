@@ -363,3 +363,21 @@ def test_ci_runs_the_operator_image_and_leaves_the_large_ones_to_make_test_image
     assert module_markers(large) == {"integration", "slow", "images"}
     assert selects(make_target_markers("test"), small) and not selects(make_target_markers("test"), large)
     assert selects(make_target_markers("test-images"), large) and not selects(make_target_markers("test-images"), small)
+
+
+def test_a_container_gets_its_environment_as_the_kubelet_gives_it(tmp_path: Path) -> None:
+    """tests/containers.py runs the rendered server pod under podman: the fetcher's downward-API address and the
+    vLLM address built from it with $(NAME), as a kubelet substitutes them."""
+    from kubetune.api.v1alpha1 import ModelServer
+    from kubetune.config import OperatorConfig
+    from tests.containers import Pod
+
+    server = yaml.safe_load((ROOT / "examples" / "modelserver.yaml").read_text())
+    server["metadata"]["uid"] = "uid-1"
+    children = modelserver.children(ModelServer.model_validate(server), [], OperatorConfig())
+    name = server["metadata"]["name"]
+    (deployment,) = [c for c in children if c["kind"] == "Deployment" and c["metadata"]["name"] == name]
+    args = Pod(deployment["spec"]["template"], tmp_path, "tiny-0").run_args("fetcher")
+    env = dict(args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "--env")
+    assert env["KUBETUNE_POD_IP"] == "127.0.0.1" and env["KUBETUNE_POD_NAME"] == "tiny-0"
+    assert env["KUBETUNE_VLLM_ADDRESS"] == "127.0.0.1:8000"
