@@ -24,11 +24,14 @@ from tests.integration.support import operator_config_for_tests, wait_for
 from kubetune.api.v1alpha1 import FineTuneJob, ModelServer, Plan
 from kubetune.config import OperatorConfig
 from kubetune.render import finetunejob, modelserver
+from kubetune.signing import Signer
 
 pytestmark = [pytest.mark.slow, pytest.mark.images]
 ADAPTER = "tiny-sft"
 # Unique per run: containers share the storage with any other run of this module on the machine.
 SUFFIX = uuid.uuid4().hex[:8]
+OPERATOR = Signer.generate()
+"""The operator's key: the fetcher answers only requests it signed (kubetune/signing.py)."""
 
 
 @dataclass
@@ -96,7 +99,9 @@ def server_pod(trainer_run: TrainerRun, tmp_path_factory: pytest.TempPathFactory
     body["metadata"]["uid"] = str(uuid.uuid4())
     # The adapter's URI, as the operator resolves it for a server of the FineTuneJob's adapter: its claim is
     # mounted into both containers.
-    served = modelserver.children(ModelServer.model_validate(body), [f"pvc://adapters/{ADAPTER}/adapter"], config)
+    server = ModelServer.model_validate(body)
+    adapters = [f"pvc://adapters/{ADAPTER}/adapter"]
+    served = modelserver.children(server, adapters, config, operator_key=OPERATOR.public_key)
     (deployment,) = [c for c in served if c["kind"] == "Deployment"]
     claims = {name: trainer_run.pvc / name for name in ("models", "adapters")}
     workdir = tmp_path_factory.mktemp("server-pod")
@@ -115,20 +120,27 @@ def server_pod(trainer_run: TrainerRun, tmp_path_factory: pytest.TempPathFactory
             containers.podman("rm", "--force", "--ignore", "--time=10", name)
 
 
-def request(pod: containers.Pod, port: int, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    """An HTTP request to 127.0.0.1:PORT inside the pod's network namespace (from the fetcher container)."""
+def request(
+    pod: containers.Pod, port: int, path: str, body: dict[str, Any] | None = None, signed: bool = False
+) -> tuple[int, Any]:
+    """An HTTP request to 127.0.0.1:PORT inside the pod's network namespace (from the fetcher container);
+    `signed` with the operator's key for this pod, as the operator signs its requests to the fetcher."""
+    text = json.dumps(body) if body else ""
+    headers = {"Content-Type": "application/json"}
+    if signed:
+        headers |= OPERATOR.headers("POST" if body else "GET", path, pod.name, text.encode())
     script = (
         "import json, sys, urllib.request, urllib.error\n"
-        "url, body = sys.argv[1], sys.argv[2]\n"
+        "url, body, headers = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])\n"
         "data = body.encode() if body else None\n"
-        "req = urllib.request.Request(url, data=data, headers={'Content-Type': 'application/json'})\n"
+        "req = urllib.request.Request(url, data=data, headers=headers)\n"
         "try:\n"
         "    r = urllib.request.urlopen(req, timeout=60); print(r.status); print(r.read().decode())\n"
         "except urllib.error.HTTPError as e:\n"
         "    print(e.code); print(e.read().decode())\n"
     )
     url = f"http://127.0.0.1:{port}{path}"
-    args = ["exec", f"{pod.name}-fetcher", "python3", "-c", script, url, json.dumps(body) if body else ""]
+    args = ["exec", f"{pod.name}-fetcher", "python3", "-c", script, url, text, json.dumps(headers)]
     result = containers.podman(*args, check=False, timeout=120)
     if result.returncode != 0:
         return 0, result.stderr[-2000:]
@@ -155,7 +167,9 @@ def test_server_image_serves_the_tiny_model_with_the_trained_adapter(server_pod:
     wait_for(lambda: request(server_pod, fetcher, "/health")[0] == 200, 120, "the fetcher's /health", interval=2)
     wait_for(lambda: healthy(server_pod, "vllm", vllm, health), 600, "vLLM's /health", interval=5)
     # What the operator does to load an adapter: the fetcher prepares it, vLLM loads the path it returns.
-    status, prepared = request(server_pod, fetcher, "/prepare", {"uri": f"pvc://adapters/{ADAPTER}/adapter"})
+    status, prepared = request(
+        server_pod, fetcher, "/prepare", {"uri": f"pvc://adapters/{ADAPTER}/adapter"}, signed=True
+    )
     assert status == 200, prepared
     assert prepared["adapterConfig"]["r"] == 8
     status, loaded = request(
