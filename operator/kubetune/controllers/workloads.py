@@ -25,6 +25,14 @@ def job_of(workload: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def entry(workload: dict[str, Any]) -> tuple[Key, dict[str, Any]] | None:
+    """The index entry of a Workload: (namespace, its Job's name) and its `view`; None when it stands for no Job."""
+    found = job_of(workload)
+    if found is None:
+        return None
+    return (str(workload["metadata"].get("namespace") or ""), found[0]), view(workload, found[1])
+
+
 def view(workload: dict[str, Any], job_uid: str) -> dict[str, Any]:
     """What the status needs of a Workload: its name, its Job's uid and its conditions."""
     meta = workload.get("metadata", {})
@@ -43,19 +51,17 @@ class Workloads:
         self._lock = threading.Lock()
 
     def changed(self, workload: dict[str, Any]) -> None:
-        found = job_of(workload)
-        if found is None:
+        if (found := entry(workload)) is None:
             return
-        key = (str(workload["metadata"].get("namespace") or ""), found[0])
+        key, seen = found
         with self._lock:
-            self.by_job[key] = [view(workload, found[1])]
+            self.by_job[key] = [seen]
         self._look_again(key)
 
     def deleted(self, workload: dict[str, Any]) -> None:
-        found = job_of(workload)
-        if found is None:
+        if (found := entry(workload)) is None:
             return
-        key = (str(workload["metadata"].get("namespace") or ""), found[0])
+        key, _ = found
         with self._lock:
             gone = self.by_job.pop(key, None)
         if gone is not None:
@@ -63,10 +69,7 @@ class Workloads:
 
     def listed(self, workloads: list[dict[str, Any]]) -> None:
         """A new listing: it holds every Workload there is (any other was deleted meanwhile)."""
-        fresh: dict[Key, list[dict[str, Any]]] = {}
-        for workload in workloads:
-            if (found := job_of(workload)) is not None:
-                fresh[(str(workload["metadata"].get("namespace") or ""), found[0])] = [view(workload, found[1])]
+        fresh = {key: [seen] for key, seen in filter(None, map(entry, workloads))}
         with self._lock:  # changed in place: readers hold this very dict (Context.indexes)
             before = dict(self.by_job)
             for key in before.keys() - fresh.keys():
