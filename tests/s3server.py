@@ -45,6 +45,14 @@ class S3Server:
             config=Config(s3={"addressing_style": "path"}),
         )
 
+    def upload_folder(self, bucket: str, folder: Path, prefix: str) -> str:
+        """Every file under `folder` as an object under `prefix`; the prefix's s3:// URI."""
+        client = self.client()
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+        return f"s3://{bucket}/{prefix}"
+
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return sorted(o["Key"] for page in pages for o in page.get("Contents", []))

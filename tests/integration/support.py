@@ -177,9 +177,18 @@ class Api:
         return self.kube.list(kind, namespace, f"{label}={name}")
 
     def create_namespace(self) -> str:
+        """A new namespace, once its default ServiceAccount (which pods run as) exists."""
         name = f"t-{uuid.uuid4().hex[:8]}"
         self.kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        wait_for(lambda: self.get("ServiceAccount", name, "default"), 30, f"ServiceAccount default in {name}")
         return name
+
+    def remove_namespace(self, namespace: str, kinds: str, timeout: float = 90) -> None:
+        """Delete every object of `kinds` (kubectl's comma list) and wait for the namespace's pods to go (while the
+        node agent runs, so that it stops their processes), then delete the namespace."""
+        self.kubectl("delete", kinds, "--all", "-n", namespace, "--wait=false", check=False)
+        wait_for(lambda: not self.kube.list("Pod", namespace) or None, timeout, f"pods of {namespace} to go")
+        self.kube.delete("Namespace", "", namespace)
 
     def create_bound_pvc(self, namespace: str, claim: str) -> None:
         """A PersistentVolume and a claim bound to it, so pods that mount the claim can schedule."""

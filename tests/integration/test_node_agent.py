@@ -39,7 +39,6 @@ def api(cluster: Cluster) -> Api:
 @pytest.fixture(scope="module")
 def ns(api: Api, agent: AgentProcess) -> Iterator[str]:
     name = api.create_namespace()
-    wait_for(lambda: api.get("ServiceAccount", name, "default"), 30, f"ServiceAccount default in {name}")
     yield name
     # Pods are deleted while the agent still runs, so it stops their processes.
     api.kubectl("delete", "pods,jobs,services,configmaps,secrets", "--all", "-n", name, "--wait=false", check=False)

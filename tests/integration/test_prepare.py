@@ -84,15 +84,12 @@ def scene(
         client = bucket.client()
         client.create_bucket(Bucket=BUCKET)
         ns = api.create_namespace()
-        wait_for(lambda: api.get("ServiceAccount", ns, "default"), 30, f"ServiceAccount default in {ns}")
         for claim in ("adapters", CACHE_CLAIM):
             api.create_bound_pvc(ns, claim)
         root = agent.state_dir / "pvc" / ns
         model = serving.build_model(tmp_path_factory.mktemp("assets"))
         for prefix in ("models/tiny", "models/tiny-copy"):
-            for path in sorted(model.rglob("*")):
-                if path.is_file():
-                    client.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(model).as_posix()}")
+            bucket.upload_folder(BUCKET, model, prefix)
         records = serving.sft_records()
         client.put_object(Bucket=BUCKET, Key="data/sft.jsonl", Body="".join(f"{json.dumps(r)}\n" for r in records))
         bad = [json.dumps(r) for r in records[:6]]
@@ -107,9 +104,7 @@ def scene(
             yield scene
         finally:
             watch.terminate()
-            api.kubectl("delete", "finetunejobs,jobs,pods", "--all", "-n", ns, "--wait=false", check=False)
-            wait_for(lambda: not api.kube.list("Pod", ns) or None, 90, f"pods of {ns} to go")
-            api.kube.delete("Namespace", "", ns)
+            api.remove_namespace(ns, "finetunejobs,jobs,pods")
 
 
 def watch_gpu_pods(api: Api, scene: Scene) -> subprocess.Popen[str]:
@@ -325,7 +320,6 @@ def test_without_a_cache_the_training_pod_fetches_the_commit_that_was_prepared(
     """A namespace without the cache claim: the pods fetch the model themselves. The branch moves between the
     prepare step and training; the training pod still reads the commit the prepare step checked the data with."""
     ns = api.create_namespace()
-    wait_for(lambda: api.get("ServiceAccount", ns, "default"), 30, f"ServiceAccount default in {ns}")
     api.create_bound_pvc(ns, "adapters")
     data = "".join(f"{json.dumps(r)}\n" for r in serving.sft_records())
     api.kubectl("create", "configmap", "capitals", "-n", ns, f"--from-literal=sft.jsonl={data}")
@@ -343,9 +337,7 @@ def test_without_a_cache_the_training_pod_fetches_the_commit_that_was_prepared(
         weights = [p for p in hub.hub.downloads(HUB_MODEL)[served_before:] if p.endswith("/model.safetensors")]
         assert weights == [f"/{HUB_MODEL}/resolve/{hub.model_commit}/model.safetensors"], (moved, weights)
     finally:
-        api.kubectl("delete", "finetunejobs,jobs,pods", "--all", "-n", ns, "--wait=false", check=False)
-        wait_for(lambda: not api.kube.list("Pod", ns) or None, 90, f"pods of {ns} to go")
-        api.kube.delete("Namespace", "", ns)
+        api.remove_namespace(ns, "finetunejobs,jobs,pods")
 
 def test_a_configmap_dataset_and_an_s3_prefix_of_several_files_are_prepared(api: Api, scene: Scene) -> None:
     records = serving.sft_records()

@@ -72,18 +72,9 @@ def bucket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3server.S3Serv
         yield server
 
 
-def upload(bucket: s3server.S3Server, folder: Path, prefix: str) -> str:
-    client = bucket.client()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            client.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(folder).as_posix()}")
-    return f"s3://{BUCKET}/{prefix}"
-
-
 @pytest.fixture(scope="module")
 def scene(api: Api, operator: OperatorProcess, agent: AgentProcess, bucket: s3server.S3Server) -> Iterator[Scene]:
     ns = api.create_namespace()
-    wait_for(lambda: api.get("ServiceAccount", ns, "default"), 30, f"ServiceAccount default in {ns}")
     for claim in ("models", "adapters"):
         api.create_bound_pvc(ns, claim)
     root = agent.state_dir / "pvc" / ns
@@ -209,7 +200,7 @@ def test_s3_adapters_are_fetched_into_the_pod_and_checked(api: Api, scene: Scene
     (address,) = addresses(api, scene)
     # The job's adapter is in the bucket (uploaded as the trainer does: the same files, kubetune.json with them).
     trained = scene.root / "adapters" / "capitals" / "adapter"
-    uri = upload(bucket, trained, "runs/s3-job/adapter")
+    uri = bucket.upload_folder(BUCKET, trained, "runs/s3-job/adapter")
     serving.report_adapter(api, scene.ns, "s3-job", uri=uri)
     serving.resume(api, scene.ns, "s3-job")
     seconds = serving.seconds_to_serve(api, scene.ns, "s3-job", "s3-job", [address])
@@ -227,7 +218,7 @@ def test_s3_adapters_are_fetched_into_the_pod_and_checked(api: Api, scene: Scene
     # before vLLM is asked.
     other = json.loads((trained / "kubetune.json").read_text())
     other["baseModel"]["uri"] = "pvc://models/other"
-    wrong_s3 = upload(bucket, trained, "foreign/wrong-base")
+    wrong_s3 = bucket.upload_folder(BUCKET, trained, "foreign/wrong-base")
     bucket.client().put_object(Bucket=BUCKET, Key="foreign/wrong-base/kubetune.json", Body=json.dumps(other).encode())
     wrong_pvc = scene.root / "adapters" / "wrong-base" / "adapter"
     wrong_pvc.mkdir(parents=True, exist_ok=True)
@@ -255,7 +246,7 @@ def test_s3_adapters_are_fetched_into_the_pod_and_checked(api: Api, scene: Scene
     assert missing["reason"] == "AdapterNotFound", missing
     assert not {"s3-wrong-base", "pvc-wrong-base", "s3-missing"} & set(serving.served_models(address))
     # A missing adapter that appears is loaded by the operator's own retry, without any event.
-    upload(bucket, trained, "nothing/here")
+    bucket.upload_folder(BUCKET, trained, "nothing/here")
     serving.wait_adapter(api, scene.ns, SERVER, "s3-missing", "Loaded", timeout=60, loadedReplicas=1)
     assert serving.replica_addresses(api, scene.ns, SERVER) == [address]  # no restart for any of it
     api.kubectl("patch", "msrv", SERVER, "-n", scene.ns, "--type=merge", "-p", '{"spec":{"adapters":[]}}')

@@ -80,14 +80,11 @@ def scene(
         client = bucket.client()
         client.create_bucket(Bucket=BUCKET)
         ns = api.create_namespace()
-        wait_for(lambda: api.get("ServiceAccount", ns, "default"), 30, f"ServiceAccount default in {ns}")
         for claim in ("adapters", CACHE_CLAIM):
             api.create_bound_pvc(ns, claim)
         model = serving.build_model(tmp_path_factory.mktemp("assets"))
         for prefix in ("models/tiny", "models/other", "models/third"):
-            for path in sorted(model.rglob("*")):
-                if path.is_file():
-                    client.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(model).as_posix()}")
+            bucket.upload_folder(BUCKET, model, prefix)
         records = serving.sft_records()
         client.put_object(Bucket=BUCKET, Key="data/sft.jsonl", Body="".join(f"{json.dumps(r)}\n" for r in records))
         keys = [f"--from-literal={k}={v}" for k, v in (("AWS_ACCESS_KEY_ID", "t"), ("AWS_SECRET_ACCESS_KEY", "t"))]
@@ -95,10 +92,7 @@ def scene(
         try:
             yield Scene(ns, agent.state_dir / "pvc" / ns, agent, bucket, moto_log)
         finally:
-            # The server pods go while the agent still runs, so it stops their processes.
-            api.kubectl("delete", "modelservers,finetunejobs,jobs,pods", "--all", "-n", ns, "--wait=false", check=False)
-            wait_for(lambda: not api.kube.list("Pod", ns) or None, 120, f"pods of {ns} to go")
-            api.kube.delete("Namespace", "", ns)
+            api.remove_namespace(ns, "modelservers,finetunejobs,jobs,pods", timeout=120)
 
 
 def server_pods(api: Api, ns: str, server: str) -> list[dict[str, Any]]:

@@ -58,7 +58,6 @@ def agent(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 @pytest.fixture(scope="module")
 def scene(api: Api, operator: OperatorProcess, agent: AgentProcess) -> Iterator[Scene]:
     ns = api.create_namespace()
-    wait_for(lambda: api.get("ServiceAccount", ns, "default"), 30, f"ServiceAccount default in {ns}")
     for claim in ("models", "adapters"):
         api.create_bound_pvc(ns, claim)
     root = agent.state_dir / "pvc" / ns

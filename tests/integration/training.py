@@ -83,17 +83,13 @@ def tiny_model_namespace(api: Api, agent: AgentProcess) -> Iterator[str]:
     data in them (pvc://models/tiny, pvc://data/sft.jsonl). At the end its pods go while the agent still runs, so
     that it stops their processes, then the namespace."""
     ns = api.create_namespace()
-    wait_for(lambda: api.get("ServiceAccount", ns, "default"), 30, f"ServiceAccount default in {ns}")
     for claim in ("models", "data", "adapters"):
         api.create_bound_pvc(ns, claim)
     serving.build_model(agent.state_dir / "pvc" / ns)
     try:
         yield ns
     finally:
-        kinds = "finetunejobs,modelservers,deployments,jobs,pods"
-        api.kubectl("delete", kinds, "--all", "-n", ns, "--wait=false", check=False)
-        wait_for(lambda: not api.kube.list("Pod", ns) or None, 90, f"pods of {ns} to go")
-        api.kube.delete("Namespace", "", ns)
+        api.remove_namespace(ns, "finetunejobs,modelservers,deployments,jobs,pods")
 
 
 def wait_prepared(api: Api, ns: str, name: str, timeout: float = 180) -> dict[str, Any]:

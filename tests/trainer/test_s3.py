@@ -30,10 +30,7 @@ def bucket(pvc: Path, tiny_model: str, tmp_path_factory: pytest.TempPathFactory)
     with s3server.running(tmp_path_factory.mktemp("moto") / "moto.log") as server:
         client = server.client()
         client.create_bucket(Bucket=BUCKET)
-        model = pvc / "models" / "tiny"
-        for path in model.rglob("*"):
-            if path.is_file():
-                client.upload_file(str(path), BUCKET, f"models/tiny/{path.relative_to(model).as_posix()}")
+        server.upload_folder(BUCKET, pvc / "models" / "tiny", "models/tiny")
         client.upload_file(str(pvc / "data" / "sft.jsonl"), BUCKET, "data/sft.jsonl")
         secrets = tmp_path_factory.mktemp("secrets")
         # The model's Secret names the endpoint itself; data and output give it in their s3 block.
