@@ -37,6 +37,7 @@ import os
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -225,34 +226,30 @@ def download_model(uri: str, access: s3.Access, cache_root: Path | None, link: P
             raise ValueError(f"{uri}: an hf:// model is downloaded here only into the cache, with --link")
         commit = hf.commit(uri, "model")
         log.info("%s: the revision names commit %s", uri, commit)
-        path = cached(cache_root, storage.model_entry_key(uri, commit), storage.cache_uri(uri), commit, uri)
+        meta = {"uri": storage.cache_uri(uri), "revision": commit}
+        key = storage.model_entry_key(uri, commit)
+        path = cached(Cache(cache_root), key, uri, meta, lambda to: hf.download_model(uri, commit, to))
         link_to(path, link)
         return path
+
+    def from_s3(to: Path) -> Path:
+        return s3.download(s3.client(access), uri, to)
+
     if cache_root is None:
-        return s3.download(s3.client(access), uri, Path(storage.local_path(uri)))
-    return cached(cache_root, storage.model_entry_key(uri), uri, None, uri, access)
+        return from_s3(Path(storage.local_path(uri)))
+    return cached(Cache(cache_root), storage.model_entry_key(uri), uri, {"uri": uri}, from_s3)
 
 
-def cached(
-    cache_root: Path, key: str, keyed_uri: str, commit: str | None, uri: str, access: s3.Access | None = None
-) -> Path:
-    """The model folder of cache entry `key`: used as it is when complete, else downloaded into it atomically (the
-    way a prepare step fills it: staging folder, marker, rename)."""
-    cache = Cache(cache_root)
+def cached(cache: Cache, key: str, uri: str, meta: dict[str, Any], download: Callable[[Path], Path]) -> Path:
+    """The model folder of cache entry `key`: used as it is when complete, else filled by `download(folder)`
+    atomically (the way a prepare step fills it: staging folder, marker, rename)."""
     entry = cache.lookup(key)
     if entry is not None:
         log.info("%s: the cache has it (%s)", uri, key)
-        return entry / "model"
-    log.info("%s: not in the cache, downloading into %s", uri, key)
-
-    def write(folder: Path) -> None:
-        if commit is not None:
-            hf.download_model(uri, commit, folder / "model")
-        else:
-            s3.download(s3.client(access or s3.Access()), uri, folder / "model")
-
-    meta = {"uri": keyed_uri, **({"revision": commit} if commit else {})}
-    return cache.fill(key, write, meta) / "model"
+    else:
+        log.info("%s: not in the cache, downloading into %s", uri, key)
+        entry = cache.fill(key, lambda folder: download(folder / "model"), meta)
+    return entry / "model"
 
 
 def link_to(target: Path, link: Path) -> None:

@@ -98,7 +98,7 @@ class Cache:
         used.parent.mkdir(parents=True, exist_ok=True)
         used.touch()
 
-    def fill(self, key: str, write: Callable[[Path], None], meta: dict[str, Any]) -> Path:
+    def fill(self, key: str, write: Callable[[Path], object], meta: dict[str, Any]) -> Path:
         """Make entry `key` with `write(folder)`, atomically; an entry another pod completed meanwhile wins."""
         staging = self.root / "staging" / f"{key}.{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
