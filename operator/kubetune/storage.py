@@ -114,9 +114,13 @@ def entry_key(uri: str, revision: str | None = None, content: str = "") -> str:
     """The cache entry (docs/cache.md) of a URI at a revision (and, for data, a tag of its content): readable
     prefix, then a hash of all three, so that two URIs never share an entry. Here, not in trainer/cache.py, so
     that the operator can name the entry a server's vLLM reads."""
-    slug = re.sub(r"[^a-z0-9]+", "-", uri.lower()).strip("-")[:48]
     digest = hashlib.sha256(f"{uri}@{revision or ''}#{content}".encode()).hexdigest()[:16]
-    return f"{slug}-{digest}"
+    return f"{entry_slug(uri)}-{digest}"
+
+
+def entry_slug(uri: str) -> str:
+    """The readable prefix of a URI's cache entries."""
+    return re.sub(r"[^a-z0-9]+", "-", uri.lower()).strip("-")[:48]
 
 
 def cache_uri(uri: str) -> str:
@@ -136,7 +140,7 @@ def model_entries(uri: str) -> str:
     whose commit only the pod resolves) a glob pattern of keys. A pattern may also match a repository whose name
     extends this one's: such an entry is kept from eviction too, never read."""
     if parse(uri).scheme == "hf":
-        return entry_key(cache_uri(uri)).rsplit("-", 1)[0] + "-*"
+        return f"{entry_slug(cache_uri(uri))}-*"
     return model_entry_key(uri)
 
 
