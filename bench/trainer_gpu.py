@@ -10,6 +10,8 @@ accumulation 8, so 65,536 tokens per optimizer step, as in the baselines of docs
 
   bf16    no DeepSpeed, gradient checkpointing, bf16                       baseline 9,291 tokens/s, 18.9 GiB
   recipe  ZeRO-3 + CPU optimizer offload, gradient checkpointing, bf16     baseline 8,238 tokens/s, 18.6 GiB
+  plan    no DeepSpeed, no checkpointing, compiled decoder layers, bf16   baseline 15,216 tokens/s, 47.5 GiB
+          (the planner's plan for one H100/H200; not run unless named in --configs)
 
 VARIANTS are the recipe with one thing changed (e.g. `recipe-per-module`: ZeRO-3 hooks every submodule, as
 the trainer did before each decoder layer became one fetch); `--configs bf16,recipe,recipe-per-module` picks
@@ -63,7 +65,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "plan": {"zeroStage": 3, "offload": "cpu", "gradientCheckpointing": True},
         "baseline": {"tokens_per_second": 8238, "peak_gib": 18.6},
     },
+    "plan": {
+        "description": "the planner's plan for one H100/H200: no DeepSpeed, no checkpointing, compiled decoder layers",
+        "plan": {"zeroStage": 0, "offload": "none", "gradientCheckpointing": False, "compile": True},
+        "baseline": {"tokens_per_second": 15216, "peak_gib": 47.5},
+    },
 }
+DEFAULT_CONFIGS = ("bf16", "recipe")
 TOLERANCE = 0.05
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -330,6 +338,26 @@ def child_main(name: str, config: Path, profile_to: Path | None) -> int:  # prag
     return trainer_main(["--config", str(config)])
 
 
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+    ("compiled (triton)", ("triton",)),
+    ("copy/fill", ("memcpy", "memset", "copy", "fill")),
+)
+
+
+def kernel_breakdown(kernels: Any) -> dict[str, float]:
+    """GPU seconds per kind of kernel ((name, seconds) pairs): attention, gemm, compiled (Triton), copy/fill,
+    other (PyTorch's own elementwise and reduction kernels)."""
+    totals: dict[str, float] = {kind: 0.0 for kind, _ in KERNEL_KINDS}
+    totals["other"] = 0.0
+    for name, seconds in kernels:
+        lowered = name.lower()
+        kind = next((k for k, marks in KERNEL_KINDS if any(m in lowered for m in marks)), "other")
+        totals[kind] += seconds
+    return {kind: round(seconds, 4) for kind, seconds in totals.items()}
+
+
 def profile_callback(path: Path) -> Any:  # pragma: no cover - GPU only
     """Profiles the first micro-batch of the second optimizer step (CPU and CUDA), writes the tables to `path`."""
     import torch
@@ -363,8 +391,12 @@ def profile_callback(path: Path) -> Any:  # pragma: no cover - GPU only
                 self.started = 0.0
                 averages = self.prof.key_averages()
                 kernels = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA") / 1e6
+                breakdown = kernel_breakdown(
+                    (e.key, e.self_device_time_total / 1e6) for e in averages if e.device_type.name == "CUDA"
+                )
                 text = [
                     f"one micro-batch: wall {wall:.3f} s, GPU kernels {kernels:.3f} s",
+                    "GPU kernel seconds by kind: " + json.dumps(breakdown),
                     averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70),
                     averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70),
                 ]
@@ -384,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - GPU only
     parser.add_argument("--out", type=Path, help="also copy the results file here (e.g. $OUT)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/kubetune-trainer-bench"))
     parser.add_argument(
-        "--configs", default=",".join(CONFIGS), help="comma-separated, of: " + ", ".join([*CONFIGS, *VARIANTS])
+        "--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated, of: " + ", ".join([*CONFIGS, *VARIANTS])
     )
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--profile", default="", help="comma-separated configurations to profile one micro-batch of")

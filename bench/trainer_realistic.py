@@ -479,16 +479,38 @@ def add_step_timer() -> None:  # pragma: no cover - needs the trainer
     train.build_trainer = with_timer  # type: ignore[assignment]
 
 
+PROFILE_ENV = "KUBETUNE_BENCH_PROFILE_TO"
+"""Set by --profile for the runs it names: the child profiles one micro-batch into this file (trainer_gpu's
+profile callback: the first micro-batch of the second optimizer step, kernel time by kind)."""
+
+
+def add_profiler(path: Path) -> None:  # pragma: no cover - needs the trainer
+    from trainer_gpu import profile_callback
+
+    import kubetune.trainer.train as train
+
+    build_trainer = train.build_trainer
+
+    def with_profiler(*args: Any, **kwargs: Any) -> Any:
+        trainer = build_trainer(*args, **kwargs)
+        trainer.add_callback(profile_callback(path))
+        return trainer
+
+    train.build_trainer = with_profiler  # type: ignore[assignment]
+
+
 def child_main(config: Path) -> int:  # pragma: no cover - needs the trainer
-    """`kubetune train --config FILE` in this process, with the step timer."""
+    """`kubetune train --config FILE` in this process, with the step timer (and the profiler of --profile)."""
     add_step_timer()
+    if os.environ.get(PROFILE_ENV):
+        add_profiler(Path(os.environ[PROFILE_ENV]))
     from kubetune.trainer.main import main as trainer_main
 
     return trainer_main(["--config", str(config)])
 
 
 def run_one(
-    run: Run, work: Path, config: dict[str, Any], timeout: float, in_process: bool
+    run: Run, work: Path, config: dict[str, Any], timeout: float, in_process: bool, profile: Path | None = None
 ) -> dict[str, Any]:  # pragma: no cover
     """One `kubetune train` (its own process on the GPU; in this one for --smoke); its measurements."""
     path = work / "configs" / f"{run.name}.json"
@@ -506,6 +528,8 @@ def run_one(
         stdout = out.getvalue()
     else:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if profile is not None:
+            env[PROFILE_ENV] = str(profile)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "operator"), env.get("PYTHONPATH", "")) if p)
         log_path = work / f"{run.name}.stderr"
         try:
@@ -613,11 +637,18 @@ def build_assets(pvc: Path, scale: Scale) -> tuple[str, float]:  # pragma: no co
 
 
 def measured_run(  # pragma: no cover - needs the trainer
-    run: Run, work: Path, gpu: str, scale: Scale, model: str, figures: dict[str, Any], timeout: float
+    run: Run,
+    work: Path,
+    gpu: str,
+    scale: Scale,
+    model: str,
+    figures: dict[str, Any],
+    timeout: float,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """Train one run and describe it: its plan, measurements, padding and MFU."""
     config = trainer_config(run, gpu, scale, model)
-    measured = run_one(run, work, config, timeout, in_process=scale.smoke)
+    measured = run_one(run, work, config, timeout, in_process=scale.smoke, profile=profile)
     method = "DPO" if run.data == "dpo" else "SFT"
     # The tiny model of --smoke has other FLOPs than Qwen2.5-7B: no MFU there.
     flops = None if scale.smoke else flops_per_real_token(method, figures[run.data]["token_weighted_length"])
@@ -640,6 +671,9 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - needs the 
     parser.add_argument("--minutes", type=float, default=9.3, help="time budget of the whole run, model build included")
     parser.add_argument("--results", type=Path, help="results file (default bench/results/trainer_realistic_GPU.json)")
     parser.add_argument("--smoke", action="store_true", help="the whole wiring on the CPU with the tiny model")
+    parser.add_argument(
+        "--profile", default="", help="comma-separated runs to profile one micro-batch of (profile-RUN.txt in --out)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the length figures and configurations, stop")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -702,7 +736,11 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - needs the 
             results["runs"][run.name] = {"skipped": f"{left:.0f} s left of the budget"}
             continue
         timeout = max(60.0, left * run.estimate_s / sum(r.estimate_s for r in [run, *queue]))
-        results["runs"][run.name] = measured_run(run, work, gpu, scale, model, figures, timeout)
+        profile = None
+        if run.name in args.profile.split(",") and not smoke:
+            profile = (args.out or work) / f"profile-{run.name}.txt"
+            profile.parent.mkdir(parents=True, exist_ok=True)
+        results["runs"][run.name] = measured_run(run, work, gpu, scale, model, figures, timeout, profile)
         results["ratios"] = ratios(results["runs"])
         out_file.write_text(json.dumps(results, indent=2))  # partial results survive a later timeout
         print(json.dumps({"run": run.name, **results["runs"][run.name]}), flush=True)
