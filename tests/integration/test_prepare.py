@@ -138,7 +138,10 @@ def test_good_dataset_is_checked_on_a_cpu_then_trained_from_the_cache(api: Api, 
     assert status.get("restarts", 0) == 0, dump(status)
     dataset = status["dataset"]
     assert dataset["records"] == len(serving.sft_records()) and dataset["tokens"] > 0, dump(status)
-    assert 0 < dataset["tokenLengths"]["p50"] <= dataset["tokenLengths"]["max"] < dataset["tokens"], dump(status)
+    lengths = dataset["tokenLengths"]
+    assert 0 < lengths["p50"] <= lengths["max"] < dataset["tokens"], dump(status)
+    # As trained (the plan's speed estimate reads them): the mean and the token-weighted length E[n^2]/E[n].
+    assert 0 < lengths["mean"] <= lengths["weighted"] <= lengths["max"] and lengths["pairFill"] == 0, dump(status)
     assert dataset["truncated"] == 0 and dataset["checkedAt"], dump(status)
     assert dataset["cache"].startswith("/var/cache/kubetune-shared/entries/"), dump(status)
     prepared = next(c for c in status["conditions"] if c["type"] == "Prepared")
@@ -339,6 +342,7 @@ def test_without_a_cache_the_training_pod_fetches_the_commit_that_was_prepared(
     finally:
         api.remove_namespace(ns, "finetunejobs,jobs,pods")
 
+
 def test_a_configmap_dataset_and_an_s3_prefix_of_several_files_are_prepared(api: Api, scene: Scene) -> None:
     records = serving.sft_records()
     data = "".join(f"{json.dumps(r)}\n" for r in records)
@@ -362,6 +366,8 @@ def test_a_configmap_dataset_and_an_s3_prefix_of_several_files_are_prepared(api:
     finally:
         # Unfinished jobs keep their cache entries from eviction: these must not hold theirs.
         api.kubectl("delete", "finetunejobs", "cm", "prefix", "-n", scene.ns, "--wait=true", check=False)
+
+
 def container_pid(agent: AgentProcess, pod: dict[str, Any], container: str) -> int:
     """The process of a pod's container on the node agent (its bootstrap exec'd the command)."""
     (pid_file,) = (agent.state_dir / "pods" / pod["metadata"]["uid"] / "containers").glob(f"{container}/pid")

@@ -61,6 +61,46 @@ def test_dataset_statistics_and_truncation(tokenizer, tmp_path: Path) -> None:
     assert all(len(e["input_ids"]) <= 32 for e in data.train)
 
 
+def test_lengths_as_trained_feed_the_speed_estimate(tokenizer, tmp_path: Path) -> None:
+    """mean and weighted (E[n^2]/E[n]) count each record cut at maxSeqLength; for DPO a record is its longer
+    sequence and pair_fill the share of real tokens once both are padded to it."""
+    sft = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello " * n}]}
+        for n in (1, 5, 60)
+    ]
+    path = write_jsonl(tmp_path / "sft.jsonl", sft)
+    report = prepare(tokenizer, path, Method.SFT, DatasetFormat.AUTO, max_len=32).report
+    lengths = [len(tokenize_conversation(tokenizer, r["messages"])[0]) for r in sft]
+    trained = [min(n, 32) for n in lengths]
+    assert lengths[2] > 32 and report.tokens.max == lengths[2]
+    assert report.tokens.trained_mean == pytest.approx(sum(trained) / 3, abs=0.05)
+    assert report.tokens.weighted == pytest.approx(sum(n * n for n in trained) / sum(trained), abs=0.05)
+    assert report.tokens.pair_fill == 0.0
+
+    pairs = [
+        {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "It is " + "not known " * 4},
+        {"prompt": "Two plus two?", "chosen": "Four.", "rejected": "Five."},
+    ]
+    path = write_jsonl(tmp_path / "dpo.jsonl", pairs)
+    report = prepare(tokenizer, path, Method.DPO, DatasetFormat.AUTO, max_len=64).report
+    sequences = [
+        [
+            len(
+                tokenize_conversation(
+                    tokenizer, [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p[answer]}]
+                )[0]
+            )
+            for answer in ("chosen", "rejected")
+        ]
+        for p in pairs
+    ]
+    longest = [max(s) for s in sequences]
+    assert report.tokens.max == max(longest)
+    assert report.tokens.trained_mean == pytest.approx(sum(longest) / 2, abs=0.05)
+    assert report.tokens.pair_fill == pytest.approx(sum(map(sum, sequences)) / (2 * sum(longest)), abs=1e-4)
+    assert 0.5 < report.tokens.pair_fill < 1.0
+
+
 def test_validation_split_is_held_out(tokenizer, pvc: Path) -> None:
     data = prepare(tokenizer, pvc / "data" / "sft.jsonl", Method.SFT, DatasetFormat.AUTO, 64, 0.25, seed=1)
     assert (data.report.train_records, data.report.validation_records) == (6, 2)

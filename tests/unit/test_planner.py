@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobSpec, Plan
+from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobSpec, Plan, TokenLengths
 from kubetune.api.v1alpha1.finetunejob import Distributed
 from kubetune.planner import Overrides, PlanInfeasible, plan_job, plan_training
 from kubetune.planner import cli as planner_cli
@@ -28,9 +28,9 @@ from kubetune.planner.models import (
     architecture_from_path,
     known_architecture,
 )
-from kubetune.planner.plan import quantity_gib
+from kubetune.planner.plan import data_lengths, quantity_gib
 from kubetune.planner.throughput import tokens_per_second
-from kubetune.planner.workload import Setup, Workload
+from kubetune.planner.workload import DataLengths, Setup, Workload
 from tests import bench as bench_modules
 from tests.rejections import EXAMPLES
 
@@ -214,7 +214,7 @@ def test_packing_auto_is_on_for_sft_with_flex_attention_and_off_for_dpo() -> Non
         line.startswith("Packing on (auto for SFT)") and "globalBatchSize counts windows" in line
         for line in sft.explanation
     )
-    assert any("record tokens" in line for line in sft.explanation)
+    assert any("dataset tokens: windows taken as 98% full" in line for line in sft.explanation)
     dpo = plan(method="DPO", seq=2048)
     assert not dpo.packing and dpo.micro_batch_size > 1
     assert any(line.startswith("No packing (DPO)") and "similar length" in line for line in dpo.explanation)
@@ -570,3 +570,52 @@ def test_a_multi_node_plan_states_what_it_assumes_of_the_network() -> None:
     assert two.world_size == 8 and not any("between nodes" in line for line in one.explanation)
     (network,) = [line for line in two.explanation if "between nodes" in line]
     assert "2 nodes of 4 GPU(s)" in network and "25 GB/s" in network and "the estimate uses the slower" in network
+
+
+def test_measured_lengths_refine_the_speed_estimate_but_not_the_memory() -> None:
+    """Once the prepare step measured the dataset, attention is costed at its token-weighted length and a
+    micro-batch without packing holds records of its mean length; memory stays planned for full records."""
+    short = DataLengths(mean=1500.0, weighted=3300.0)
+    assumed, measured = plan(), plan(lengths=short)
+    assert (measured.zero_stage, measured.micro_batch_size, measured.packing) == (
+        assumed.zero_stage,
+        assumed.micro_batch_size,
+        assumed.packing,
+    )
+    assert measured.memory == assumed.memory
+    assert measured.estimated_tokens_per_second and assumed.estimated_tokens_per_second
+    # Packed windows of short records: less attention per token than one record filling the window.
+    assert measured.estimated_tokens_per_second > assumed.estimated_tokens_per_second
+    assert any("records of 1,500 tokens on average" in line and "3,300" in line for line in measured.explanation)
+    assert any("until the prepare step measures" in line for line in assumed.explanation)
+    # Without packing, one short record per micro-batch: cheaper attention than a full record, but each micro-batch's
+    # fixed cost is spread over fewer tokens than a packed window's.
+    one = Overrides(micro_batch=1)
+    off_assumed = plan(packing="off", overrides=one)
+    off_measured = plan(packing="off", overrides=one, lengths=short)
+    assert off_measured.estimated_tokens_per_second and off_assumed.estimated_tokens_per_second
+    assert off_assumed.estimated_tokens_per_second < off_measured.estimated_tokens_per_second
+    assert off_measured.estimated_tokens_per_second < measured.estimated_tokens_per_second
+    # Two unsorted records per micro-batch are padded to the longer one: fewer real tokens per second.
+    two = plan(packing="off", overrides=Overrides(micro_batch=2), lengths=short)
+    assert (
+        two.estimated_tokens_per_second and two.estimated_tokens_per_second < off_measured.estimated_tokens_per_second
+    )
+
+
+def test_dpo_counts_the_real_tokens_of_pairs_padded_to_their_longer_sequence() -> None:
+    full = DataLengths(mean=800.0, weighted=950.0, pair_fill=1.0)
+    padded = DataLengths(mean=800.0, weighted=950.0, pair_fill=0.8)
+    a = plan(method="DPO", seq=2048, global_batch=16, lengths=full)
+    b = plan(method="DPO", seq=2048, global_batch=16, lengths=padded)
+    assert (a.micro_batch_size, b.micro_batch_size) == (a.micro_batch_size, a.micro_batch_size)
+    assert a.estimated_tokens_per_second and b.estimated_tokens_per_second
+    assert b.estimated_tokens_per_second == pytest.approx(0.8 * a.estimated_tokens_per_second, rel=2e-3)
+    assert any("pairs padded to their longer sequence of 800 tokens" in line for line in b.explanation)
+
+
+def test_a_report_without_the_lengths_the_model_reads_leaves_the_estimate_as_assumed() -> None:
+    assert data_lengths(None) is None
+    assert data_lengths(TokenLengths(p50=900, p95=3000, max=8192)) is None  # a report of an older trainer
+    got = data_lengths(TokenLengths(p50=900, p95=3000, max=8192, mean=1500.0, weighted=3300.0))
+    assert got == DataLengths(mean=1500.0, weighted=3300.0, pair_fill=1.0)

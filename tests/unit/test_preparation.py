@@ -33,9 +33,10 @@ def test_prepare_job_matches_golden_and_requests_no_gpu() -> None:
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert not mounts[SHARED_CACHE_ROOT].get("readOnly")
     config = yaml.safe_load(job["spec"]["template"]["metadata"]["annotations"][finetunejob.ANNOTATION_TRAINER_CONFIG])
-    assert config["cache"]["keep"] == ["in-use"] and config["inputsHash"] == job["metadata"]["annotations"][
-        ANNOTATION_SPEC_HASH
-    ]
+    assert (
+        config["cache"]["keep"] == ["in-use"]
+        and config["inputsHash"] == job["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
+    )
     # It is not labelled as a training Job: the training indexes never see it.
     assert "kubetune.io/finetunejob" not in job["metadata"]["labels"]
 
@@ -118,3 +119,14 @@ def test_eviction_keeps_the_entries_of_unfinished_jobs_and_of_the_namespaces_ser
     served = storage.model_entry_key("s3://bucket/served")
     hf_served = storage.model_entries("hf://org/model")
     assert prepare.entries_in_use(ctx, "ns") == sorted(["data", "model", served, hf_served])
+
+
+def test_the_plan_reads_the_lengths_the_prepare_step_measured_for_the_current_inputs() -> None:
+    ftj = load_ftj("finetunejob-sft.yaml")
+    lengths = {"p50": 900, "p95": 3000, "max": 8192, "mean": 1500.0, "weighted": 3300.0}
+    digest = render.inputs_hash(ftj.spec)
+    measured = prepare.measured_lengths({"status": {"dataset": {"inputsHash": digest, "tokenLengths": lengths}}}, ftj)
+    assert measured is not None and (measured.mean, measured.weighted) == (1500.0, 3300.0)
+    # A report of other inputs (the spec changed since), or none yet: the plan assumes full records.
+    assert prepare.measured_lengths({"status": {"dataset": {"inputsHash": "x", "tokenLengths": lengths}}}, ftj) is None
+    assert prepare.measured_lengths({"status": {}}, ftj) is None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune.api.v1alpha1 import FineTuneJob, Plan, PreparedInputs
+from kubetune.api.v1alpha1 import FineTuneJob, Plan, PreparedInputs, TokenLengths
 from kubetune.controllers import mounts
 from kubetune.controllers.context import Context, Key
 from kubetune.k8s import children
@@ -72,6 +72,12 @@ def prepared_inputs(ctx: Context, body: dict[str, Any], ftj: FineTuneJob) -> tup
     inputs themselves)."""
     prepared = preparation.prepared_inputs(_report(body), prepare_render.inputs_hash(ftj.spec))
     return prepared, ctx.config.cache.claim_name if prepared and prepared.dataset_dir else None
+
+
+def measured_lengths(body: dict[str, Any], ftj: FineTuneJob) -> TokenLengths | None:
+    """The token lengths the prepare step measured for the job's current inputs (None before it reported)."""
+    report = preparation.report_for(_report(body), prepare_render.inputs_hash(ftj.spec))
+    return TokenLengths.model_validate(report["tokenLengths"]) if report.get("tokenLengths") else None
 
 
 def start(

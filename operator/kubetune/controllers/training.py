@@ -149,7 +149,12 @@ def _plan(ctx: Context, body: dict[str, Any], ftj: FineTuneJob) -> tuple[Plan, A
         _write_admission(ctx, body, False, "UnknownGpuType", str(err), "Failed")
         return None
     try:
-        plan = plan_job(ftj.spec, gpu_memory_gib=gpu.memory_gib, gpu_type=ftj.spec.resources.gpu_type)
+        plan = plan_job(
+            ftj.spec,
+            gpu_memory_gib=gpu.memory_gib,
+            gpu_type=ftj.spec.resources.gpu_type,
+            lengths=prepare.measured_lengths(body, ftj),
+        )
     except PlanInfeasible as err:
         _write_admission(ctx, body, False, "PlanInfeasible", str(err), "Failed")
         return None
@@ -350,9 +355,7 @@ def sync_status(ctx: Context, key: Key, body: dict[str, Any]) -> None:
     mounts.forget_started(ctx, observed.pods)
 
 
-def _post_events(
-    ctx: Context, meta: dict[str, Any], before: Status, diff: Status, result: job_status.Outcome
-) -> None:
+def _post_events(ctx: Context, meta: dict[str, Any], before: Status, diff: Status, result: job_status.Outcome) -> None:
     """Events for what changed: the end (Succeeded, Failed) and suspension; a reason to act while pods wait (a
     missing Secret, an image that cannot be pulled); a group of training pods that starts again. Every job
     passes through Pending and Running: those show in the status only (an Event each would cost every job two

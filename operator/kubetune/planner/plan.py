@@ -35,11 +35,11 @@ import re
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from kubetune.api.v1alpha1.finetunejob import Distributed, FineTuneJobSpec, MemoryEstimate, Plan
+from kubetune.api.v1alpha1.finetunejob import Distributed, FineTuneJobSpec, MemoryEstimate, Plan, TokenLengths
 from kubetune.planner import memory, throughput
 from kubetune.planner.gpus import INTER_NODE_GBS, gpu_type
 from kubetune.planner.models import ModelArchitecture, architecture_for_uri
-from kubetune.planner.workload import Kernels, Offload, Setup, Workload
+from kubetune.planner.workload import DataLengths, Kernels, Offload, Setup, Workload
 
 SAFETY_MARGIN = 0.10
 """Share of GPU memory kept free: prediction error, fragmentation spikes, a longer-than-usual batch."""
@@ -116,9 +116,16 @@ class Candidate:
 # --- Entry points ---------------------------------------------------------------------------------
 
 
-def plan_job(spec: FineTuneJobSpec, *, gpu_memory_gib: float | None = None, gpu_type: str | None = None) -> Plan:
+def plan_job(
+    spec: FineTuneJobSpec,
+    *,
+    gpu_memory_gib: float | None = None,
+    gpu_type: str | None = None,
+    lengths: TokenLengths | None = None,
+) -> Plan:
     """The plan for a FineTuneJob. `gpu_memory_gib` (operator configuration for GPU types the planner does
-    not know) and `gpu_type` take precedence over spec.resources. Raises PlanInfeasible."""
+    not know) and `gpu_type` take precedence over spec.resources; `lengths` (status.dataset.tokenLengths of the
+    current inputs) refine the speed estimate. Raises PlanInfeasible."""
     res = spec.resources
     return plan_training(
         architecture_for_uri(spec.base_model.uri),
@@ -136,7 +143,15 @@ def plan_job(spec: FineTuneJobSpec, *, gpu_memory_gib: float | None = None, gpu_
         host_memory_gib=quantity_gib(res.memory),
         overrides=Overrides.from_distributed(spec.distributed),
         packing=spec.hyperparameters.packing,
+        lengths=data_lengths(lengths),
     )
+
+
+def data_lengths(lengths: TokenLengths | None) -> DataLengths | None:
+    """The figures of the prepare step's report the speed model reads (None before it reported them)."""
+    if lengths is None or lengths.mean <= 0 or lengths.weighted <= 0:
+        return None
+    return DataLengths(mean=lengths.mean, weighted=lengths.weighted, pair_fill=lengths.pair_fill or 1.0)
 
 
 def plan_training(
@@ -156,8 +171,10 @@ def plan_training(
     host_memory_gib: float | None = None,
     overrides: Overrides | None = None,
     packing: PackingRequest = "auto",
+    lengths: DataLengths | None = None,
 ) -> Plan:
-    """The plan for a model architecture (None: unknown) on `nodes` x `gpus_per_node` GPUs."""
+    """The plan for a model architecture (None: unknown) on `nodes` x `gpus_per_node` GPUs; `lengths`, the
+    dataset's as the prepare step measured them, refine the speed estimate."""
     over = overrides or Overrides()
     world = nodes * gpus_per_node
     per_gpu = _samples_per_gpu(global_batch, world, over.micro_batch, method)
@@ -181,6 +198,7 @@ def plan_training(
         gpu=gpu,
         gpu_memory_gib=gpu_memory_gib,
         host_memory_gib=host_memory_gib,
+        lengths=lengths,
     )
     if not arch.lora_targets(w.lora_targets):
         raise PlanInfeasible(
@@ -665,13 +683,7 @@ def _to_plan(
     if w.nodes > 1:
         lines.append(_across_nodes(w, s))
     if best.tokens_per_second:
-        real = (
-            f" (record tokens: windows taken as {throughput.PACKING_FILL:.0%} full, each costed as one record filling "
-            "it)"
-            if s.packing
-            else ""
-        )
-        lines.append(f"Estimated {best.tokens_per_second:,.0f} tokens/s over {w.world_size} {gpu}{real}.")
+        lines.append(f"Estimated {best.tokens_per_second:,.0f} tokens/s over {w.world_size} {gpu}{_counted(w, s)}.")
     if m.host_gib:
         available = _host_available_gib(w)
         assumed = "" if w.host_memory_gib else " (resources.memory unset: a typical server of this GPU type assumed)"
@@ -697,6 +709,21 @@ def _to_plan(
 
 
 # --- Helpers --------------------------------------------------------------------------------------
+
+
+def _counted(w: Workload, s: Setup) -> str:
+    """What the speed estimate counts and on which lengths."""
+    filled = f"windows taken as {throughput.PACKING_FILL:.0%} full" if s.packing else ""
+    if w.lengths is None:
+        assumed = "each record taken to fill maxSeqLength until the prepare step measures the dataset"
+        return f" (dataset tokens: {filled}, {assumed})" if filled else f" ({assumed})"
+    unit = "pairs padded to their longer sequence of" if w.method == "DPO" else "records of"
+    measured = (
+        f"{unit} {w.lengths.mean:,.0f} tokens on average, attention at the token-weighted length "
+        f"{w.attention_length:,.0f}, as the prepare step measured"
+    )
+    return f" (dataset tokens: {filled + ', ' if filled else ''}{measured})"
+
 
 _UNITS = {
     "": 1,

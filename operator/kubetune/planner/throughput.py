@@ -14,9 +14,12 @@ overlapped with compute by prefetching. DDP all-reduces the (small) LoRA gradien
 offload adds the host optimizer step and PCIe copies, and with weight offload a host-to-device copy of
 every weight shard per pass. DPO under ZeRO-3 pays a measured 0.9 s per micro-batch.
 
-With packing the estimate counts record tokens only (windows PACKING_FILL full). The planner does not see the
-dataset, so every window's attention is costed as one record filling it: the estimate is a lower bound for
-data of short records, which flex_attention's block mask makes cheaper.
+The estimate counts the dataset's tokens only (what the trainer reports): packed windows are PACKING_FILL full.
+Before the prepare step the planner does not see the dataset and takes every record to fill maxSeqLength (for
+data of short records a lower bound under packing, whose block mask skips the blocks between records, and an upper
+bound without it). Once the prepare step measured the lengths (status.dataset.tokenLengths), attention is costed
+at the token-weighted length, a micro-batch without packing holds records of the mean length (a pair: two
+sequences padded to its longer one), and the fixed cost per micro-batch is spread over those tokens.
 
 Calibrated on the seven H200 figures of docs/gpu-baselines.md (all within 3%); other GPUs scale by their
 peak matmul speed and memory bandwidth, which is an assumption, not a measurement.
@@ -65,9 +68,9 @@ def flops_per_token(w: Workload, s: Setup) -> tuple[float, float]:
     # Causal attention over seq keys; packed records are counted as if one record filled the window (an upper
     # bound: flex_attention skips the blocks between records). A dense packing mask computes the whole square of
     # the micro-batch's row.
-    attention_pass = 2.0 * w.seq * a.q_dim * a.num_layers
+    attention_pass = 2.0 * w.attention_length * a.q_dim * a.num_layers
     if s.dense_packing_mask:
-        attention_pass *= 2.0 * s.micro_batch
+        attention_pass = 2.0 * w.seq * a.q_dim * a.num_layers * 2.0 * s.micro_batch
     attention = (3 + recompute) * attention_pass
     if w.method == "DPO":
         linear += 2 * n
@@ -109,7 +112,7 @@ def tokens_per_second(w: Workload, s: Setup, gpu: GpuType) -> float:
     """Estimated training throughput over all GPUs, in tokens per second."""
     world = w.world_size
     accumulation = max(1, w.samples_per_gpu // s.micro_batch)
-    tokens_micro = s.micro_batch * w.tokens_per_sample
+    tokens_micro = s.micro_batch * w.computed_tokens_per_sample(s)
     compute = tokens_micro * compute_seconds_per_token(w, s, gpu) + MICRO_BATCH_SECONDS
     weight_bytes = 2.0 * w.arch.total_params
     passes = 3 if s.checkpointing else 2
@@ -139,5 +142,4 @@ def tokens_per_second(w: Workload, s: Setup, gpu: GpuType) -> float:
         step_extra += shard / CPU_ADAM_PARAMS_PER_SECOND + shard * 6.0 / (gpu.host_link_gbs * 1e9)
 
     step = accumulation * micro + step_extra
-    real = PACKING_FILL if s.packing else 1.0
-    return real * world * accumulation * tokens_micro / step
+    return w.real_share(s, PACKING_FILL) * world * accumulation * tokens_micro / step

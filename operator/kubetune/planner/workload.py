@@ -13,6 +13,18 @@ Offload = Literal["none", "optimizer", "all"]
 
 
 @dataclass(frozen=True)
+class DataLengths:
+    """The dataset's token lengths as the prepare step measured them (status.dataset.tokenLengths), as trained."""
+
+    mean: float
+    """Mean record length (DPO: a pair's longer sequence, the length the pair is padded to)."""
+    weighted: float
+    """E[n^2]/E[n]: the length of the record an average token sits in; it sets attention's cost per token."""
+    pair_fill: float = 1.0
+    """DPO: the share of real tokens once each pair's two sequences are padded to the longer one."""
+
+
+@dataclass(frozen=True)
 class Workload:
     """A training job as far as memory and speed are concerned."""
 
@@ -32,6 +44,9 @@ class Workload:
     """Capacity of one GPU; the GPU type's when None."""
     host_memory_gib: float | None = None
     """Host memory of one pod, when the spec states it."""
+    lengths: DataLengths | None = None
+    """The dataset's lengths, once the prepare step measured them; None: every record taken to fill `seq`. Only
+    the speed estimate reads them: memory is planned for records that fill `seq`."""
 
     @property
     def world_size(self) -> int:
@@ -49,7 +64,39 @@ class Workload:
 
     @property
     def tokens_per_sample(self) -> int:
+        """Tokens of one sequence or pair that fills `seq` (what memory is planned for)."""
         return self.seq * self.sequences_per_sample
+
+    @property
+    def attention_length(self) -> float:
+        """The record length at which attention is costed: the token-weighted length when measured, else `seq`."""
+        return min(float(self.seq), self.lengths.weighted) if self.lengths else float(self.seq)
+
+    def computed_tokens_per_sample(self, s: Setup) -> float:
+        """Tokens one sample puts through the model, padding included: a window with packing; else a record or a
+        pair padded to the longest in its micro-batch. With measured lengths: pairs come grouped by length (the
+        trainer's sampler), so a pair costs twice its mean longer sequence; one record per micro-batch costs its
+        mean length; m unsorted records are padded to the longest of m, taken as mean + (1 - 1/m) x (weighted -
+        mean), an interpolation: against the expected longest of m log-normal lengths (median 900, sigma 1, capped
+        at 8192, as bench/trainer_realistic.py's) +5% at m = 2, -12% at 4, -30% at 8 (it underestimates the padding
+        of larger micro-batches)."""
+        if s.packing or self.lengths is None:
+            return float(self.tokens_per_sample)
+        mean = min(float(self.seq), self.lengths.mean)
+        if self.method == "DPO":
+            return self.sequences_per_sample * mean
+        longest = mean + (1 - 1 / s.micro_batch) * (min(float(self.seq), self.lengths.weighted) - mean)
+        return max(mean, longest)
+
+    def real_share(self, s: Setup, packing_fill: float) -> float:
+        """The share of computed tokens that are the dataset's (what the trainer counts in tokens/s)."""
+        if s.packing:
+            return packing_fill
+        if self.lengths is None:
+            return 1.0
+        if self.method == "DPO":
+            return self.lengths.pair_fill
+        return min(1.0, self.lengths.mean / self.computed_tokens_per_sample(s))
 
     @property
     def capacity_gib(self) -> float | None:

@@ -33,6 +33,13 @@ class TokenStats:
     max: int = 0
     total: int = 0
     """Tokens of all records (before truncation)."""
+    trained_mean: float = 0.0
+    """Mean length as trained: each record cut at maxSeqLength."""
+    weighted: float = 0.0
+    """E[n^2]/E[n] of the lengths as trained: the length of the record an average token sits in, which sets the
+    cost of causal attention per token."""
+    pair_fill: float = 0.0
+    """DPO: the share of real tokens when each pair's two sequences are padded to the longer one (0 for SFT)."""
 
 
 @dataclass
@@ -127,12 +134,15 @@ def tokenize_conversation(tokenizer: Any, messages: list[Message]) -> tuple[list
     return ids, labels
 
 
-def token_stats(lengths: Sequence[int]) -> TokenStats:
+def token_stats(lengths: Sequence[int], cap: int | None = None) -> TokenStats:
+    """Figures of the records' token lengths; `cap` (maxSeqLength) gives the lengths as trained."""
     ordered = sorted(lengths)
 
     def at(q: float) -> int:
         return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
+    trained = [min(n, cap) for n in ordered] if cap else ordered
+    trained_total = sum(trained)
     return TokenStats(
         min=ordered[0],
         mean=round(sum(ordered) / len(ordered), 1),
@@ -140,6 +150,8 @@ def token_stats(lengths: Sequence[int]) -> TokenStats:
         p95=at(0.95),
         max=ordered[-1],
         total=sum(ordered),
+        trained_mean=round(trained_total / len(trained), 1),
+        weighted=round(sum(n * n for n in trained) / trained_total, 1) if trained_total else 0.0,
     )
 
 
@@ -149,15 +161,20 @@ def sft_example(tokenizer: Any, record: Record, max_len: int) -> tuple[dict[str,
     return {"input_ids": ids[:max_len], "labels": labels[:max_len]}, len(ids)
 
 
-def preference_example(tokenizer: Any, record: Record, max_len: int) -> tuple[dict[str, Any], int, int]:
-    """The conversational {"prompt", "chosen", "rejected"} for DPO, its longest length, and the prompt's length."""
+def preference_example(tokenizer: Any, record: Record, max_len: int) -> tuple[dict[str, Any], tuple[int, int], int]:
+    """The conversational {"prompt", "chosen", "rejected"} for DPO, the lengths of its two sequences (prompt and
+    chosen, prompt and rejected), and the prompt's length."""
     assert record.chosen is not None and record.rejected is not None
     prompt_len = len(encode(tokenizer, render(tokenizer, record.messages, add_generation_prompt=True)))
-    longest = max(
+    chosen, rejected = (
         len(encode(tokenizer, render(tokenizer, record.messages + answer)))
         for answer in (record.chosen, record.rejected)
     )
-    return {"prompt": record.messages, "chosen": record.chosen, "rejected": record.rejected}, longest, prompt_len
+    return (
+        {"prompt": record.messages, "chosen": record.chosen, "rejected": record.rejected},
+        (chosen, rejected),
+        prompt_len,
+    )
 
 
 def held_out(count: int, fraction: float, seed: int) -> set[int]:
@@ -229,9 +246,13 @@ def prepare(
     held = held_out(count, validation_split, seed)
     train, validation = (Examples(into / name if into else None) for name in ("train", "validation"))
     lengths = array("l")
+    pair_tokens = padded_pair_tokens = 0
     for index, record in enumerate(stream_records(path, fmt, split_name)):
         if method == Method.DPO:
-            example, length, prompt_len = preference_example(tokenizer, record, max_len)
+            example, (chosen, rejected), prompt_len = preference_example(tokenizer, record, max_len)
+            length = max(chosen, rejected)  # what the collator pads the pair to
+            pair_tokens += min(chosen, max_len) + min(rejected, max_len)
+            padded_pair_tokens += 2 * min(length, max_len)
             usable = prompt_len < max_len
         else:
             example, length = sft_example(tokenizer, record, max_len)
@@ -242,7 +263,9 @@ def prepare(
             (validation if index in held else train).append(example)
         else:
             report.dropped += 1
-    report.tokens = token_stats(lengths)
+    report.tokens = token_stats(lengths, max_len)
+    if padded_pair_tokens:
+        report.tokens.pair_fill = round(pair_tokens / padded_pair_tokens, 4)
     if not train.count + validation.count:
         raise TrainerFailure(
             DATASET_INVALID,

@@ -257,7 +257,14 @@ class Preparer:
         return {
             "records": report.records,
             "tokens": report.tokens.total,
-            "tokenLengths": {"p50": report.tokens.p50, "p95": report.tokens.p95, "max": report.tokens.max},
+            "tokenLengths": {
+                "p50": report.tokens.p50,
+                "p95": report.tokens.p95,
+                "max": report.tokens.max,
+                "mean": report.tokens.trained_mean,
+                "weighted": report.tokens.weighted,
+                "pairFill": report.tokens.pair_fill,
+            },
             "truncated": report.truncated,
             "dropped": report.dropped,
             "checkedAt": datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),

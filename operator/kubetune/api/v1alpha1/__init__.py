@@ -25,6 +25,7 @@ from kubetune.api.v1alpha1.finetunejob import (
     Method,
     Plan,
     Progress,
+    TokenLengths,
     TrainerRuntime,
 )
 from kubetune.api.v1alpha1.modelserver import (
@@ -74,6 +75,7 @@ __all__ = [
     "S3Access",
     "ServedAdapterStatus",
     "ServerState",
+    "TokenLengths",
     "TrainerConfig",
     "TrainerRuntime",
 ]

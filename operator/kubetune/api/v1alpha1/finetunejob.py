@@ -473,7 +473,8 @@ class PrepareError(KubeModel):
 
 
 class TokenLengths(KubeModel):
-    """Token lengths of the records through the tokenizer and chat template (before truncation)."""
+    """Token lengths of the records through the tokenizer and chat template: p50, p95 and max before truncation,
+    mean and weighted as trained. A DPO record's length is its longer sequence (prompt and answer)."""
 
     p50: int = Field(default=0, ge=0)
     """Median record length."""
@@ -481,6 +482,14 @@ class TokenLengths(KubeModel):
     """95th percentile: compare with hyperparameters.maxSeqLength."""
     max: int = Field(default=0, ge=0)
     """The longest record."""
+    mean: float = Field(default=0.0, ge=0)
+    """Mean length as trained (each record cut at maxSeqLength)."""
+    weighted: float = Field(default=0.0, ge=0)
+    """Token-weighted mean length as trained, E[n^2]/E[n]: the length of the record an average token sits in (it
+    sets attention's cost per token; the plan's speed estimate uses it). For DPO a pair counts as its longer
+    sequence, the length the pair is padded to."""
+    pair_fill: float = Field(default=0.0, ge=0, le=1)
+    """DPO: the share of real tokens when each pair's two sequences are padded to the longer one (0 for SFT)."""
 
 
 class DatasetStatus(KubeModel):
