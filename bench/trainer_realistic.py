@@ -280,10 +280,47 @@ def gpu_key(device_name: str) -> str:
     return device_name.lower().replace(" ", "-")
 
 
-def plan_for(run: Run, gpu: str, scale: Scale) -> dict[str, Any]:
-    """The plan the trainer runs (wire form): the recipe, or what the planner chooses for this GPU."""
+def measured_lengths(lengths: list[int], preference: bool) -> Any:
+    """What the prepare step reports of these lengths (`token_lengths`: for pairs, both sequences of each in turn),
+    as the planner reads it (status.dataset.tokenLengths -> DataLengths)."""
+    from kubetune.planner.workload import DataLengths
+
+    records = [max(lengths[i], lengths[i + 1]) for i in range(0, len(lengths), 2)] if preference else lengths
+    total = sum(records)
+    fill = sum(lengths) / (2 * total) if preference else 1.0
+    return DataLengths(mean=total / len(records), weighted=sum(n * n for n in records) / total, pair_fill=fill)
+
+
+def recipe_estimate(gpu: str, scale: Scale, lengths: Any = None) -> float:
+    """The planner's speed model for the recipe (ZeRO-3 + optimizer offload, eager, checkpointing, one record per
+    micro-batch, no packing) on this GPU: plan_training cannot fix the kernels, so the model is asked directly."""
+    from kubetune.planner.gpus import gpu_type
+    from kubetune.planner.models import known_architecture
+    from kubetune.planner.throughput import tokens_per_second
+    from kubetune.planner.workload import Setup, Workload
+
+    arch = known_architecture("Qwen/Qwen2.5-7B")
+    assert arch is not None
+    workload = Workload(
+        arch=arch,
+        seq=SEQ,
+        global_batch=GLOBAL_BATCH,
+        lora_rank=int(LORA["r"]),
+        lora_targets=tuple(LORA["targetModules"]),
+        lora_dropout=float(LORA["dropout"]),
+        gpu=gpu_type("h100" if scale.smoke else gpu),
+        lengths=lengths,
+    )
+    setup = Setup(zero_stage=3, offload="optimizer", checkpointing=True, kernels="eager", micro_batch=1)
+    assert workload.gpu is not None
+    return tokens_per_second(workload, setup, workload.gpu)
+
+
+def plan_for(run: Run, gpu: str, scale: Scale, lengths: Any = None) -> dict[str, Any]:
+    """The plan the trainer runs (wire form): the recipe, or what the planner chooses for this GPU, with the
+    dataset's measured `lengths` (DataLengths) as the operator plans after the prepare step."""
     if run.plan == "recipe":
-        return dict(RECIPE_PLAN)
+        return {**RECIPE_PLAN, "estimatedTokensPerSecond": round(recipe_estimate(gpu, scale, lengths))}
     from kubetune.planner import Overrides, plan_training
     from kubetune.planner.models import known_architecture
 
@@ -299,14 +336,16 @@ def plan_for(run: Run, gpu: str, scale: Scale) -> dict[str, Any]:
         lora_dropout=float(LORA["dropout"]),
         gpu_type_name="h100" if scale.smoke else gpu,
         overrides=Overrides(attention="sdpa") if run.plan == "planner-sdpa" else None,
+        lengths=lengths,
     ).to_wire()
     if scale.smoke:
         plan["compile"] = False  # the CPU would spend minutes compiling; the smoke run checks the wiring
     return plan
 
 
-def trainer_config(run: Run, gpu: str, scale: Scale, model: str) -> dict[str, Any]:
-    """The TrainerConfig (wire form) the operator would render for this run."""
+def trainer_config(run: Run, gpu: str, scale: Scale, model: str, lengths: Any = None) -> dict[str, Any]:
+    """The TrainerConfig (wire form) the operator would render for this run (after the prepare step measured
+    `lengths`, when given)."""
     dpo = run.data == "dpo"
     return {
         "job": {"name": f"bench-{run.name}", "namespace": "bench", "uid": f"uid-{run.name}"},
@@ -328,7 +367,7 @@ def trainer_config(run: Run, gpu: str, scale: Scale, model: str) -> dict[str, An
             "output": {"uri": f"pvc://out/{run.name}"},
             "checkpointing": {"everySteps": 100_000, "keep": 1},
         },
-        "plan": plan_for(run, gpu, scale),
+        "plan": plan_for(run, gpu, scale, lengths),
     }
 
 
@@ -645,9 +684,11 @@ def measured_run(  # pragma: no cover - needs the trainer
     figures: dict[str, Any],
     timeout: float,
     profile: Path | None = None,
+    lengths: Any = None,
 ) -> dict[str, Any]:
-    """Train one run and describe it: its plan, measurements, padding and MFU."""
-    config = trainer_config(run, gpu, scale, model)
+    """Train one run and describe it: its plan (with the data's measured `lengths`, DataLengths), measurements,
+    padding and MFU."""
+    config = trainer_config(run, gpu, scale, model, lengths)
     measured = run_one(run, work, config, timeout, in_process=scale.smoke, profile=profile)
     method = "DPO" if run.data == "dpo" else "SFT"
     # The tiny model of --smoke has other FLOPs than Qwen2.5-7B: no MFU there.
@@ -740,7 +781,8 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - needs the 
         if run.name in args.profile.split(",") and not smoke:
             profile = (args.out or work) / f"profile-{run.name}.txt"
             profile.parent.mkdir(parents=True, exist_ok=True)
-        results["runs"][run.name] = measured_run(run, work, gpu, scale, model, figures, timeout, profile)
+        measured = measured_lengths(lengths[run.data], run.data == "dpo")
+        results["runs"][run.name] = measured_run(run, work, gpu, scale, model, figures, timeout, profile, measured)
         results["ratios"] = ratios(results["runs"])
         out_file.write_text(json.dumps(results, indent=2))  # partial results survive a later timeout
         print(json.dumps({"run": run.name, **results["runs"][run.name]}), flush=True)

@@ -65,12 +65,55 @@ def test_memory_matches_gpu_md_within_10_percent(
     assert abs(predicted - peak) / peak <= 0.10, f"{name}: predicted {predicted:.1f} GiB, measured {peak}"
 
 
-@pytest.mark.parametrize(("name", "workload", "setup", "_peak", "tps"), CALIBRATION, ids=[c[0] for c in CALIBRATION])
+# The DPO recipe-style figure ran TRL's own ZeRO-3 path, whose hooks on every submodule the trainer no longer has
+# (it fetches each decoder layer whole, docs/trainer.md): its speed is the trainer's measurement below.
+SPEED_CALIBRATION = [c for c in CALIBRATION if c[0] != "DPO recipe-style"]
+
+
+@pytest.mark.parametrize(
+    ("name", "workload", "setup", "_peak", "tps"), SPEED_CALIBRATION, ids=[c[0] for c in SPEED_CALIBRATION]
+)
 def test_throughput_matches_gpu_md_within_10_percent(
     name: str, workload: Workload, setup: Setup, _peak: float, tps: int
 ) -> None:
     predicted = tokens_per_second(workload, setup, H200)
     assert abs(predicted - tps) / tps <= 0.10, f"{name}: predicted {predicted:.0f} tokens/s, measured {tps}"
+
+
+H100 = gpu_type("h100")
+# The trainer's own runs on one H100 (docs/gpu-baselines.md; bench/results/trainer_realistic_h100.json): full-length
+# records and pairs, and the realistic lengths of bench/trainer_realistic.py as the prepare step would report them.
+REALISTIC_SFT = DataLengths(mean=1522.0, weighted=3279.7)
+REALISTIC_DPO = DataLengths(mean=774.9, weighted=954.1, pair_fill=0.807)
+PACKED = Setup(0, "none", False, "compile", "flex_attention", 1, packing=True)
+RECIPE = Setup(3, "optimizer", True, "eager", "sdpa", 1)
+DPO_PLAN = Setup(0, "none", False, "liger", "sdpa", 2)
+TRAINER_RUNS = [
+    # name, workload, setup, measured tokens/s (real tokens)
+    ("DPO recipe", Workload(QWEN7B, seq=2048, global_batch=16, method="DPO", gpu=H100), RECIPE, 65536 / 13.04),
+    ("DPO plan", Workload(QWEN7B, seq=2048, global_batch=16, method="DPO", gpu=H100), DPO_PLAN, 65536 / 5.50),
+    ("full-plan", Workload(QWEN7B, seq=8192, global_batch=8, gpu=H100), PACKED, 14986),
+    ("full-recipe", Workload(QWEN7B, seq=8192, global_batch=8, gpu=H100), RECIPE, 8805),
+    ("sft-plan", Workload(QWEN7B, seq=8192, global_batch=8, gpu=H100, lengths=REALISTIC_SFT), PACKED, 15369),
+    ("sft-recipe", Workload(QWEN7B, seq=8192, global_batch=8, gpu=H100, lengths=REALISTIC_SFT), RECIPE, 2055),
+    (
+        "dpo-plan",
+        Workload(QWEN7B, seq=2048, global_batch=16, method="DPO", gpu=H100, lengths=REALISTIC_DPO),
+        DPO_PLAN,
+        5392,
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "workload", "setup", "tps"), TRAINER_RUNS, ids=[c[0] for c in TRAINER_RUNS])
+def test_throughput_matches_the_trainers_runs_within_15_percent(
+    name: str, workload: Workload, setup: Setup, tps: float
+) -> None:
+    """One host-time constant per kernel choice (throughput.HOST_SECONDS_PER_LAYER_PASS) is what short records are
+    bound by: the recipe on realistic records ran at a quarter of its full-length speed."""
+    assert workload.gpu is not None
+    predicted = tokens_per_second(workload, setup, workload.gpu)
+    assert abs(predicted - tps) / tps <= 0.15, f"{name}: predicted {predicted:.0f} tokens/s, measured {tps:.0f}"
 
 
 def test_memory_breakdown_adds_up_and_moves_the_right_way() -> None:

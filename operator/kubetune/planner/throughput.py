@@ -12,7 +12,8 @@ micro-batch, ~30 ms per optimizer step.
 ZeRO-3 hooks cost 10% even on one GPU; over several GPUs it gathers the bf16 weights every pass,
 overlapped with compute by prefetching. DDP all-reduces the (small) LoRA gradients once per step. CPU
 offload adds the host optimizer step and PCIe copies, and with weight offload a host-to-device copy of
-every weight shard per pass. DPO under ZeRO-3 pays a measured 0.9 s per micro-batch.
+every weight shard per pass. A micro-batch takes at least the host's time (Python, hooks, kernel launches per
+layer and pass): what short records and pairs are bound by.
 
 The estimate counts the dataset's tokens only (what the trainer reports): packed windows are PACKING_FILL full.
 Before the prepare step the planner does not see the dataset and takes every record to fill maxSeqLength (for
@@ -52,9 +53,15 @@ ZERO3_HOOK_FACTOR = 1.10
 """ZeRO-3 with CPU offload ran 11% slower than plain PyTorch on one H200 (the baselines), ~1% of it the CPU step."""
 ZERO2_FACTOR = 1.03
 CPU_ADAM_PARAMS_PER_SECOND = 2e8
-DPO_ZERO3_MICRO_BATCH_SECONDS = 0.9
-"""DPO under ZeRO-3 with offload ran at 0.674 pairs/s on one H200 (the baselines), 2.7x slower than its FLOPs
-predict; the cost is charged per micro-batch (per-module hooks of four passes), measured, not derived."""
+HOST_SECONDS_PER_LAYER_PASS: dict[Kernels, float] = {"eager": 0.0085, "liger": 0.0085, "compile": 0.0015}
+"""Host time (Python, PEFT's wrappers, autograd, kernel launches, ZeRO-3's per-layer fetch) per decoder layer per
+pass that records or runs the backward (a no-grad forward, such as DPO's reference pass, costs the host little). A
+micro-batch takes at least this times layers x passes, however few its tokens. On one H100 (December 2026) with
+short records (bench/trainer_realistic.py): the recipe (ZeRO-3, eager, checkpointing: forward, recomputed forward
+and backward) spent 0.74 s on a record of ~1,500 tokens whose GPU work the model puts at 0.2 s (8.8 ms per layer
+and pass), the DPO plan (eager with Liger: forward and backward) 0.46 s on two short pairs (8.2 ms). Compiled
+layers run each layer as one graph: 1.5 ms is an assumption, not measured (their micro-batches of full windows
+are GPU-bound either way)."""
 COMM_OVERLAP = 0.9
 """Share of the shorter of compute and ZeRO-3 weight gathering that prefetching hides."""
 
@@ -103,6 +110,13 @@ def attention_efficiency(s: Setup) -> float:
     return ATTENTION_EFFICIENCY
 
 
+def host_seconds(w: Workload, s: Setup) -> float:
+    """The host's time for one micro-batch: per decoder layer and pass (forward, backward, and the recomputed
+    forward with checkpointing)."""
+    passes = 2 + (1 if s.checkpointing else 0)
+    return HOST_SECONDS_PER_LAYER_PASS[s.kernels] * passes * w.arch.num_layers
+
+
 def collective_gbs(w: Workload, gpu: GpuType) -> float:
     """Bus bandwidth of a collective over all GPUs of the job."""
     return gpu.collective_gbs if w.nodes == 1 else min(gpu.collective_gbs, INTER_NODE_GBS)
@@ -122,8 +136,6 @@ def tokens_per_second(w: Workload, s: Setup, gpu: GpuType) -> float:
     step_extra = STEP_SECONDS
     if s.zero_stage == 3:
         micro = compute * ZERO3_HOOK_FACTOR
-        if w.method == "DPO":
-            micro += DPO_ZERO3_MICRO_BATCH_SECONDS
         comm = 0.0
         if world > 1:
             comm += weight_bytes * (world - 1) / world * passes / (collective_gbs(w, gpu) * 1e9)
@@ -134,6 +146,8 @@ def tokens_per_second(w: Workload, s: Setup, gpu: GpuType) -> float:
         micro = compute * ZERO2_FACTOR
         if world > 1:
             micro += 2.0 * lora * (world - 1) / world / (collective_gbs(w, gpu) * 1e9)
+    # The GPU waits for the host when a micro-batch holds too little work to hide the host's share.
+    micro = max(micro, host_seconds(w, s))
     if world > 1 and s.zero_stage == 0:
         # DDP all-reduce of fp32 LoRA gradients at the end of the step, half hidden behind backward.
         step_extra += 0.5 * 4.0 * lora * 2 * (world - 1) / world / (collective_gbs(w, gpu) * 1e9)
