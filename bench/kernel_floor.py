@@ -189,13 +189,48 @@ def time_attention(arch: dict[str, Any], seq: int, device: str, repeat: int) -> 
         except Exception as err:  # a backend that cannot run this shape here
             results[name] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
         q.grad = k.grad = v.grad = None
-    # Causal attention FLOPs (half the square): forward 2 matmuls, backward 5 (with the recomputed scores).
-    causal = 2 * seq * seq * dim * heads
+    # Causal attention FLOPs: forward two matmuls over half the square (2 x seq^2 x dim per head), backward five
+    # (the scores recomputed): 3.5 x the forward in all.
+    forward_flops = 2 * seq * seq * dim * heads
     for r in results.values():
         if "forward_s" in r:
-            r["forward_tflops"] = round(2 * causal / r["forward_s"] / 1e12, 1)
-            r["forward_backward_tflops"] = round(7 * causal / r["forward_backward_s"] / 1e12, 1)
+            r["forward_tflops"] = round(forward_flops / r["forward_s"] / 1e12, 1)
+            r["forward_backward_tflops"] = round(3.5 * forward_flops / r["forward_backward_s"] / 1e12, 1)
     return results
+
+
+def time_new_lengths(arch: dict[str, Any], device: str, lengths: list[int]) -> dict[str, Any]:  # pragma: no cover
+    """What a sequence length never seen before costs SDPA (forward and backward, the default backend): the first
+    call of each new length against the same call repeated. Unpacked batches of real data bring a new length with
+    almost every micro-batch unless padded to a multiple (docs/trainer.md)."""
+    import torch
+    import torch.nn.functional as F
+
+    heads, kv = arch["num_attention_heads"], arch["num_key_value_heads"]
+    dim = arch["hidden_size"] // heads
+    first, again = [], []
+    for n in lengths:
+        q = torch.randn(2, heads, n, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(2, kv, n, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(2, kv, n, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+        def step(q: Any = q, k: Any = k, v: Any = v) -> None:
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+
+        for times in (first, again):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            began = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - began)
+    return {
+        "lengths": lengths,
+        "first_call_s": [round(t, 5) for t in first],
+        "repeated_call_s": [round(t, 5) for t in again],
+        "mean_extra_s_per_new_length": round((sum(first) - sum(again)) / len(lengths), 5),
+    }
 
 
 def time_layer(
@@ -301,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="a tiny architecture on the CPU")
     parser.add_argument("--dry-run", action="store_true", help="print the GEMMs and their FLOPs per token, stop")
+    parser.add_argument("--new-lengths", action="store_true", help="only time SDPA on lengths it has not seen, print")
     args = parser.parse_args(argv)
     arch, seq, rank = (SMOKE_ARCH, SMOKE_SEQ, SMOKE_RANK) if args.smoke else (QWEN25_7B, SEQ, RANK)
     if args.dry_run:
@@ -313,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if args.smoke else "cuda"
     gpu = "cpu" if args.smoke else torch.cuda.get_device_name(0)
     repeat = 3 if args.smoke else args.repeat
+    if args.new_lengths:
+        print(json.dumps(time_new_lengths(arch, device, [517 + 37 * i for i in range(12)]), indent=2))
+        return 0
     shapes = gemms(arch, seq, rank)
     gemm_s = time_gemms(shapes, device, repeat)
     attention = time_attention(arch, seq, device, repeat)
@@ -320,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         layer = time_layer(arch, seq, rank, device, repeat)
     except Exception as err:
         layer = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+    new_lengths = time_new_lengths(
+        arch, device, [SMOKE_SEQ // 4 + 3 * i for i in range(4)] if args.smoke else [517 + 37 * i for i in range(12)]
+    )
     trainer = {} if args.smoke else measured_trainer(args.trainer_results)
     results = {
         "gpu": gpu,
@@ -331,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             for g in shapes
         ],
         "attention": attention,
+        "new_lengths": new_lengths,
         "layer": layer,
         "trainer_tokens_per_second": trainer,
         "summary": summary(arch, seq, rank, gemm_s, attention, layer, trainer),
@@ -344,7 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / path.name).write_text(path.read_text())
-    print(json.dumps({"attention": attention, "layer": layer, "summary": results["summary"]}, indent=2))
+    print(
+        json.dumps(
+            {"attention": attention, "new_lengths": new_lengths, "layer": layer, "summary": results["summary"]},
+            indent=2,
+        )
+    )
     return 0
 
 

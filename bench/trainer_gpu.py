@@ -379,31 +379,37 @@ def profile_callback(path: Path) -> Any:  # pragma: no cover - GPU only
                 self.prof.__enter__()
                 self.started = time.perf_counter()
 
+        def finish(self) -> None:
+            """Stop the profiler after its one micro-batch and write the tables."""
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - self.started
+            self.prof.__exit__(None, None, None)
+            self.started = 0.0
+            averages = self.prof.key_averages()
+            kernels = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA") / 1e6
+            breakdown = kernel_breakdown(
+                (e.key, e.self_device_time_total / 1e6) for e in averages if e.device_type.name == "CUDA"
+            )
+            text = [
+                f"one micro-batch: wall {wall:.3f} s, GPU kernels {kernels:.3f} s",
+                "GPU kernel seconds by kind: " + json.dumps(breakdown),
+                averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70),
+                averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70),
+            ]
+            path.write_text("\n\n".join(text))
+
         def on_substep_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             now = time.perf_counter()
             if state.global_step == 1:
                 self.micro.append(now - self.last)
             self.last = now
             if self.prof is not None and self.started:
-                torch.cuda.synchronize()
-                wall = time.perf_counter() - self.started
-                self.prof.__exit__(None, None, None)
-                self.started = 0.0
-                averages = self.prof.key_averages()
-                kernels = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA") / 1e6
-                breakdown = kernel_breakdown(
-                    (e.key, e.self_device_time_total / 1e6) for e in averages if e.device_type.name == "CUDA"
-                )
-                text = [
-                    f"one micro-batch: wall {wall:.3f} s, GPU kernels {kernels:.3f} s",
-                    "GPU kernel seconds by kind: " + json.dumps(breakdown),
-                    averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70),
-                    averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70),
-                ]
-                path.write_text("\n\n".join(text))
+                self.finish()
                 self.last = time.perf_counter()  # the tables took a while: not the next micro-batch's time
 
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if self.prof is not None and self.started:
+                self.finish()  # a step of one micro-batch (it ends without a substep)
             if state.global_step == 2 and self.micro:
                 with path.open("a") as out:
                     out.write("\nmicro-batch wall seconds of step 2 (unprofiled after the first): " + repr(self.micro))

@@ -127,6 +127,11 @@ class Run:
     estimate_s: float
     """Wall time it is expected to take on one H100/H200 (start, first compiled step, STEPS steps)."""
     optional: bool = False
+    measured_lengths: bool = True
+    """The planner plans with the data's lengths, as the operator does once the prepare step reported them (False:
+    as before the prepare step, every record taken to fill maxSeqLength)."""
+    shape_buckets: bool = True
+    """The trainer pads unpacked micro-batches to a multiple of batching.SHAPE_MULTIPLE (False: to the longest)."""
 
 
 RUNS = [
@@ -136,6 +141,11 @@ RUNS = [
     Run("full-recipe", "full", "recipe", 100),
     Run("dpo-plan", "dpo", "planner", 90, optional=True),
     Run("sft-plan-sdpa", "realistic", "planner-sdpa", 100, optional=True),
+    Run("dpo-plan-assumed", "dpo", "planner", 90, optional=True, measured_lengths=False),
+    Run(
+        "dpo-plan-assumed-unbucketed", "dpo", "planner", 90, optional=True, measured_lengths=False, shape_buckets=False
+    ),
+    Run("sft-recipe-unbucketed", "realistic", "recipe", 110, optional=True, shape_buckets=False),
 ]
 BY_NAME = {r.name: r for r in RUNS}
 
@@ -538,9 +548,16 @@ def add_profiler(path: Path) -> None:  # pragma: no cover - needs the trainer
     train.build_trainer = with_profiler  # type: ignore[assignment]
 
 
+SHAPE_MULTIPLE_ENV = "KUBETUNE_BENCH_NO_SHAPE_BUCKETS"
+"""Set for runs without shape buckets: the child pads unpacked micro-batches to their longest sequence only."""
+
+
 def child_main(config: Path) -> int:  # pragma: no cover - needs the trainer
     """`kubetune train --config FILE` in this process, with the step timer (and the profiler of --profile)."""
     add_step_timer()
+    import kubetune.trainer.batching as batching
+
+    batching.SHAPE_MULTIPLE = None if os.environ.get(SHAPE_MULTIPLE_ENV) else batching.SHAPE_MULTIPLE
     if os.environ.get(PROFILE_ENV):
         add_profiler(Path(os.environ[PROFILE_ENV]))
     from kubetune.trainer.main import main as trainer_main
@@ -569,6 +586,8 @@ def run_one(
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if profile is not None:
             env[PROFILE_ENV] = str(profile)
+        if not run.shape_buckets:
+            env[SHAPE_MULTIPLE_ENV] = "1"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "operator"), env.get("PYTHONPATH", "")) if p)
         log_path = work / f"{run.name}.stderr"
         try:
@@ -781,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - needs the 
         if run.name in args.profile.split(",") and not smoke:
             profile = (args.out or work) / f"profile-{run.name}.txt"
             profile.parent.mkdir(parents=True, exist_ok=True)
-        measured = measured_lengths(lengths[run.data], run.data == "dpo")
+        measured = measured_lengths(lengths[run.data], run.data == "dpo") if run.measured_lengths else None
         results["runs"][run.name] = measured_run(run, work, gpu, scale, model, figures, timeout, profile, measured)
         results["ratios"] = ratios(results["runs"])
         out_file.write_text(json.dumps(results, indent=2))  # partial results survive a later timeout

@@ -14,6 +14,10 @@ DPO: TRL 1.16 has no padding-free DPO (its padding_free is disabled), and its co
 sequences to the longest. With micro-batches of several pairs, pairs of similar length are drawn together
 (transformers' LengthGroupedSampler on each pair's longer sequence), so little padding is computed. Nothing else
 changes: the reference is still the policy at step 0 (loss ln 2).
+
+Unpacked batches on a GPU (DPO, SFT without packing) are padded to a multiple of SHAPE_MULTIPLE tokens: real data
+brings a new sequence length with almost every micro-batch, and each new shape costs the GPU kernels a set-up
+(bench/kernel_floor.py measures SDPA's); a few dozen lengths pay it once each.
 """
 
 from __future__ import annotations
@@ -21,6 +25,17 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api.v1alpha1 import Plan
+
+SHAPE_MULTIPLE: int | None = 64
+"""Unpacked micro-batches on a GPU are padded to a multiple of this many tokens (None: to the longest sequence)."""
+
+
+def shape_arguments(plan: Plan, cuda: bool) -> dict[str, Any]:
+    """SFTConfig/DPOConfig arguments that bound the number of distinct micro-batch shapes (packed windows have
+    one shape already)."""
+    if plan.packing or not cuda or SHAPE_MULTIPLE is None:
+        return {}
+    return {"pad_to_multiple_of": SHAPE_MULTIPLE}
 
 
 def sft_packing_arguments(plan: Plan, max_len: int) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from kubetune.trainer.batching import (
     packing_report,
     records_share_windows,
     sft_packing_arguments,
+    shape_arguments,
 )
 from kubetune.trainer.callbacks import CheckpointCallback, ProgressCallback, StopOnSignal
 from kubetune.trainer.data import load_tokenizer
@@ -111,10 +112,10 @@ def trainer_arguments(config: TrainerConfig, output: Path, hidden_size: int, has
     if spec.method == Method.DPO:
         from trl import DPOConfig
 
-        return DPOConfig(**common, beta=hp.beta)
+        return DPOConfig(**common, beta=hp.beta, **shape_arguments(plan, cuda))
     from trl import SFTConfig
 
-    return SFTConfig(**common, **sft_packing_arguments(plan, hp.max_seq_length))
+    return SFTConfig(**common, **sft_packing_arguments(plan, hp.max_seq_length), **shape_arguments(plan, cuda))
 
 
 def as_dataset(examples: Any) -> Dataset:
