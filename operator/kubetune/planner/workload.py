@@ -46,7 +46,7 @@ class Workload:
     """Host memory of one pod, when the spec states it."""
     lengths: DataLengths | None = None
     """The dataset's lengths, once the prepare step measured them; None: every record taken to fill `seq`. Only
-    the speed estimate reads them: memory is planned for records that fill `seq`."""
+    the speed estimate reads them: memory and the plan's decisions are for records that fill `seq`."""
 
     @property
     def world_size(self) -> int:
