@@ -282,9 +282,9 @@ def measured_trainer(path: Path) -> dict[str, float]:
         return {}
     runs = json.loads(path.read_text()).get("runs", {})
     return {
-        name: float(runs[name]["real_tokens_per_second"])
+        name: float(runs[name]["tokens_per_second"])
         for name in ("full-plan", "full-recipe")
-        if runs.get(name, {}).get("real_tokens_per_second")
+        if runs.get(name, {}).get("tokens_per_second")
     }
 
 
@@ -332,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="also copy the results file here (e.g. $OUT)")
     parser.add_argument("--results", type=Path, help="results file (default bench/results/kernel_floor_GPU.json)")
-    parser.add_argument("--trainer-results", type=Path, default=ROOT / "bench/results/trainer_realistic_h100.json")
+    parser.add_argument(
+        "--trainer-results", type=Path, default=ROOT / "bench/results/trainer_realistic_h100_floor.json"
+    )
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="a tiny architecture on the CPU")
     parser.add_argument("--dry-run", action="store_true", help="print the GEMMs and their FLOPs per token, stop")

@@ -78,3 +78,20 @@ def test_profile_breakdown_sorts_kernels_by_kind() -> None:
         "copy/fill": 0.06,
         "other": 0.02,
     }
+
+
+def test_the_recorded_h100_floor_follows_from_its_own_timings() -> None:
+    """bench/results/kernel_floor_h100.json (docs/planner.md's table): its bounds recomputed from the timings it
+    holds and the trainer's tokens/s of the same call."""
+    bench = bench_modules.load("kernel_floor")
+    recorded = json.loads((ROOT / "bench" / "results" / "kernel_floor_h100.json").read_text())
+    trainer = bench.measured_trainer(ROOT / "bench" / "results" / "trainer_realistic_h100_floor.json")
+    assert set(trainer) == {"full-plan", "full-recipe"} and trainer == recorded["trainer_tokens_per_second"]
+    gemm_s = {g["name"]: g["seconds"] for g in recorded["gemms"]}
+    again = bench.summary(
+        bench.QWEN25_7B, bench.SEQ, bench.RANK, gemm_s, recorded["attention"], recorded["layer"], trainer
+    )
+    assert again == recorded["summary"]
+    # What docs/planner.md concludes from it: the floor allows at most ~2.16x the recipe, the compiled layers ~1.92x.
+    assert again["bounds"]["floor"]["max_plan_over_recipe"] < 2.2
+    assert again["bounds"]["compiled layers"]["max_plan_over_recipe"] < 2.0
