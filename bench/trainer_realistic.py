@@ -130,8 +130,9 @@ class Run:
     measured_lengths: bool = True
     """The planner plans with the data's lengths, as the operator does once the prepare step reported them (False:
     as before the prepare step, every record taken to fill maxSeqLength)."""
-    shape_buckets: bool = True
-    """The trainer pads unpacked micro-batches to a multiple of batching.SHAPE_MULTIPLE (False: to the longest)."""
+    shape_buckets: bool = False
+    """The trainer pads unpacked micro-batches to a multiple of SHAPE_BUCKET tokens (batching.SHAPE_MULTIPLE, off
+    in the trainer by default; False: to the longest sequence)."""
 
 
 RUNS = [
@@ -142,11 +143,11 @@ RUNS = [
     Run("dpo-plan", "dpo", "planner", 90, optional=True),
     Run("sft-plan-sdpa", "realistic", "planner-sdpa", 100, optional=True),
     Run("dpo-plan-assumed", "dpo", "planner", 90, optional=True, measured_lengths=False),
-    Run(
-        "dpo-plan-assumed-unbucketed", "dpo", "planner", 90, optional=True, measured_lengths=False, shape_buckets=False
-    ),
-    Run("sft-recipe-unbucketed", "realistic", "recipe", 110, optional=True, shape_buckets=False),
+    Run("dpo-plan-bucketed", "dpo", "planner", 90, optional=True, shape_buckets=True),
+    Run("sft-recipe-bucketed", "realistic", "recipe", 110, optional=True, shape_buckets=True),
 ]
+SHAPE_BUCKET = 64
+"""Tokens the *-bucketed runs pad unpacked micro-batches to a multiple of."""
 BY_NAME = {r.name: r for r in RUNS}
 
 
@@ -548,8 +549,8 @@ def add_profiler(path: Path) -> None:  # pragma: no cover - needs the trainer
     train.build_trainer = with_profiler  # type: ignore[assignment]
 
 
-SHAPE_MULTIPLE_ENV = "KUBETUNE_BENCH_NO_SHAPE_BUCKETS"
-"""Set for runs without shape buckets: the child pads unpacked micro-batches to their longest sequence only."""
+SHAPE_MULTIPLE_ENV = "KUBETUNE_BENCH_SHAPE_MULTIPLE"
+"""Set for the *-bucketed runs: the child pads unpacked micro-batches to a multiple of this many tokens."""
 
 
 def child_main(config: Path) -> int:  # pragma: no cover - needs the trainer
@@ -557,7 +558,8 @@ def child_main(config: Path) -> int:  # pragma: no cover - needs the trainer
     add_step_timer()
     import kubetune.trainer.batching as batching
 
-    batching.SHAPE_MULTIPLE = None if os.environ.get(SHAPE_MULTIPLE_ENV) else batching.SHAPE_MULTIPLE
+    if os.environ.get(SHAPE_MULTIPLE_ENV):
+        batching.SHAPE_MULTIPLE = int(os.environ[SHAPE_MULTIPLE_ENV])
     if os.environ.get(PROFILE_ENV):
         add_profiler(Path(os.environ[PROFILE_ENV]))
     from kubetune.trainer.main import main as trainer_main
@@ -586,8 +588,8 @@ def run_one(
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if profile is not None:
             env[PROFILE_ENV] = str(profile)
-        if not run.shape_buckets:
-            env[SHAPE_MULTIPLE_ENV] = "1"
+        if run.shape_buckets:
+            env[SHAPE_MULTIPLE_ENV] = str(SHAPE_BUCKET)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "operator"), env.get("PYTHONPATH", "")) if p)
         log_path = work / f"{run.name}.stderr"
         try:

@@ -315,3 +315,16 @@ def test_windows_of_one_record_each_keep_sdpas_causal_kernel() -> None:
     used, why = attention_implementation("flex_attention", single_record_windows=True)
     assert used == "sdpa" and "no two records fit in one window" in why
     assert attention_implementation("sdpa", single_record_windows=True) == ("sdpa", "")
+
+
+def test_shape_buckets_pad_unpacked_gpu_batches_only_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """batching.SHAPE_MULTIPLE (off by default; bench/trainer_realistic.py's *-bucketed runs set it) reaches TRL's
+    pad_to_multiple_of for unpacked batches on a GPU, never for packed windows (one shape already) or the CPU."""
+    from kubetune.api.v1alpha1 import Plan
+    from kubetune.trainer import batching
+
+    unpacked, packed = Plan(packing=False), Plan(packing=True)
+    assert batching.SHAPE_MULTIPLE is None and batching.shape_arguments(unpacked, cuda=True) == {}
+    monkeypatch.setattr(batching, "SHAPE_MULTIPLE", 64)
+    assert batching.shape_arguments(unpacked, cuda=True) == {"pad_to_multiple_of": 64}
+    assert batching.shape_arguments(packed, cuda=True) == {} and batching.shape_arguments(unpacked, cuda=False) == {}

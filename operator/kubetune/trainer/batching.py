@@ -15,9 +15,10 @@ sequences to the longest. With micro-batches of several pairs, pairs of similar 
 (transformers' LengthGroupedSampler on each pair's longer sequence), so little padding is computed. Nothing else
 changes: the reference is still the policy at step 0 (loss ln 2).
 
-Unpacked batches on a GPU (DPO, SFT without packing) are padded to a multiple of SHAPE_MULTIPLE tokens: real data
-brings a new sequence length with almost every micro-batch, and each new shape costs the GPU kernels a set-up
-(bench/kernel_floor.py measures SDPA's); a few dozen lengths pay it once each.
+Unpacked batches on a GPU (DPO, SFT without packing) can be padded to a multiple of SHAPE_MULTIPLE tokens: real
+data brings a new sequence length with almost every micro-batch, and a new shape may cost the GPU kernels a set-up
+(bench/kernel_floor.py --new-lengths measures SDPA's). Off until bench/trainer_realistic.py has measured it on a
+GPU (its dpo-plan-bucketed run sets it).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import Plan
 
-SHAPE_MULTIPLE: int | None = 64
-"""Unpacked micro-batches on a GPU are padded to a multiple of this many tokens (None: to the longest sequence)."""
+SHAPE_MULTIPLE: int | None = None
+"""Unpacked micro-batches on a GPU are padded to a multiple of this many tokens (None: to the longest sequence, as
+TRL's collators do)."""
 
 
 def shape_arguments(plan: Plan, cuda: bool) -> dict[str, Any]:
