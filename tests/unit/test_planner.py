@@ -631,18 +631,19 @@ def test_measured_lengths_refine_the_speed_estimate_but_not_the_memory() -> None
     assert measured.estimated_tokens_per_second > assumed.estimated_tokens_per_second
     assert any("records of 1,500 tokens on average" in line and "3,300" in line for line in measured.explanation)
     assert any("until the prepare step measures" in line for line in assumed.explanation)
-    # Without packing, one short record per micro-batch: cheaper attention than a full record, but each micro-batch's
-    # fixed cost is spread over fewer tokens than a packed window's.
+    # Without packing, one short record per micro-batch: compiled layers meet a new length with almost every record
+    # and run eagerly, bound by the host's time per micro-batch (measured on an H100: about a third of the packed
+    # plan's speed on such records, docs/gpu-baselines.md).
     one = Overrides(micro_batch=1)
     off_assumed = plan(packing="off", overrides=one)
     off_measured = plan(packing="off", overrides=one, lengths=short)
     assert off_measured.estimated_tokens_per_second and off_assumed.estimated_tokens_per_second
-    assert off_assumed.estimated_tokens_per_second < off_measured.estimated_tokens_per_second
-    assert off_measured.estimated_tokens_per_second < measured.estimated_tokens_per_second
-    # Two unsorted records per micro-batch are padded to the longer one: fewer real tokens per second.
+    assert off_measured.estimated_tokens_per_second < measured.estimated_tokens_per_second / 3
+    assert off_measured.estimated_tokens_per_second < off_assumed.estimated_tokens_per_second
+    # Host-bound, two records per micro-batch halve the host's share per token, padding to the longer one included.
     two = plan(packing="off", overrides=Overrides(micro_batch=2), lengths=short)
     assert (
-        two.estimated_tokens_per_second and two.estimated_tokens_per_second < off_measured.estimated_tokens_per_second
+        two.estimated_tokens_per_second and two.estimated_tokens_per_second > off_measured.estimated_tokens_per_second
     )
 
 

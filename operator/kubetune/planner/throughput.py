@@ -36,9 +36,10 @@ LINEAR_EFFICIENCY: dict[Kernels, float] = {"eager": 0.69, "liger": 0.74, "compil
 ATTENTION_EFFICIENCY = 0.39
 """Fraction of the matmul speed SDPA's flash kernels reach on causal attention (forward + backward)."""
 EAGER_ATTENTION_EFFICIENCY = 0.15
-FLEX_ATTENTION_EFFICIENCY = 0.34
-"""flex_attention on the blocks its block mask keeps: ~0.87 of SDPA's flash kernels, the ratio its authors
-published against FlashAttention-2. An assumption until bench/trainer_realistic.py measures it."""
+FLEX_ATTENTION_EFFICIENCY = 0.235
+"""flex_attention on the blocks its block mask keeps: 0.60 of SDPA's default kernels (cuDNN's on an H100), as
+bench/kernel_floor.py measured causal attention at 8,192 tokens forward and backward on one H100 (311 against 516
+TFLOP/s; bench/results/kernel_floor_h100.json)."""
 MASKED_SDPA_EFFICIENCY = 0.25
 """SDPA's memory-efficient kernel, which it falls back to when given a dense mask (packing with sdpa). An
 assumption, not measured."""
@@ -89,7 +90,7 @@ def compute_seconds_per_token(w: Workload, s: Setup, gpu: GpuType) -> float:
     """GPU time per token of forward and backward on one GPU, without communication."""
     peak = gpu.bf16_tflops * 1e12 * gpu.matmul_efficiency
     linear, attention = flops_per_token(w, s)
-    attention_eff = attention_efficiency(s)
+    attention_eff = attention_efficiency(w, s)
     lora_features = w.arch.lora_input_features(w.lora_targets) * w.arch.num_layers
     lora_bytes = LORA_BYTES_PER_FEATURE * lora_features * (1.5 if s.checkpointing else 1.0)
     return (
@@ -99,13 +100,15 @@ def compute_seconds_per_token(w: Workload, s: Setup, gpu: GpuType) -> float:
     )
 
 
-def attention_efficiency(s: Setup) -> float:
-    """Fraction of the matmul speed the attention kernel of `s` reaches."""
+def attention_efficiency(w: Workload, s: Setup) -> float:
+    """Fraction of the matmul speed the attention kernel of `s` reaches. Packed records get flex_attention only when
+    two of them fit in a window: records that fill it (every record, until the prepare step measured the lengths;
+    else a mean length over half the window) get SDPA's kernels, as the trainer loads them (trainer/train.py)."""
     if s.attention == "eager":
         return EAGER_ATTENTION_EFFICIENCY
     if s.dense_packing_mask:
         return MASKED_SDPA_EFFICIENCY
-    if s.attention == "flex_attention":
+    if s.attention == "flex_attention" and w.records_share_windows:
         return FLEX_ATTENTION_EFFICIENCY
     return ATTENTION_EFFICIENCY
 
@@ -114,7 +117,13 @@ def host_seconds(w: Workload, s: Setup) -> float:
     """The host's time for one micro-batch: per decoder layer and pass (forward, backward, and the recomputed
     forward with checkpointing)."""
     passes = 2 + (1 if s.checkpointing else 0)
-    return HOST_SECONDS_PER_LAYER_PASS[s.kernels] * passes * w.arch.num_layers
+    kernels = s.kernels
+    if kernels == "compile" and not s.packing and w.lengths is not None:
+        # Records of many lengths, unpacked: compiled layers recompile for new lengths until dynamo's limit, then
+        # run eagerly. On one H100 such a plan trained about 4,900 real tokens/s on the realistic records
+        # (docs/gpu-baselines.md), a third of its packed speed; eager's host time (3,150 here) is the closer bound.
+        kernels = "eager"
+    return HOST_SECONDS_PER_LAYER_PASS[kernels] * passes * w.arch.num_layers
 
 
 def collective_gbs(w: Workload, gpu: GpuType) -> float:

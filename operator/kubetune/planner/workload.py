@@ -72,6 +72,12 @@ class Workload:
         """The record length at which attention is costed: the token-weighted length when measured, else `seq`."""
         return min(float(self.seq), self.lengths.weighted) if self.lengths else float(self.seq)
 
+    @property
+    def records_share_windows(self) -> bool:
+        """Packing puts several records in a window: measured records of a mean length up to half the window (the
+        trainer decides on the records themselves; before the prepare step every record is taken to fill it)."""
+        return self.lengths is not None and self.lengths.mean <= self.seq / 2
+
     def computed_tokens_per_sample(self, s: Setup) -> float:
         """Tokens one sample puts through the model, padding included: a window with packing; else a record or a
         pair padded to the longest in its micro-batch. With measured lengths: pairs come grouped by length (the
