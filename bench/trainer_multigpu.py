@@ -247,9 +247,50 @@ class RankRecorder:  # pragma: no cover - runs inside the trainer
         self.losses: list[float] = []
         self.checksum: dict[str, Any] | None = None
         self.sampled_peak = 0.0
+        self.phases: dict[str, float] = {}
+        """Bytes by phase of a micro-batch (the largest over all of them): allocated when a forward pass starts
+        (what stays resident: weights, adapters, optimizer state), the peak within a forward pass, and the peak
+        from the end of the forward pass to the end of the micro-batch (backward, optimizer step)."""
+        self._peaks = (0.0, 0.0)  # allocated and reserved peaks before the last reset of the allocator's counters
         self._stop = threading.Event()
         self._last = 0.0
         self._tokens = 0
+
+    def phase(self, name: str, value: float) -> None:
+        self.phases[name] = max(self.phases.get(name, 0.0), value)
+
+    def peak_since_reset(self) -> float:
+        """The allocated peak since the last reset; the counters then start again (the run's peaks are kept)."""
+        import torch
+
+        allocated = float(torch.cuda.max_memory_allocated(self.device))
+        reserved = float(torch.cuda.max_memory_reserved(self.device))
+        self._peaks = (max(self._peaks[0], allocated), max(self._peaks[1], reserved))
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return allocated
+
+    def watch_phases(self, model: Any) -> None:
+        """Forward hooks on the model that split each micro-batch's memory into its phases (GPU only)."""
+        import torch
+
+        if not torch.cuda.is_available() or model is None:
+            return
+
+        def forward_starts(*_: Any) -> None:
+            self.peak_since_reset()
+            self.phase("resident_at_forward_start", float(torch.cuda.memory_allocated(self.device)))
+
+        def forward_ends(*_: Any) -> None:
+            self.phase("forward_peak", self.peak_since_reset())
+
+        model.register_forward_pre_hook(forward_starts)
+        model.register_forward_hook(forward_ends)
+
+    def micro_batch_ends(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            self.phase("backward_and_step_peak", self.peak_since_reset())
 
     def sample(self) -> None:
         """Device-level memory in use (CUDA context and NCCL included), every 50 ms."""
@@ -281,10 +322,15 @@ class RankRecorder:  # pragma: no cover - runs inside the trainer
             return time.perf_counter()
 
         class Recorder(TrainerCallback):  # type: ignore[misc]
-            def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **_: Any) -> None:
                 recorder._last, recorder._tokens = now(), state.num_input_tokens_seen
+                recorder.watch_phases(model)
+
+            def on_substep_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+                recorder.micro_batch_ends()
 
             def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+                recorder.micro_batch_ends()
                 t, seen = now(), state.num_input_tokens_seen
                 recorder.steps.append(
                     {"step": state.global_step, "seconds": t - recorder._last, "tokens": seen - recorder._tokens}
@@ -308,12 +354,14 @@ class RankRecorder:  # pragma: no cover - runs inside the trainer
         self._stop.set()
         device = self.device
         free, total = torch.cuda.mem_get_info(device)
-        reserved_peak = float(torch.cuda.max_memory_reserved(device))
+        allocated_peak = max(self._peaks[0], float(torch.cuda.max_memory_allocated(device)))
+        reserved_peak = max(self._peaks[1], float(torch.cuda.max_memory_reserved(device)))
         outside = max(0.0, float(total - free) - float(torch.cuda.memory_reserved(device)))
         return {
             "device": torch.cuda.get_device_name(device),
             "device_total_gib": round(total / GIB, 2),
-            "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / GIB, 2),
+            "phases_gib": {name: round(value / GIB, 2) for name, value in self.phases.items()},
+            "peak_allocated_gib": round(allocated_peak / GIB, 2),
             "peak_reserved_gib": round(reserved_peak / GIB, 2),
             "outside_torch_gib": round(outside / GIB, 2),
             "device_peak_gib": round((reserved_peak + outside) / GIB, 2),
