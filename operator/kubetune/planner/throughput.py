@@ -22,8 +22,9 @@ bound without it). Once the prepare step measured the lengths (status.dataset.to
 at the token-weighted length, a micro-batch without packing holds records of the mean length (a pair: two
 sequences padded to its longer one), and the fixed cost per micro-batch is spread over those tokens.
 
-Calibrated on the seven H200 figures of docs/gpu-baselines.md (all within 3%); other GPUs scale by their
-peak matmul speed and memory bandwidth, which is an assumption, not a measurement.
+Calibrated on the seven H200 figures of docs/gpu-baselines.md (all within 3%) and held to seven runs of the
+trainer on one H100 within 15% (tests/unit/test_planner.py); other GPUs scale by their peak matmul speed and
+memory bandwidth, which is an assumption, not a measurement.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ pass that records or runs the backward (a no-grad forward, such as DPO's referen
 micro-batch takes at least this times layers x passes, however few its tokens. On one H100 (December 2026) with
 short records (bench/trainer_realistic.py): the recipe (ZeRO-3, eager, checkpointing: forward, recomputed forward
 and backward) spent 0.74 s on a record of ~1,500 tokens whose GPU work the model puts at 0.2 s (8.8 ms per layer
-and pass), the DPO plan (eager with Liger: forward and backward) 0.46 s on two short pairs (8.2 ms). Compiled
+and pass), the DPO plan (eager with Liger: forward and backward) 0.46 s on two short pairs (8.2 ms): 8.5 ms for
+both. Compiled
 layers run each layer as one graph: 1.5 ms is an assumption, not measured (their micro-batches of full windows
 are GPU-bound either way)."""
 COMM_OVERLAP = 0.9
@@ -73,9 +75,9 @@ def flops_per_token(w: Workload, s: Setup) -> tuple[float, float]:
     n, n_lora = float(a.matmul_params), float(w.lora_params)
     recompute = 1 if s.checkpointing else 0
     linear = (4 + 2 * recompute) * n + (6 + 2 * recompute) * n_lora
-    # Causal attention over seq keys; packed records are counted as if one record filled the window (an upper
-    # bound: flex_attention skips the blocks between records). A dense packing mask computes the whole square of
-    # the micro-batch's row.
+    # Causal attention at the records' token-weighted length (seq until the prepare step measured it: an upper bound
+    # for packed short records, whose block mask skips the blocks between them). A dense packing mask computes the
+    # whole square of the micro-batch's row.
     attention_pass = 2.0 * w.attention_length * a.q_dim * a.num_layers
     if s.dense_packing_mask:
         attention_pass = 2.0 * w.seq * a.q_dim * a.num_layers * 2.0 * s.micro_batch
