@@ -22,7 +22,8 @@ bound without it). Once the prepare step measured the lengths (status.dataset.to
 at the token-weighted length, a micro-batch without packing holds records of the mean length (a pair: two
 sequences padded to its longer one), and the fixed cost per micro-batch is spread over those tokens.
 
-Calibrated on the seven H200 figures of docs/gpu-baselines.md (all within 3%) and held to seven runs of the
+Calibrated on the H200 figures of docs/gpu-baselines.md (within 1%; not its DPO recipe-style one, which ran TRL's
+own ZeRO-3 path with hooks on every submodule, which the trainer no longer has) and held to seven runs of the
 trainer on one H100 within 15% (tests/unit/test_planner.py); other GPUs scale by their peak matmul speed and
 memory bandwidth, which is an assumption, not a measurement.
 """
