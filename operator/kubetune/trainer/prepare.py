@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kubetune import hf, s3, storage
-from kubetune.api.v1alpha1 import TrainerConfig
+from kubetune.api.v1alpha1 import TokenLengths, TrainerConfig
 from kubetune.trainer import inputs
 from kubetune.trainer.cache import Cache, Limit, entry_key
 from kubetune.trainer.config import load_config
@@ -257,14 +257,14 @@ class Preparer:
         return {
             "records": report.records,
             "tokens": report.tokens.total,
-            "tokenLengths": {
-                "p50": report.tokens.p50,
-                "p95": report.tokens.p95,
-                "max": report.tokens.max,
-                "mean": report.tokens.trained_mean,
-                "weighted": report.tokens.weighted,
-                "pairFill": report.tokens.pair_fill,
-            },
+            "tokenLengths": TokenLengths(
+                p50=report.tokens.p50,
+                p95=report.tokens.p95,
+                max=report.tokens.max,
+                mean=report.tokens.trained_mean,
+                weighted=report.tokens.weighted,
+                pair_fill=report.tokens.pair_fill,
+            ).to_wire(),
             "truncated": report.truncated,
             "dropped": report.dropped,
             "checkedAt": datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
