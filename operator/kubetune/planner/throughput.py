@@ -129,6 +129,17 @@ def host_seconds(w: Workload, s: Setup) -> float:
     return HOST_SECONDS_PER_LAYER_PASS[kernels] * passes * w.arch.num_layers
 
 
+def real_share(w: Workload, s: Setup) -> float:
+    """The share of computed tokens that are the dataset's (what the trainer counts in tokens/s)."""
+    if s.packing:
+        return PACKING_FILL
+    if w.lengths is None:
+        return 1.0
+    if w.method == "DPO":
+        return w.lengths.pair_fill
+    return min(1.0, w.lengths.mean / w.computed_tokens_per_sample(s))
+
+
 def collective_gbs(w: Workload, gpu: GpuType) -> float:
     """Bus bandwidth of a collective over all GPUs of the job."""
     return gpu.collective_gbs if w.nodes == 1 else min(gpu.collective_gbs, INTER_NODE_GBS)
@@ -168,4 +179,4 @@ def tokens_per_second(w: Workload, s: Setup, gpu: GpuType) -> float:
         step_extra += shard / CPU_ADAM_PARAMS_PER_SECOND + shard * 6.0 / (gpu.host_link_gbs * 1e9)
 
     step = accumulation * micro + step_extra
-    return w.real_share(s, PACKING_FILL) * world * accumulation * tokens_micro / step
+    return real_share(w, s) * world * accumulation * tokens_micro / step

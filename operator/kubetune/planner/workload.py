@@ -94,16 +94,6 @@ class Workload:
         longest = mean + (1 - 1 / s.micro_batch) * (min(float(self.seq), self.lengths.weighted) - mean)
         return max(mean, longest)
 
-    def real_share(self, s: Setup, packing_fill: float) -> float:
-        """The share of computed tokens that are the dataset's (what the trainer counts in tokens/s)."""
-        if s.packing:
-            return packing_fill
-        if self.lengths is None:
-            return 1.0
-        if self.method == "DPO":
-            return self.lengths.pair_fill
-        return min(1.0, self.lengths.mean / self.computed_tokens_per_sample(s))
-
     @property
     def capacity_gib(self) -> float | None:
         if self.gpu_memory_gib:
