@@ -293,13 +293,15 @@ def gpu_key(device_name: str) -> str:
 
 def measured_lengths(lengths: list[int], preference: bool) -> Any:
     """What the prepare step reports of these lengths (`token_lengths`: for pairs, both sequences of each in turn),
-    as the planner reads it (status.dataset.tokenLengths -> DataLengths)."""
-    from kubetune.planner.workload import DataLengths
+    as the planner reads it: the trainer's token_stats and the planner's data_lengths, as in the operator."""
+    from kubetune.api.v1alpha1 import TokenLengths
+    from kubetune.planner.plan import data_lengths
+    from kubetune.trainer.data import token_stats
 
     records = [max(lengths[i], lengths[i + 1]) for i in range(0, len(lengths), 2)] if preference else lengths
-    total = sum(records)
-    fill = sum(lengths) / (2 * total) if preference else 1.0
-    return DataLengths(mean=total / len(records), weighted=sum(n * n for n in records) / total, pair_fill=fill)
+    stats = token_stats(records)
+    fill = sum(lengths) / (2 * sum(records)) if preference else 0.0
+    return data_lengths(TokenLengths(mean=stats.trained_mean, weighted=stats.weighted, pair_fill=fill))
 
 
 def recipe_estimate(gpu: str, scale: Scale, lengths: Any = None) -> float:

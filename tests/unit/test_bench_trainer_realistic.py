@@ -130,3 +130,13 @@ def test_smoke_runs_every_run_through_kubetune_train_on_the_cpu(tmp_path: Path) 
     }  # fmt: skip
     assert results["lengths"]["realistic"]["max"] == 256  # lengths as the trainer tokenizes them, truncated
     assert "| sft-plan |" in result.stdout
+
+
+def test_the_bench_plans_with_the_lengths_the_prepare_step_would_report() -> None:
+    bench = load_bench()
+    # Pairs: both sequences of each in turn; a pair counts as its longer one, pairFill its real share.
+    pairs = bench.measured_lengths([100, 80, 200, 260, 50, 50], preference=True)
+    assert (pairs.mean, pairs.weighted) == (136.7, 195.4)
+    assert pairs.pair_fill == pytest.approx((180 + 460 + 100) / (2 * 410))
+    records = bench.measured_lengths([100, 300, 50], preference=False)
+    assert (records.mean, records.weighted, records.pair_fill) == (150.0, 227.8, 1.0)
