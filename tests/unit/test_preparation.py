@@ -130,3 +130,20 @@ def test_the_plan_reads_the_lengths_the_prepare_step_measured_for_the_current_in
     # A report of other inputs (the spec changed since), or none yet: the plan assumes full records.
     assert prepare.measured_lengths({"status": {"dataset": {"inputsHash": "x", "tokenLengths": lengths}}}, ftj) is None
     assert prepare.measured_lengths({"status": {}}, ftj) is None
+
+
+def test_the_controller_plans_with_the_measured_lengths_once_reported() -> None:
+    """controllers/training.py's planning reads status.dataset of the current inputs (no API call on the way: the
+    job names no other job)."""
+    from kubetune.controllers import training
+
+    ftj = load_ftj("finetunejob-sft.yaml")
+    ctx = Context(kube=None, config=OperatorConfig(), status=None)  # type: ignore[arg-type]
+    lengths = {"p50": 900, "p95": 3000, "max": 8192, "mean": 1500.0, "weighted": 3300.0}
+    reported = {"status": {"dataset": {"inputsHash": render.inputs_hash(ftj.spec), "tokenLengths": lengths}}}
+    before = training._plan(ctx, {"status": {}}, ftj)
+    after = training._plan(ctx, reported, ftj)
+    assert before is not None and after is not None
+    assert not any("as the prepare step measured" in line for line in before[0].explanation)
+    assert any("records of 1,500 tokens on average" in line for line in after[0].explanation)
+    assert after[0].estimated_tokens_per_second != before[0].estimated_tokens_per_second
