@@ -127,9 +127,6 @@ class Run:
     estimate_s: float
     """Wall time it is expected to take on one H100/H200 (start, first compiled step, STEPS steps)."""
     optional: bool = False
-    measured_lengths: bool = True
-    """The planner plans with the data's lengths, as the operator does once the prepare step reported them (False:
-    as before the prepare step, every record taken to fill maxSeqLength)."""
     shape_buckets: bool = False
     """The trainer pads unpacked micro-batches to a multiple of SHAPE_BUCKET tokens (batching.SHAPE_MULTIPLE, off
     in the trainer by default; False: to the longest sequence)."""
@@ -142,7 +139,6 @@ RUNS = [
     Run("full-recipe", "full", "recipe", 100),
     Run("dpo-plan", "dpo", "planner", 90, optional=True),
     Run("sft-plan-sdpa", "realistic", "planner-sdpa", 100, optional=True),
-    Run("dpo-plan-assumed", "dpo", "planner", 90, optional=True, measured_lengths=False),
     Run("dpo-plan-bucketed", "dpo", "planner", 90, optional=True, shape_buckets=True),
     Run("sft-recipe-bucketed", "realistic", "recipe", 110, optional=True, shape_buckets=True),
 ]
@@ -804,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - needs the 
         if run.name in args.profile.split(",") and not smoke:
             profile = (args.out or work) / f"profile-{run.name}.txt"
             profile.parent.mkdir(parents=True, exist_ok=True)
-        measured = measured_lengths(lengths[run.data], run.data == "dpo") if run.measured_lengths else None
+        measured = measured_lengths(lengths[run.data], run.data == "dpo")
         results["runs"][run.name] = measured_run(run, work, gpu, scale, model, figures, timeout, profile, measured)
         results["ratios"] = ratios(results["runs"])
         out_file.write_text(json.dumps(results, indent=2))  # partial results survive a later timeout
