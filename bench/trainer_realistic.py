@@ -12,6 +12,12 @@ bench/trainer_gpu.py does) and compares, on the same GPU in the same call:
   full-plan    the same full-length data, the planner's plan
   dpo-plan     realistic preference pairs (maxSeqLength 2048, 16 pairs per step), the planner's DPO plan  [optional]
   sft-plan-sdpa  sft-plan with attention fixed to sdpa (packed records kept apart by a dense mask)  [optional]
+  dpo-plan-bucketed, sft-recipe-bucketed  the same with unpacked micro-batches padded to a multiple of 64 tokens
+               (trainer/batching.py's shape buckets, off in the trainer by default)  [optional]
+
+The planner plans as the operator does once the prepare step has measured the data: its estimate uses the
+lengths (the trainer's token_stats of them), its decisions do not. `--profile RUN,...` writes a torch.profiler
+table of one micro-batch of those runs (profile-RUN.txt under --out).
 
 The optional runs only start when the time budget (--minutes) leaves room for them after the others; name them
 in --runs to measure them first. All runs: the Qwen2.5-7B architecture with random bf16 weights (random weights
