@@ -113,6 +113,27 @@ def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(api: Api, sce
     assert not [e for e in second if e["event"] == "train" and e.get("step") == 0], "the retry started from step 0"
 
 
+def test_a_checkpoint_whose_report_a_crash_cut_off_is_resumed_from_and_reported(api: Api, scene: Scene) -> None:
+    """The trainer dies (a crash point, as a SIGKILL) right after it marked checkpoint-8 complete and before its
+    report: the operator restarts it knowing of checkpoint 4 only, the new pod resumes from 8 and says so."""
+    name = "unreported"
+    crash = {"name": "KUBETUNE_CRASH_AT", "value": "after-checkpoint@8"}
+    api.apply(training_job(name, scene.ns, steps=16, every=4, env=[crash]))
+    status = wait_done(api, scene.ns, name, timeout=300)
+    last = status["lastRestart"]
+    assert status["restarts"] == 1 and "code 137" in last["message"], dump(status)
+    # Checkpoint 8 was never reported by the pod that saved it (checkpoint 4's report is sent at once; only a
+    # very slow API server could leave even that one out).
+    assert last["resumeStep"] in (4, None), last
+    (event,) = [e for e in api.events(scene.ns, name) if e["reason"] == "TrainerRestarted"]
+    assert f"step {last['resumeStep']} as last reported" in event["message"] or last["resumeStep"] is None, event
+    assert status["progress"]["resumedFrom"] == 8 and status["checkpoint"]["step"] == 16, dump(status)
+    (retry,) = [p for p in job_pods(api, scene.ns, name) if p["metadata"]["name"] != last["pod"]]
+    events = events_of(pod_logs(scene.agent, scene.ns, retry["metadata"]["name"]))
+    assert [e["step"] for e in events if e["event"] == "resume"] == [8], events[:10]
+    assert {e.get("resumedFrom") for e in events if e["event"] == "progress"} == {8}, events
+
+
 def test_operator_killed_during_training_duplicates_nothing(api: Api, scene: Scene, operator: OperatorProcess) -> None:
     name = "opkill"
     api.apply(training_job(name, scene.ns, steps=16, every=8))

@@ -80,7 +80,8 @@ def test_two_pods_train_one_model_with_the_loss_of_one_pod(api: Api, ns: str, ag
     assert two["plan"]["worldSize"] == 2 and one["plan"]["worldSize"] == 1
     # Both ranks took part: two processes rendezvoused at rank 0's name under the headless Service.
     events = [e for log in job_pods_all(agent, ns, "two") for e in events_of(log.read_text())]
-    assert sorted(e["nodeRank"] for e in events if e["event"] == "launch") == [0, 1], events
+    # (Once, under a full suite's load, the group started twice: the status then says why it restarted.)
+    assert sorted(e["nodeRank"] for e in events if e["event"] == "launch") == [0, 1], (dump(two), events)
     (start,) = [e for e in events if e["event"] == "train"]  # rank 0 speaks for the group
     assert start["worldSize"] == 2
     # One progress stream: only rank 0 reports (its status is the job's).
@@ -133,7 +134,8 @@ def test_a_killed_rank_restarts_the_group_from_its_checkpoint(api: Api, ns: str,
     assert last["pod"] == killed[0] and last["reason"] == "TrainerFailed" and "code 137" in last["message"], last
     assert last["resumeStep"] % 4 == 0 and last["resumeStep"] >= 4, last
     events = [e for e in api.events(ns, "kill") if e["reason"] == "TrainerRestarted"]
-    assert len(events) == 1 and f"from checkpoint step {last['resumeStep']}" in events[0]["message"], events
+    start = f"from the newest checkpoint, step {last['resumeStep']} as last reported"
+    assert len(events) == 1 and start in events[0]["message"], events
     # The new group resumed from that checkpoint: at most one checkpoint interval of steps is trained again.
     resumed = [
         e["step"]
@@ -141,7 +143,7 @@ def test_a_killed_rank_restarts_the_group_from_its_checkpoint(api: Api, ns: str,
         for e in events_of(log.read_text())
         if e["event"] == "resume"
     ]
-    assert resumed and min(resumed) == last["resumeStep"], resumed
+    assert resumed and min(resumed) == status["progress"]["resumedFrom"] >= last["resumeStep"], resumed
 
 
 def test_a_deleted_rank0_pod_restarts_the_group(api: Api, ns: str, agent: AgentProcess) -> None:

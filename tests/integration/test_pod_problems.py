@@ -119,6 +119,6 @@ def test_a_trainer_that_dies_and_is_restarted_posts_why(api: Api, ns: str) -> No
     message = event["message"]
     assert "exited with code 137" in message and "killed by SIGKILL" in message, message
     assert "simulated Error" in message and "restart 1 of at most 1" in message, message
-    assert "the training pod starts again from the start (no checkpoint yet)" in message, message
+    assert "the training pod starts again from the newest checkpoint (none reported yet)" in message, message
     status = api.wait_state(FTJ, ns, "dies", "Failed", 60)  # the second failure uses up backoffLimit 1
     assert status["restarts"] == 1 and status["lastRestart"]["reason"] == "TrainerFailed", dump(status)

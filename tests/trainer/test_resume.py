@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from transformers import TrainerControl, TrainerState, TrainingArguments
 
+from kubetune.trainer.callbacks import CheckpointCallback, ProgressCallback
 from kubetune.trainer.checkpoints import MARKER, checkpoints, latest_complete
+from kubetune.trainer.progress import StatusReporter
 
 from .conftest import (
     run_in_process,
@@ -47,3 +51,28 @@ def test_sigterm_checkpoint_then_resume(pvc: Path, tiny_model: str) -> None:
     assert progress[-1]["step"] == MAX_STEPS
     assert run.of("adapter")[0]["metrics"]["global_step"] == MAX_STEPS
     assert all(c.complete for c in checkpoints(root))
+
+
+def test_a_resumed_run_reports_the_checkpoint_it_resumed_from_before_its_first_step(tmp_path: Path) -> None:
+    # The run before may have died between marking checkpoint-8 complete and reporting it: the status would name
+    # an older checkpoint until this run saved its next one.
+    sent: list[dict[str, Any]] = []
+    reporter = StatusReporter(sent.append, interval=3600)
+    progress = ProgressCallback(reporter, interval=3600, uid="u1")
+    saves = CheckpointCallback(tmp_path, keep=2, output_uri="pvc://adapters/j", progress=progress, uid="u1")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    state = TrainerState(global_step=8, max_steps=16, epoch=0.5)
+    for callback in (progress, saves):
+        callback.on_train_begin(args, state, TrainerControl())
+    reporter.close()
+    (patch,) = sent
+    assert patch["metadata"] == {"uid": "u1"}
+    assert patch["status"]["checkpoint"] == {"step": 8, "uri": "pvc://adapters/j/checkpoints/checkpoint-8"}
+    assert patch["status"]["progress"]["resumedFrom"] == 8 and patch["status"]["progress"]["step"] == 8, patch
+
+    sent.clear()  # a run that starts at step 0 reports nothing before its first step
+    reporter = StatusReporter(sent.append, interval=3600)
+    fresh = CheckpointCallback(tmp_path, 2, "pvc://adapters/j", ProgressCallback(reporter, 3600), "u1")
+    fresh.on_train_begin(args, TrainerState(global_step=0, max_steps=16), TrainerControl())
+    reporter.close()
+    assert sent == []

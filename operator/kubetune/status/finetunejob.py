@@ -200,10 +200,15 @@ def restart_record(obs: Observed, now: str) -> dict[str, Any] | None:
 
 
 def restart_message(record: dict[str, Any], restarts: int, backoff_limit: int, pods: int) -> str:
-    """E.g. "training pod sft-1-x exited with code 137 (...); all 2 training pods start again from checkpoint
-    step 40 (restart 1 of at most 3)"."""
+    """E.g. "training pod sft-1-x exited with code 137 (...); all 2 training pods start again from the newest
+    checkpoint, step 40 as last reported (restart 1 of at most 3)". A checkpoint saved just before the failure
+    may not have been reported: the pods resume from that one (status.progress.resumedFrom)."""
     step = record.get("resumeStep")
-    start = f"checkpoint step {step}" if step is not None else "the start (no checkpoint yet)"
+    start = (
+        f"the newest checkpoint, step {step} as last reported"
+        if step is not None
+        else "the newest checkpoint (none reported yet)"
+    )
     count = f"restart {restarts} of at most {backoff_limit}"
     if record.get("disruption"):
         count = "a disruption, not counted"

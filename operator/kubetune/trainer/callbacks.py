@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from kubetune import storage
+from kubetune import faults, storage
 from kubetune.api.v1alpha1 import CheckpointStatus, Progress
 from kubetune.trainer import checkpoints
 from kubetune.trainer.metrics import TrainerMetrics
@@ -93,6 +93,16 @@ class ProgressCallback(TrainerCallback):
         assert self.last is not None
         return self.last
 
+    def at_resume(self, state: TrainerState) -> Progress:
+        """The progress of a resumed run before its first step: where it resumed from, no loss or speed yet."""
+        return build_progress(
+            state.global_step,
+            state.max_steps,
+            started_step=self.start_step,
+            epoch=state.epoch,
+            resumed_from=self.start_step,
+        )
+
     def report(self, state: TrainerState) -> None:
         now = time.monotonic()
         tokens = state.num_input_tokens_seen
@@ -106,6 +116,7 @@ class ProgressCallback(TrainerCallback):
             eval_loss=self.eval_loss,
             learning_rate=self.learning_rate,
             tokens_per_second=(tokens - self.last_tokens) / (now - self.last_report) if tokens else None,
+            resumed_from=self.start_step or None,
         )
         extra = {k: round(sum(v) / len(v), 6) for k, v in self.extra.items() if v}
         if torch.cuda.is_available():
@@ -144,6 +155,16 @@ class CheckpointCallback(TrainerCallback):
         self.uid = uid
         self.remote = remote
 
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+        """A resumed run reports the checkpoint it resumed from at once: the failure that ended the run before
+        may have cut off that checkpoint's report, and then the status would name an older one."""
+        if state.is_world_process_zero and state.global_step > 0:
+            step = state.global_step
+            uri = storage.join(self.output_uri, "checkpoints", f"checkpoint-{step}")
+            progress = self.progress.at_resume(state)
+            self.reporter.submit(checkpoint_patch(progress, CheckpointStatus(step=step, uri=uri), self.uid))
+            self.reporter.flush_soon()
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
         if distributed():
             dist.barrier()  # every rank has written its part (ZeRO shards, RNG state)
@@ -160,6 +181,7 @@ class CheckpointCallback(TrainerCallback):
             if self.remote is not None:
                 self.remote.mark_complete(path)
                 removed = [f"checkpoint-{s}" for s in self.remote.rotate(self.keep)]
+            faults.point("after-checkpoint", str(step))  # complete, but not reported yet
             uri = storage.join(self.output_uri, "checkpoints", path.name)
             progress = self.progress.progress_at(state)
             log_event("checkpoint", step=step, uri=uri, removed=removed)

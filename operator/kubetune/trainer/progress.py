@@ -70,6 +70,7 @@ def build_progress(
     eval_loss: float | None = None,
     learning_rate: float | None = None,
     tokens_per_second: float | None = None,
+    resumed_from: int | None = None,
     now: datetime | None = None,
 ) -> Progress:
     """The status.progress object for one report."""
@@ -87,6 +88,7 @@ def build_progress(
         eta_seconds=eta,
         eta=format_eta(eta),
         updated_at=(now or datetime.now(UTC)).replace(microsecond=0),
+        resumed_from=resumed_from,
     )
 
 

@@ -360,6 +360,8 @@ class Progress(KubeModel):
     """The ETA column, e.g. "1h12m"."""
     updated_at: datetime | None = None
     """When the trainer last reported."""
+    resumed_from: int | None = Field(default=None, ge=0)
+    """The checkpoint step this run of the trainer resumed from (none: it started at step 0)."""
 
 
 class MemoryEstimate(KubeModel):
@@ -458,7 +460,8 @@ class RestartStatus(KubeModel):
     disruption: bool = False
     """A preemption or node drain: not counted against backoffLimit."""
     resume_step: int | None = None
-    """The checkpoint step the new pods resume from (none: from the start)."""
+    """The newest checkpoint step reported when the group restarted (none: no checkpoint reported). The new pods
+    resume from it, or from a newer one whose report the failure cut off: progress.resumedFrom says which."""
     time: datetime | None = None
     """When the operator restarted the group."""
 
