@@ -1,8 +1,9 @@
 """Crash points for failure tests.
 
 `KUBETUNE_CRASH_AT=<point>[,<point>...]` makes the process die, as a SIGKILL would, the first time it reaches
-one of the named points, e.g. `after-write:Job` (for any object) or `after-write:Job@team-a/sft` (for that one):
-the tests kill the operator between two requests on purpose instead of hoping that a kill lands there. Unset
+one of the named points, e.g. `after-write:Job` (for any object) or `after-write:Job@team-a/sft` (for that one),
+or the trainer's `after-checkpoint@8` (checkpoint-8 marked complete, not reported yet): the tests kill a process
+between two requests on purpose instead of hoping that a kill lands there. Unset
 (always, outside tests) a point costs a set lookup.
 """
 
