@@ -173,6 +173,18 @@ class Api:
         items = self.kube.list("Event", namespace)
         return [e for e in items if e["involvedObject"].get("name") == name]
 
+    def wait_event(
+        self, namespace: str, name: str, reason: str, type_: str = "", timeout: float = 30
+    ) -> dict[str, Any]:
+        """The first Event of `name` with this reason (and type): the operator posts an Event after the status
+        write a test waits for, so right after that write it may not be there yet."""
+
+        def found() -> dict[str, Any] | None:
+            events = self.events(namespace, name)
+            return next((e for e in events if e["reason"] == reason and type_ in ("", e["type"])), None)
+
+        return wait_for(found, timeout, f"{type_} Event {reason} of {namespace}/{name}".strip())
+
     def children(self, kind: str, namespace: str, label: str, name: str) -> list[dict[str, Any]]:
         return self.kube.list(kind, namespace, f"{label}={name}")
 

@@ -102,7 +102,8 @@ def test_job_runs_to_success_with_owned_children(api: Api, ns: str) -> None:
     done = api.wait_state(FTJ, ns, "sft", "Succeeded", 60)
     assert done["completionTime"] and done["adapter"]["uri"] == "s3://adapters/sft/adapter"
     assert next(c for c in done["conditions"] if c["type"] == "Succeeded")["status"] == "True"
-    # Pending and Running show in the status only; the end is also an Event.
+    # Pending and Running show in the status only; the end is also an Event (posted after the status write).
+    api.wait_event(ns, "sft", "Completed", "Normal")
     assert [e["reason"] for e in api.events(ns, "sft") if e["involvedObject"]["kind"] == FTJ] == ["Completed"]
 
 
@@ -177,7 +178,7 @@ def test_oom_failure_reaches_the_condition(api: Api, ns: str) -> None:
     status = api.wait_state(FTJ, ns, "oom", "Failed", 60)
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "OOMKilled" and "exit code 137" in failed["message"], dump(status)
-    assert any(e["reason"] == "OOMKilled" and e["type"] == "Warning" for e in api.events(ns, "oom"))
+    api.wait_event(ns, "oom", "OOMKilled", "Warning")
 
 
 def test_too_many_gpus_stay_pending_with_the_schedulers_message(api: Api, ns: str) -> None:

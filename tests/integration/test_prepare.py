@@ -179,8 +179,8 @@ def test_an_invalid_dataset_fails_before_any_gpu_pod_with_every_bad_line(api: Ap
     for line, why in BAD_LINES.items():
         assert f"line {line}: {why}" in failed["message"], failed["message"]
     assert status["dataset"]["error"]["reason"] == "DatasetInvalid", dump(status)
-    warnings = [e for e in api.events(scene.ns, "bad") if e["type"] == "Warning"]
-    assert any(e["reason"] == "DatasetInvalid" and "line 3" in e["message"] for e in warnings), warnings
+    event = api.wait_event(scene.ns, "bad", "DatasetInvalid", "Warning")
+    assert "line 3" in event["message"], event
     time.sleep(2)  # what the operator would do after the failure has had its chance
     assert api.get("Job", scene.ns, "bad") is None
     assert not [p for p in scene.gpu_pods if p.startswith("bad-")], scene.gpu_pods
@@ -307,8 +307,7 @@ def test_a_missing_hf_dataset_fails_before_any_gpu_pod(api: Api, scene: Scene, h
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "DatasetNotFound" and "hf://kt/no-such-data" in failed["message"], dump(status)
     assert status["dataset"]["error"]["reason"] == "DatasetNotFound", dump(status)
-    warnings = [e for e in api.events(scene.ns, "hub-missing") if e["type"] == "Warning"]
-    assert any(e["reason"] == "DatasetNotFound" for e in warnings), warnings
+    api.wait_event(scene.ns, "hub-missing", "DatasetNotFound", "Warning")
     # Asked once (a 404 is a definite answer, not retried), and nothing of it downloaded.
     asked = [r for r in hub.hub.requests if "/kt/no-such-data" in r.path]
     assert [(r.path, r.status) for r in asked] == [("/api/datasets/kt/no-such-data", 404)], asked

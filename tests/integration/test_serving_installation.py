@@ -189,7 +189,7 @@ def test_an_oom_killed_vllm_is_out_of_memory(api: Api, kwok_ns: str) -> None:
     assert "raise spec.resources.memory" in cond["message"]
     # Failed, or Degraded while kwok's next pod is Ready for the 2 s before it too is killed.
     assert api.status("ModelServer", kwok_ns, "oom")["state"] in ("Failed", "Degraded")
-    assert any(e["reason"] == "OutOfMemory" and e["type"] == "Warning" for e in api.events(kwok_ns, "oom"))
+    api.wait_event(kwok_ns, "oom", "OutOfMemory", "Warning")
     api.kubectl("delete", "msrv", "oom", "-n", kwok_ns)
 
 

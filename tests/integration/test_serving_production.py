@@ -208,8 +208,7 @@ def test_the_engine_refuses_what_the_models_config_json_rules_out(api: Api, scen
     ), cond
     assert api.status("ModelServer", scene.ns, "odd")["state"] == "Failed"
     assert api.get("Deployment", scene.ns, "odd") is not None  # the operator could not know
-    events = api.events(scene.ns, "odd")
-    assert any(e["reason"] == "TensorParallelSizeInvalid" and e["type"] == "Warning" for e in events), events
+    api.wait_event(scene.ns, "odd", "TensorParallelSizeInvalid", "Warning")
     # The vLLM container's whole output: the refusal, once per start (restarts append to the log).
     logs = (agent.state_dir / "logs" / scene.ns).glob("odd-*/vllm.log")
     lines = {line for log in logs for line in log.read_text().splitlines() if line.strip()}
