@@ -22,10 +22,6 @@ def condition_with(api: Api, kind: str, ns: str, name: str, type_: str, reason: 
     return cond if cond and cond["reason"] == reason else None
 
 
-def warnings(api: Api, ns: str, name: str, reason: str) -> list[dict[str, Any]]:
-    return [e for e in api.events(ns, name) if e["reason"] == reason and e["type"] == "Warning"]
-
-
 def test_a_role_someone_else_holds_is_not_taken_over(api: Api, ns: str) -> None:
     foreign = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -38,7 +34,7 @@ def test_a_role_someone_else_holds_is_not_taken_over(api: Api, ns: str) -> None:
     cond = wait_for(lambda: condition_with(api, FTJ, ns, "clash", "Admitted", "NameConflict"), 30, "NameConflict")
     assert cond["status"] == "False" and "Role kubetune-trainer already exists" in cond["message"], cond
     assert api.status(FTJ, ns, "clash")["state"] == "Pending"
-    wait_for(lambda: warnings(api, ns, "clash", "NameConflict"), 15, "a NameConflict Warning Event")
+    api.wait_event(ns, "clash", "NameConflict", "Warning", 15)
     # Nothing of the job's runs while a name is held: no pod may run bound to someone else's Role.
     assert api.get("Job", ns, "clash") is None
     role = api.get("Role", ns, "kubetune-trainer")
@@ -65,7 +61,7 @@ def test_a_service_someone_else_holds_is_not_redirected_to_the_server(api: Api, 
     cond = wait_for(lambda: condition_with(api, MS, ns, "web", "Ready", "NameConflict"), 30, "NameConflict")
     assert "Service web already exists" in cond["message"], cond
     assert api.status(MS, ns, "web")["state"] == "Failed"
-    wait_for(lambda: warnings(api, ns, "web", "NameConflict"), 15, "a NameConflict Warning Event")
+    api.wait_event(ns, "web", "NameConflict", "Warning", 15)
     service = api.get("Service", ns, "web")
     assert service["spec"]["selector"] == selector and not service["metadata"].get("ownerReferences")
     assert api.get("Deployment", ns, "web") is None  # the Services go first: no server pod started for it
@@ -97,8 +93,8 @@ def test_a_refused_write_shows_on_the_job_and_is_tried_again(api: Api, ns: str) 
     api.apply(simulated_ftj("quota", ns, run_seconds=2))
     cond = wait_for(lambda: condition_with(api, FTJ, ns, "quota", "Admitted", "ApplyFailed"), 30, "ApplyFailed")
     assert "Job quota" in cond["message"] and "exceeded quota" in cond["message"], cond
-    event = wait_for(lambda: warnings(api, ns, "quota", "ApplyFailed"), 15, "an ApplyFailed Warning Event")
-    assert "exceeded quota: no-jobs" in event[0]["message"]
+    event = api.wait_event(ns, "quota", "ApplyFailed", "Warning", 15)
+    assert "exceeded quota: no-jobs" in event["message"]
     api.kube.delete("ResourceQuota", ns, "no-jobs")
     api.wait_state(FTJ, ns, "quota", "Succeeded", 90)
 
@@ -115,7 +111,7 @@ def test_a_refused_server_write_shows_on_the_server(api: Api, ns: str) -> None:
     api.apply(simulated_server("capped", ns))
     cond = wait_for(lambda: condition_with(api, MS, ns, "capped", "Ready", "ApplyFailed"), 30, "ApplyFailed")
     assert "Deployment capped" in cond["message"] and "exceeded quota" in cond["message"], cond
-    wait_for(lambda: warnings(api, ns, "capped", "ApplyFailed"), 15, "an ApplyFailed Warning Event")
+    api.wait_event(ns, "capped", "ApplyFailed", "Warning", 15)
     api.kube.delete("ResourceQuota", ns, "no-deployments")
     api.wait_state(MS, ns, "capped", "Ready", 90)
 

@@ -54,10 +54,6 @@ def condition_false_because(api: Api, ns: str, name: str, type_: str, reason: st
     return cond if cond and cond["status"] == "False" and cond["reason"] == reason else None
 
 
-def warning(api: Api, ns: str, name: str, reason: str) -> dict[str, Any] | None:
-    return next((e for e in api.events(ns, name) if e["reason"] == reason and e["type"] == "Warning"), None)
-
-
 @pytest.fixture
 def tiny_ns(api: Api, operator: OperatorProcess, agent: AgentProcess) -> Iterator[str]:
     """A namespace with the tiny model and its data on the agent: the prepare step passes there."""
@@ -72,7 +68,7 @@ def test_a_missing_secret_is_named(api: Api, tiny_ns: str) -> None:
     cond = wait_for(lambda: not_running_because(api, ns, "nosecret", "MissingSecret"), 240, "MissingSecret")
     assert 'secret "wandb" not found' in cond["message"].lower() and "nosecret-0-" in cond["message"], cond
     assert api.status(FTJ, ns, "nosecret")["state"] == "Pending"
-    assert "wandb" in wait_for(lambda: warning(api, ns, "nosecret", "MissingSecret"), 15, "an Event")["message"]
+    assert "wandb" in api.wait_event(ns, "nosecret", "MissingSecret", "Warning", 15)["message"]
 
 
 def test_a_volume_that_cannot_be_mounted_is_named(api: Api, ns: str, agent: AgentProcess) -> None:
@@ -83,14 +79,14 @@ def test_a_volume_that_cannot_be_mounted_is_named(api: Api, ns: str, agent: Agen
     cond = wait_for(lambda: not_prepared_because(api, ns, "nomount", "MissingConfigMap"), 60, "MissingConfigMap")
     assert 'configmap "chats" not found' in cond["message"].lower() and "nomount-prep-" in cond["message"], cond
     assert api.status(FTJ, ns, "nomount")["state"] == "Pending" and api.get("Job", ns, "nomount") is None
-    assert wait_for(lambda: warning(api, ns, "nomount", "MissingConfigMap"), 15, "an Event")
+    api.wait_event(ns, "nomount", "MissingConfigMap", "Warning", 15)
 
 
 def test_an_image_that_cannot_be_pulled_is_named(api: Api, ns: str, agent: AgentProcess) -> None:
     api.apply(job_on_agent("nopull", ns, image=UNPULLABLE))  # the prepare pod runs from it first
     cond = wait_for(lambda: not_prepared_because(api, ns, "nopull", "ImagePullBackOff"), 60, "ImagePullBackOff")
     assert UNPULLABLE in cond["message"] and "no such host" in cond["message"], cond
-    assert wait_for(lambda: warning(api, ns, "nopull", "ImagePullBackOff"), 15, "an Event")
+    api.wait_event(ns, "nopull", "ImagePullBackOff", "Warning", 15)
 
 
 def test_a_server_whose_image_cannot_be_pulled_says_so(api: Api, ns: str, agent: AgentProcess) -> None:
@@ -105,7 +101,7 @@ def test_a_server_whose_image_cannot_be_pulled_says_so(api: Api, ns: str, agent:
     api.apply(body)
     cond = wait_for(pull_failure, 60, "Ready=False ImagePullBackOff")
     assert cond["status"] == "False" and UNPULLABLE in cond["message"], cond
-    assert wait_for(lambda: warning(api, ns, "nopull", "ImagePullBackOff"), 15, "an Event")
+    api.wait_event(ns, "nopull", "ImagePullBackOff", "Warning", 15)
 
 
 def test_a_trainer_that_dies_and_is_restarted_posts_why(api: Api, ns: str) -> None:
@@ -115,7 +111,7 @@ def test_a_trainer_that_dies_and_is_restarted_posts_why(api: Api, ns: str) -> No
         "kubetune.io/simulate-failure-exit-code": "137",
     }
     api.apply(body)
-    event = wait_for(lambda: warning(api, ns, "dies", "TrainerRestarted"), 60, "a TrainerRestarted Event")
+    event = api.wait_event(ns, "dies", "TrainerRestarted", "Warning", 60)
     message = event["message"]
     assert "exited with code 137" in message and "killed by SIGKILL" in message, message
     assert "simulated Error" in message and "restart 1 of at most 1" in message, message
