@@ -181,7 +181,7 @@ class Api:
 
         def found() -> dict[str, Any] | None:
             events = self.events(namespace, name)
-            return next((e for e in events if e["reason"] == reason and type_ in ("", e["type"])), None)
+            return next((e for e in events if e["reason"] == reason and (not type_ or e["type"] == type_)), None)
 
         return wait_for(found, timeout, f"{type_} Event {reason} of {namespace}/{name}".strip())
 

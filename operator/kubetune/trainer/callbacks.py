@@ -95,13 +95,7 @@ class ProgressCallback(TrainerCallback):
 
     def at_resume(self, state: TrainerState) -> Progress:
         """The progress of a resumed run before its first step: where it resumed from, no loss or speed yet."""
-        return build_progress(
-            state.global_step,
-            state.max_steps,
-            started_step=self.start_step,
-            epoch=state.epoch,
-            resumed_from=self.start_step,
-        )
+        return build_progress(state.global_step, state.max_steps, epoch=state.epoch, resumed_from=self.start_step)
 
     def report(self, state: TrainerState) -> None:
         now = time.monotonic()
@@ -159,11 +153,7 @@ class CheckpointCallback(TrainerCallback):
         """A resumed run reports the checkpoint it resumed from at once: the failure that ended the run before
         may have cut off that checkpoint's report, and then the status would name an older one."""
         if state.is_world_process_zero and state.global_step > 0:
-            step = state.global_step
-            uri = storage.join(self.output_uri, "checkpoints", f"checkpoint-{step}")
-            progress = self.progress.at_resume(state)
-            self.reporter.submit(checkpoint_patch(progress, CheckpointStatus(step=step, uri=uri), self.uid))
-            self.reporter.flush_soon()
+            self._report(self.progress.at_resume(state), state.global_step)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
         if distributed():
@@ -182,11 +172,15 @@ class CheckpointCallback(TrainerCallback):
                 self.remote.mark_complete(path)
                 removed = [f"checkpoint-{s}" for s in self.remote.rotate(self.keep)]
             faults.point("after-checkpoint", str(step))  # complete, but not reported yet
-            uri = storage.join(self.output_uri, "checkpoints", path.name)
-            progress = self.progress.progress_at(state)
+            uri = self._report(self.progress.progress_at(state), step)
             log_event("checkpoint", step=step, uri=uri, removed=removed)
-            self.reporter.submit(checkpoint_patch(progress, CheckpointStatus(step=step, uri=uri), self.uid))
-            self.reporter.flush_soon()
+
+    def _report(self, progress: Progress, step: int) -> str:
+        """Send checkpoint-STEP with the progress at its step to the status now; returns its URI."""
+        uri = storage.join(self.output_uri, "checkpoints", f"checkpoint-{step}")
+        self.reporter.submit(checkpoint_patch(progress, CheckpointStatus(step=step, uri=uri), self.uid))
+        self.reporter.flush_soon()
+        return uri
 
 
 class StopOnSignal(TrainerCallback):
